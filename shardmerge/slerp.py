@@ -142,14 +142,17 @@ def slerp(
         A new tensor of ``a``'s shape, on ``a``'s device.
     """
     check_t(t)
+    # Merging is not differentiable (the weights go through Python floats); detaching also keeps
+    # parameters from warning when their sums are read.
+    a, b = a.detach(), b.detach()
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.is_floating_point() != b.is_floating_point():
         raise ValueError(f"cannot merge {a.dtype} with {b.dtype}")
+    b = b.to(a.device)  # the result lives on a's device, integer and bool paths included
     if not a.is_floating_point():
         return merge_integer(a, b.to(a.dtype), t)
     out_dtype = out_dtype or a.dtype
-    b = b.to(a.device)
     if t == 0:
         return a.to(out_dtype, copy=True)
     if t == 1:

@@ -1,0 +1,368 @@
+"""Time shardmerge, mergekit and an I/O floor on the same SLERP merge, alternating runs.
+
+    .venv/bin/python benchmarks/run.py --size medium --repeats 3
+    .venv/bin/python benchmarks/run.py --size tiny --tools mergekit,floor --repeats 1
+
+Each repeat runs every tool once, in --tools order, from a warm page cache, each under
+`/usr/bin/time -v` for its peak RSS. Afterwards shardmerge's and mergekit's outputs are compared
+tensor by tensor (compare.py). Results go to stdout as a markdown table and to a JSON file.
+See benchmarks/README.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import compare_checkpoints, format_comparison  # noqa: E402
+from make_pair import DATA_DIR, PRESETS, PairSpec, ensure_pair  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ("shardmerge", "mergekit", "floor")
+DEFAULT_SHARDMERGE = REPO / ".venv" / "bin" / "shardmerge"
+DEFAULT_MERGEKIT = REPO / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml"
+GNU_TIME = "/usr/bin/time"
+READ_BUFFER_BYTES = 16 << 20
+# Every tool runs offline: the inputs are local, and a hub lookup would only add DNS timeouts.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@dataclass
+class ToolRuns:
+    """One tool's command and the measurements of each of its runs."""
+
+    name: str
+    command: list[str]
+    version: str | None = None
+    walls_s: list[float] = field(default_factory=list)
+    peak_rss_bytes: list[int] = field(default_factory=list)
+    failed: str | None = None
+
+
+def slerp_config_yaml(model_a: Path, model_b: Path, num_layers: int) -> str:
+    """The canonical mergekit gradient-SLERP recipe (shardmerge accepts it unchanged)."""
+    return f"""\
+merge_method: slerp
+base_model: {model_a}
+slices:
+  - sources:
+      - model: {model_a}
+        layer_range: [0, {num_layers}]
+      - model: {model_b}
+        layer_range: [0, {num_layers}]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def floor_command(inputs: list[Path], out_dir: Path, out_bytes: int) -> list[str]:
+    """Read every input once and write out_bytes, with dd and 16 MiB buffers, nothing else."""
+    reads = "\n".join(
+        f"dd if={shlex.quote(str(p))} of=/dev/null bs=16M status=none" for p in inputs
+    )
+    script = f"""set -e
+{reads}
+mkdir -p {shlex.quote(str(out_dir))}
+dd if=/dev/zero of={shlex.quote(str(out_dir / "floor.bin"))} bs=16M count={out_bytes} \
+iflag=count_bytes status=none
+"""
+    return ["bash", "-c", script]
+
+
+def _runs_ok(command: list[str]) -> bool:
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=120, env=_tool_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _tool_env() -> dict[str, str]:
+    return os.environ | OFFLINE_ENV
+
+
+def _dist_version(python: Path, dist: str) -> str | None:
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    try:
+        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
+def resolve_tools(
+    args: argparse.Namespace, config: Path, work: Path, inputs: list[Path], out_bytes: int
+) -> list[ToolRuns]:
+    """The ToolRuns to time, in --tools order; a tool that is not installed is skipped."""
+    tools = []
+    for name in args.tools:
+        out = work / f"out-{name}"
+        if name == "shardmerge":
+            binary = Path(args.shardmerge_bin)
+            if not binary.exists() or not _runs_ok([str(binary), "run", "--help"]):
+                print(f"skipping shardmerge: `{binary} run --help` does not work", file=sys.stderr)
+                continue
+            cmd = [str(binary), "run", str(config), "--out", str(out), "--overwrite", "--quiet"]
+            version = _dist_version(binary.parent / "python", "shardmerge")
+        elif name == "mergekit":
+            binary = Path(args.mergekit_bin)
+            if not binary.exists():
+                print(
+                    f"skipping mergekit: {binary} not found "
+                    "(bash benchmarks/setup_mergekit.sh installs it)",
+                    file=sys.stderr,
+                )
+                continue
+            cmd = [str(binary), str(config), str(out), "--allow-crimes"]
+            version = _dist_version(binary.parent / "python", "mergekit")
+        else:
+            cmd = floor_command(inputs, out, out_bytes)
+            version = "dd " + _first_line(["dd", "--version"])
+        tools.append(ToolRuns(name=name, command=cmd, version=version))
+    return tools
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        return "?"
+
+
+def warm_cache(paths: list[Path]) -> None:
+    """Read every input once so that each timed run starts from the same warm page cache."""
+    buffer = bytearray(READ_BUFFER_BYTES)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def time_once(tool: ToolRuns, out_dir: Path, log_path: Path) -> tuple[float, int, int]:
+    """Run the tool once under /usr/bin/time -v; returns (wall seconds, peak RSS bytes, rc)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    # Flush the previous run's dirty pages so that its writeback does not land in this run.
+    subprocess.run(["sync"], check=True)
+    stats_path = log_path.with_suffix(".time")
+    command = [GNU_TIME, "-v", "-o", str(stats_path), *tool.command]
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_tool_env())
+        wall_s = time.perf_counter() - start
+    stats = stats_path.read_text()
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats)
+    peak_rss_bytes = int(match.group(1)) * 1024 if match else -1
+    return wall_s, peak_rss_bytes, rc.returncode
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def machine_info() -> dict[str, object]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def summarize(tools: list[ToolRuns], input_bytes: int) -> dict[str, dict[str, object]]:
+    """Per tool: median wall, input GB/s, max peak RSS and the pair-by-pair median ratios."""
+    by_name = {t.name: t for t in tools}
+
+    def ratio_to(tool: ToolRuns, ref_name: str) -> float | None:
+        ref = by_name.get(ref_name)
+        if ref is None or not ref.walls_s or not tool.walls_s:
+            return None
+        pairs = [w / r for w, r in zip(tool.walls_s, ref.walls_s, strict=False)]
+        return statistics.median(pairs)
+
+    summary = {}
+    for t in tools:
+        median_s = statistics.median(t.walls_s) if t.walls_s else None
+        summary[t.name] = {
+            "median_wall_s": median_s,
+            "input_gb_per_s": input_bytes / median_s / 1e9 if median_s else None,
+            "peak_rss_bytes": max(t.peak_rss_bytes) if t.peak_rss_bytes else None,
+            "ratio_to_shardmerge": ratio_to(t, "shardmerge"),
+            "ratio_to_floor": ratio_to(t, "floor"),
+        }
+    return summary
+
+
+def markdown_table(tools: list[ToolRuns], summary: dict[str, dict[str, object]]) -> str:
+    def fmt(value: object, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [
+        "| tool | median wall (s) | runs (s) | input GB/s | peak RSS (GB) "
+        "| wall / shardmerge | wall / floor |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for t in tools:
+        s = summary[t.name]
+        rss = s["peak_rss_bytes"]
+        runs = ", ".join(f"{w:.2f}" for w in t.walls_s) or "-"
+        name = t.name if t.failed is None else f"{t.name} (FAILED)"
+        rows.append(
+            f"| {name} | {fmt(s['median_wall_s'], '.2f')} | {runs} "
+            f"| {fmt(s['input_gb_per_s'], '.2f')} "
+            f"| {fmt(None if rss is None else rss / 1e9, '.2f')} "
+            f"| {fmt(s['ratio_to_shardmerge'], '.2f')} | {fmt(s['ratio_to_floor'], '.2f')} |"
+        )
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(PRESETS), default="medium")
+    parser.add_argument(
+        "--tools",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+        default=list(TOOLS),
+        help="comma-separated, run in this order each repeat (default shardmerge,mergekit,floor)",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shardmerge-bin", default=str(DEFAULT_SHARDMERGE))
+    parser.add_argument("--mergekit-bin", default=str(DEFAULT_MERGEKIT))
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--json", type=Path, help="default DATA_DIR/results-SIZE.json")
+    parser.add_argument("--keep-outputs", action="store_true", help="keep the merged models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = [t for t in args.tools if t not in TOOLS]
+    if unknown or not args.tools or args.repeats < 1:
+        print(f"run: --tools takes {','.join(TOOLS)}; --repeats >= 1", file=sys.stderr)
+        return 2
+    if not Path(GNU_TIME).exists():
+        print(f"run: {GNU_TIME} is missing (apt-get install time)", file=sys.stderr)
+        return 2
+
+    spec: PairSpec = PRESETS[args.size]
+    work = (args.data_dir / args.size).resolve()
+    ensure_pair(spec, work)
+    model_a, model_b = work / "a", work / "b"
+    config = work / "slerp.yml"
+    config.write_text(slerp_config_yaml(model_a, model_b, spec.layers))
+    inputs = safetensors_files(model_a) + safetensors_files(model_b)
+    input_bytes = sum(p.stat().st_size for p in inputs)
+
+    # The merged model holds the same tensors as A, so the floor writes as many bytes as A has.
+    out_bytes = sum(p.stat().st_size for p in safetensors_files(model_a))
+    tools = resolve_tools(args, config, work, inputs, out_bytes)
+    if not tools:
+        print("run: no tool to run", file=sys.stderr)
+        return 1
+    machine = machine_info()
+    if machine["load_avg_1min_at_start"] > 0.5 * machine["nproc"]:
+        print(
+            f"warning: load average {machine['load_avg_1min_at_start']} - is something else "
+            "running? Timings will be noisy.",
+            file=sys.stderr,
+        )
+    warm_cache(inputs)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+
+    for repeat in range(args.repeats):
+        for tool in tools:
+            if tool.failed:
+                continue
+            log_path = logs / f"{tool.name}-{repeat + 1}.log"
+            wall_s, rss, rc = time_once(tool, work / f"out-{tool.name}", log_path)
+            if rc != 0:
+                tool.failed = f"exit {rc} in repeat {repeat + 1}, log {log_path}"
+                print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)
+                continue
+            tool.walls_s.append(wall_s)
+            tool.peak_rss_bytes.append(rss)
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {tool.name}: {wall_s:.2f} s, "
+                f"peak RSS {rss / 1e9:.2f} GB",
+                file=sys.stderr,
+            )
+
+    ran = {t.name for t in tools if t.walls_s and not t.failed}
+    comparison = None
+    if {"shardmerge", "mergekit"} <= ran:
+        print("comparing shardmerge and mergekit outputs ...", file=sys.stderr)
+        comparison = compare_checkpoints(work / "out-shardmerge", work / "out-mergekit")
+
+    summary = summarize(tools, input_bytes)
+    table = markdown_table(tools, summary)
+    print(f"## {args.size}: SLERP of two {input_bytes / 2e9:.2f} GB bf16 checkpoints\n")
+    print(
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, "
+        f"Linux {machine['kernel']}; warm page cache; {args.repeats} alternating repeats; "
+        f"inputs {input_bytes / 1e9:.2f} GB ({len(inputs)} shards).\n"
+    )
+    print(table)
+    for t in tools:
+        print(f"\n- {t.name}: {t.version or '?'}" + (f" - FAILED: {t.failed}" if t.failed else ""))
+    if comparison is not None:
+        print("\n```\n" + format_comparison(comparison, "shardmerge", "mergekit") + "\n```")
+
+    json_path = args.json or args.data_dir / f"results-{args.size}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "size": args.size,
+        "spec": asdict(spec),
+        "machine": machine,
+        "repeats": args.repeats,
+        "input_bytes": input_bytes,
+        "config_yaml": config.read_text(),
+        "tools": {t.name: asdict(t) | summary[t.name] for t in tools},
+        "comparison": None if comparison is None else comparison.to_dict(),
+        "markdown": table,
+    }
+    json_path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {json_path}", file=sys.stderr)
+
+    if not args.keep_outputs:
+        for tool in tools:
+            shutil.rmtree(work / f"out-{tool.name}", ignore_errors=True)
+    failed = any(t.failed for t in tools) or (comparison is not None and not comparison.ok)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The merged model's README.md, built with huggingface_hub's ModelCard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardmerge import __version__
+
+
+@dataclass(frozen=True)
+class CardModel:
+    """One input as the card names it."""
+
+    ref: str  # Hub id or local folder as written in the recipe
+    hub_id: str | None  # set for Hub models: goes into base_model
+    pin: str  # commit sha (Hub) or header fingerprint (local folder)
+    role: str  # "t = 0 end (base)" / "t = 1 end"
+
+
+def render_card(
+    models: tuple[CardModel, CardModel],
+    recipe_text: str,
+    t_table: str,
+    *,
+    out_dtype: str,
+    total_bytes: int,
+    num_shards: int,
+) -> str:
+    """Front matter (base_model, tags, library_name) and a body with method, models, t table,
+    recipe and version."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_models = [m.hub_id for m in models if m.hub_id]
+    data = ModelCardData(
+        base_model=base_models or None,
+        tags=["merge", "slerp", "shardmerge", "mergekit-compatible"],
+        library_name="transformers",
+    )
+    lines = [
+        "# Merged model",
+        "",
+        f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
+        "",
+        "## Method",
+        "",
+        "Spherical linear interpolation of each pair of tensors, each tensor taken as one "
+        "vector (mergekit's `slerp` semantics): t = 0 gives the first model, t = 1 the second; "
+        "nearly (anti)parallel tensors are interpolated linearly. Integer buffers take the "
+        f"rounded linear interpolation. Output dtype: `{out_dtype}`, {num_shards} shard(s), "
+        f"{total_bytes:,} bytes of tensors.",
+        "",
+        "## Models",
+        "",
+    ]
+    for m in models:
+        name = f"[{m.hub_id}](https://huggingface.co/{m.hub_id})" if m.hub_id else f"`{m.ref}`"
+        kind = "revision" if m.hub_id else "header fingerprint"
+        lines.append(f"- {name} ({m.role}), {kind} `{m.pin}`")
+    lines += [
+        "",
+        "## Per-layer t",
+        "",
+        t_table.rstrip(),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+        f"Made with shardmerge {__version__}.",
+        "",
+    ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)

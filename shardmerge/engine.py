@@ -1,0 +1,488 @@
+"""Execute a MergePlan: read input chunks, SLERP them, write them at their planned offsets.
+
+Three stages overlap in threads (pread, torch kernels and pwrite all release the GIL):
+a reader fills buffers from a small fixed pool, the main thread converts and computes, a writer
+puts results at their precomputed offsets in the output shards. Every buffer comes from the pool
+and is reused, so the working set is ``CHUNKS_IN_FLIGHT`` chunks whatever the model size; input
+bytes are read with ``os.preadv`` rather than mapped, so pages of finished shards never pile up
+in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from shardmerge import slerp
+from shardmerge.errors import CheckpointError, ShardmergeError
+from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
+from shardmerge.plan import CHUNK_NUMEL, CHUNKS_IN_FLIGHT, MergePlan, OutputShard, TensorTask
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+    "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64,
+}  # fmt: skip
+
+
+class ShardSource(Protocol):
+    """Where a model's shard files come from (a local folder, or the Hub just in time)."""
+
+    def fetch(self, filename: str) -> Path: ...
+
+    def release(self, filename: str) -> None: ...
+
+
+class LocalSource:
+    """Shards of a local folder; nothing to release."""
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.folder = folder
+        self.label = label
+
+    def fetch(self, filename: str) -> Path:
+        return safe_member(self.folder, filename, self.label)
+
+    def release(self, filename: str) -> None:
+        pass
+
+
+class _Reader:
+    """Open shard files of one model, checked against the plan's header view."""
+
+    def __init__(self, source: ShardSource, label: str) -> None:
+        self.source = source
+        self.label = label
+        self._open: dict[str, tuple[int, int]] = {}  # file -> (fd, data start)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def _fd(self, info: TensorInfo) -> tuple[int, int]:
+        with self._lock:
+            entry = self._open.get(info.file)
+            if entry is None:
+                path = self.source.fetch(info.file)
+                start, tensors = read_header(path, info.file, f"{self.label}: {info.file}")
+                actual = tensors.get(info.name)
+                if actual is None or (actual.dtype, actual.shape, actual.begin, actual.end) != (
+                    info.dtype,
+                    info.shape,
+                    info.begin,
+                    info.end,
+                ):
+                    raise CheckpointError(
+                        f"{self.label}: {info.file} changed since it was planned "
+                        f"(tensor {info.name!r})"
+                    )
+                entry = (os.open(path, os.O_RDONLY), start)
+                self._open[info.file] = entry
+            return entry
+
+    def read_into(self, info: TensorInfo, byte_start: int, buf: memoryview) -> None:
+        fd, data_start = self._fd(info)
+        offset = data_start + info.begin + byte_start
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{self.label}: {info.file} ended inside tensor {info.name!r} (truncated?)"
+                )
+            done += n
+        self.bytes_read += done
+
+    def close(self, file: str) -> None:
+        with self._lock:
+            entry = self._open.pop(file, None)
+        if entry is not None:
+            os.close(entry[0])
+            self.source.release(file)
+
+    def close_all(self) -> None:
+        for file in list(self._open):
+            os.close(self._open.pop(file)[0])
+
+
+Kind = Literal["copy_a", "copy_b", "single", "stats", "combine", "int"]
+
+
+@dataclass
+class _Slot:
+    """One chunk's buffers; raw input bytes and raw output bytes."""
+
+    raw_a: torch.Tensor
+    raw_b: torch.Tensor
+    raw_out: torch.Tensor
+
+
+@dataclass
+class _Step:
+    task: TensorTask
+    shard: int
+    kind: Kind
+    start: int  # element range
+    end: int
+    last: bool  # the task's final step
+    slot: _Slot | None = None
+    whole_a: bytearray | None = None  # integer tensors are read whole (they are tiny)
+    whole_b: bytearray | None = None
+
+
+def _steps(plan: MergePlan, skip_shards: frozenset[int]) -> Iterator[_Step]:
+    for index, shard in enumerate(plan.shards):
+        if index in skip_shards:
+            continue
+        for task in shard.tasks:
+            yield from _task_steps(task, index)
+
+
+def _task_steps(task: TensorTask, shard: int) -> Iterator[_Step]:
+    n = task.a.numel
+    spans = [(s, min(s + CHUNK_NUMEL, n)) for s in range(0, n, CHUNK_NUMEL)] or [(0, 0)]
+    same_dtype = task.input_dtype in (None, task.a.dtype)
+    if not task.is_float:
+        yield _Step(task, shard, "int", 0, n, True)
+        return
+    if task.t in (0.0, 1.0) and same_dtype:
+        kind: Kind = "copy_a" if task.t == 0.0 else "copy_b"
+        for i, (s, e) in enumerate(spans):
+            yield _Step(task, shard, kind, s, e, i == len(spans) - 1)
+        return
+    if len(spans) == 1:
+        yield _Step(task, shard, "single", 0, n, True)
+        return
+    for s, e in spans:
+        yield _Step(task, shard, "stats", s, e, False)
+    for i, (s, e) in enumerate(spans):
+        yield _Step(task, shard, "combine", s, e, i == len(spans) - 1)
+
+
+@dataclass
+class ShardResult:
+    filename: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ExecuteResult:
+    shards: list[ShardResult]
+    bytes_read: int  # input tensor bytes read, both models
+
+
+@dataclass
+class _Output:
+    """An output shard being written, hashed as it goes (writes arrive in file order)."""
+
+    path: Path
+    shard: OutputShard
+    fd: int
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    written: int = 0
+
+
+_STOP = object()
+
+
+def execute_plan(
+    plan: MergePlan,
+    source_a: ShardSource,
+    source_b: ShardSource,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    skip_shards: frozenset[int] = frozenset(),
+    on_progress: Callable[[int], None] | None = None,
+    on_shard_done: Callable[[int, ShardResult], None] | None = None,
+) -> ExecuteResult:
+    """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir``.
+
+    Args:
+        device: "cpu" or a CUDA device; the math runs there, I/O stays on the host.
+        on_progress: called with output bytes produced, for progress bars.
+        on_shard_done: called as each shard is complete and flushed, e.g. to record resume state.
+    """
+    reader_a = _Reader(source_a, "model A")
+    reader_b = _Reader(source_b, "model B")
+    dev = torch.device(device)
+    remaining = _file_refcounts(plan, skip_shards)
+
+    max_in = max((DTYPE_SIZES[t.a.dtype] for t in plan.tasks), default=4)
+    max_in = max(max_in, max((DTYPE_SIZES[t.b.dtype] for t in plan.tasks), default=4))
+    max_out = max((DTYPE_SIZES[t.out_dtype] for t in plan.tasks), default=4)
+    pin = dev.type == "cuda"
+    free: queue.Queue[_Slot] = queue.Queue()
+    for _ in range(CHUNKS_IN_FLIGHT):
+        free.put(
+            _Slot(
+                torch.empty(CHUNK_NUMEL * max_in, dtype=torch.uint8, pin_memory=pin),
+                torch.empty(CHUNK_NUMEL * max_in, dtype=torch.uint8, pin_memory=pin),
+                torch.empty(CHUNK_NUMEL * max_out, dtype=torch.uint8, pin_memory=pin),
+            )
+        )
+    ready: queue.Queue[object] = queue.Queue(maxsize=CHUNKS_IN_FLIGHT)
+    to_write: queue.Queue[object] = queue.Queue(maxsize=CHUNKS_IN_FLIGHT)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:
+        try:
+            for step in _steps(plan, skip_shards):
+                if stop.is_set():
+                    return
+                _read_step(step, reader_a, reader_b, free, stop)
+                if step.slot is None and step.kind != "int":
+                    return  # stopped while waiting for a buffer
+                ready.put(step)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+        finally:
+            ready.put(_STOP)
+
+    outputs: dict[int, _Output] = {}
+    results: list[ShardResult] = []
+
+    def write_loop() -> None:
+        try:
+            while True:
+                item = to_write.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, tuple)
+                shard_index, offset, data, slot = item
+                out = outputs[shard_index]
+                view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
+                _pwrite_all(out.fd, view, offset)
+                out.hasher.update(view)
+                out.written += len(view)
+                if slot is not None:
+                    free.put(slot)
+                if out.written == out.shard.file_bytes:
+                    os.fsync(out.fd)
+                    os.close(out.fd)
+                    result = ShardResult(out.shard.filename, out.hasher.hexdigest(), out.written)
+                    results.append(result)
+                    del outputs[shard_index]
+                    if on_shard_done is not None:
+                        on_shard_done(shard_index, result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+            stop.set()
+            # Keep draining so the main thread never blocks on a full queue.
+            while to_write.get() is not _STOP:
+                pass
+
+    reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
+    writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
+    reader.start()
+    writer.start()
+    work32_a = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=dev)
+    work32_b = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=dev)
+    stats: slerp.SlerpStats | None = None
+    try:
+        while True:
+            item = ready.get()
+            if item is _STOP or errors:
+                break
+            assert isinstance(item, _Step)
+            step = item
+            if step.shard not in outputs:
+                outputs[step.shard] = _open_output(
+                    out_dir, plan.shards[step.shard], to_write, step.shard
+                )
+            if step.kind == "stats" and step.start == 0:
+                stats = slerp.SlerpStats()
+            data, nbytes = _compute(step, stats, work32_a, work32_b, dev)
+            if step.kind == "stats":
+                assert step.slot is not None
+                free.put(step.slot)
+            else:
+                offset = len(plan.shards[step.shard].header) + step.task.out_begin
+                offset += step.start * DTYPE_SIZES[step.task.out_dtype]
+                to_write.put((step.shard, offset, data, step.slot))
+                if on_progress is not None:
+                    on_progress(nbytes)
+            if step.last:
+                for side, reader_, info in (
+                    ("a", reader_a, step.task.a),
+                    ("b", reader_b, step.task.b),
+                ):
+                    remaining[side, info.file] -= 1
+                    if remaining[side, info.file] == 0:
+                        reader_.close(info.file)
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        stop.set()
+        # Unblock the reader if it waits on a full queue, then stop the writer.
+        while reader.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        to_write.put(_STOP)
+        writer.join()
+        reader_a.close_all()
+        reader_b.close_all()
+        for out in outputs.values():
+            os.close(out.fd)
+    if errors:
+        raise errors[0]
+    return ExecuteResult(
+        sorted(results, key=lambda r: r.filename), reader_a.bytes_read + reader_b.bytes_read
+    )
+
+
+def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[str, str]]:
+    """How many tasks still need each input file, keyed by ("a" | "b", file)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for index, shard in enumerate(plan.shards):
+        if index not in skip:
+            for task in shard.tasks:
+                counts["a", task.a.file] += 1
+                counts["b", task.b.file] += 1
+    return counts
+
+
+def _open_output(
+    out_dir: Path, shard: OutputShard, to_write: queue.Queue[object], index: int
+) -> _Output:
+    path = out_dir / shard.filename
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.ftruncate(fd, shard.file_bytes)
+    out = _Output(path, shard, fd)
+    # The header goes through the writer like any chunk so hashing stays in file order.
+    to_write.put((index, 0, memoryview(shard.header), None))
+    return out
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _read_step(
+    step: _Step,
+    reader_a: _Reader,
+    reader_b: _Reader,
+    free: queue.Queue[_Slot],
+    stop: threading.Event,
+) -> None:
+    task = step.task
+    if step.kind == "int":
+        step.whole_a = bytearray(task.a.nbytes)
+        step.whole_b = bytearray(task.b.nbytes)
+        reader_a.read_into(task.a, 0, memoryview(step.whole_a))
+        reader_b.read_into(task.b, 0, memoryview(step.whole_b))
+        return
+    while not stop.is_set():
+        try:
+            step.slot = free.get(timeout=0.1)
+            break
+        except queue.Empty:
+            continue
+    if step.slot is None:
+        return
+    count = step.end - step.start
+    if step.kind != "copy_b":
+        size = DTYPE_SIZES[task.a.dtype]
+        view = memoryview(step.slot.raw_a.numpy())[: count * size]
+        reader_a.read_into(task.a, step.start * size, view)
+    if step.kind != "copy_a":
+        size = DTYPE_SIZES[task.b.dtype]
+        view = memoryview(step.slot.raw_b.numpy())[: count * size]
+        reader_b.read_into(task.b, step.start * size, view)
+
+
+def _as_float32(
+    raw: torch.Tensor,
+    dtype: str,
+    count: int,
+    input_dtype: str | None,
+    work: torch.Tensor,
+    dev: torch.device,
+) -> torch.Tensor:
+    typed = raw[: count * DTYPE_SIZES[dtype]].view(TORCH_DTYPES[dtype])
+    if dev.type != "cpu":
+        typed = typed.to(dev, non_blocking=True)
+    if input_dtype is not None and input_dtype != dtype:
+        # mergekit's `dtype`: inputs are rounded to it before the math.
+        typed = typed.to(TORCH_DTYPES[input_dtype])
+    out = work[:count]
+    out.copy_(typed)
+    return out
+
+
+def _compute(
+    step: _Step,
+    stats: slerp.SlerpStats | None,
+    work_a: torch.Tensor,
+    work_b: torch.Tensor,
+    dev: torch.device,
+) -> tuple[object, int]:
+    """Run one step; returns (bytes-like or uint8 tensor to write, output byte count)."""
+    task = step.task
+    out_code = task.out_dtype
+    out_size = DTYPE_SIZES[out_code]
+    count = step.end - step.start
+    if step.kind == "int":
+        assert step.whole_a is not None and step.whole_b is not None
+        a = _from_bytes(step.whole_a, task.a.dtype)
+        b = _from_bytes(step.whole_b, task.b.dtype)
+        merged = slerp.merge_integer(a, b.to(a.dtype), task.t)
+        data = merged.contiguous().view(torch.uint8)
+        return data, data.numel()
+    slot = step.slot
+    assert slot is not None
+    nbytes = count * out_size
+    out_raw = slot.raw_out[:nbytes]
+    if step.kind in ("copy_a", "copy_b"):
+        raw = slot.raw_a if step.kind == "copy_a" else slot.raw_b
+        info = task.a if step.kind == "copy_a" else task.b
+        src = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
+        out_raw.view(TORCH_DTYPES[out_code]).copy_(src)
+        return out_raw, nbytes
+    a32 = _as_float32(slot.raw_a, task.a.dtype, count, task.input_dtype, work_a, dev)
+    b32 = _as_float32(slot.raw_b, task.b.dtype, count, task.input_dtype, work_b, dev)
+    if step.kind == "stats":
+        assert stats is not None
+        slerp.accumulate(stats, a32, b32)
+        return None, 0
+    if step.kind == "single":
+        stats = slerp.SlerpStats()
+        slerp.accumulate(stats, a32, b32)
+    assert stats is not None
+    _check_finite(stats, task)
+    s0, s1 = slerp.coefficients(stats, task.t)
+    typed_out = out_raw.view(TORCH_DTYPES[out_code])
+    if dev.type == "cpu":
+        slerp.combine_into(typed_out, a32, b32, s0, s1)
+    else:
+        result = torch.empty(count, dtype=TORCH_DTYPES[out_code], device=dev)
+        slerp.combine_into(result, a32, b32, s0, s1)
+        typed_out.copy_(result)
+    return out_raw, nbytes
+
+
+def _from_bytes(data: bytearray, dtype: str) -> torch.Tensor:
+    if not data:  # torch.frombuffer rejects empty buffers
+        return torch.empty(0, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(data, dtype=TORCH_DTYPES[dtype])
+
+
+def _check_finite(stats: slerp.SlerpStats, task: TensorTask) -> None:
+    if stats.is_finite():
+        return
+    which = "model A" if not math.isfinite(stats.sq_a) else "model B"
+    raise ShardmergeError(f"tensor {task.name!r} in {which} contains NaN or Inf values")

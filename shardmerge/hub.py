@@ -1,0 +1,505 @@
+"""Hugging Face Hub I/O: pin a revision, read headers, download or stream shards, push a folder.
+
+The only shardmerge module that imports huggingface_hub; it is imported only when a Hub ref is
+used. The token comes from ``HF_TOKEN`` or the saved login (huggingface_hub's default chain) and is
+never passed around, printed or logged. ``HF_HUB_OFFLINE=1`` makes every function read the local
+HF cache only. Every huggingface_hub error leaves this module as a one-line ``ShardmergeError``
+(exit 1: worth retrying) or ``InputError`` (exit 2: fix the ref, the token or the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx2
+from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    RevisionResolutionError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from shardmerge.errors import CheckpointError, InputError, ShardmergeError
+
+__all__ = [
+    "HubListing",
+    "HubModel",
+    "PushResult",
+    "StreamingHubSource",
+    "download_files",
+    "fetch_listing",
+    "hub_error",
+    "looks_like_repo_id",
+    "push_folder",
+    "resolve_hub_model",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+DOWNLOAD_WORKERS = 8  # parallel downloads / header reads, like snapshot_download's default
+
+# Hub rules: two parts of [A-Za-z0-9_.-] that neither start nor end with "-" or ".", no "--"
+# or "..", at most 96 characters.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+_FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
+
+# What huggingface_hub raises for network, HTTP, cache and validation problems.
+_HUB_ERRORS = (
+    OSError,
+    httpx2.HTTPError,
+    EntryNotFoundError,
+    RevisionResolutionError,
+    HFValidationError,
+)
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    """Whether ``ref`` is shaped like a Hub repo id ``org/name`` (no network, no disk)."""
+    return (
+        len(ref) <= 96
+        and "--" not in ref
+        and ".." not in ref
+        and _REPO_ID_RE.fullmatch(ref) is not None
+    )
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A Hub model pinned to one commit."""
+
+    repo_id: str
+    revision: str | None  # as requested (None = main)
+    sha: str  # full 40-hex commit sha, resolved once; every later call uses it
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo_id}@{self.sha[:12]}"
+
+
+@dataclass(frozen=True)
+class HubListing:
+    """Everything the planner needs from a Hub model, read without any shard body."""
+
+    files: dict[str, int]  # every repo file path -> size in bytes
+    index: dict | None  # parsed model.safetensors.index.json, None for a single model.safetensors
+    headers: dict[str, dict]  # shard filename -> raw safetensors header dict
+    config: dict | None  # parsed config.json, None when the repo has none
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What was (or, with dry_run, would be) pushed."""
+
+    url: str
+    repo_id: str
+    files: tuple[tuple[str, int], ...]  # (path in repo, size in bytes), sorted by path
+    total_bytes: int
+    private: bool
+    dry_run: bool
+    commit_sha: str | None = None  # the new commit; None for a dry run
+
+
+def resolve_hub_model(repo_id: str, revision: str | None) -> HubModel:
+    """Pin ``repo_id`` at ``revision`` (branch, tag or full sha; None = main) to a commit sha.
+
+    Online, a branch or tag is also recorded under ``refs/`` in the HF cache, so a later run with
+    ``HF_HUB_OFFLINE=1`` resolves it the same way. Offline, only the cache is read.
+
+    Raises:
+        InputError: bad repo id, repo or revision not found, no access, offline and not cached.
+        ShardmergeError: the Hub is unreachable or failing (retry).
+    """
+    if not looks_like_repo_id(repo_id):
+        raise InputError(f"not a Hugging Face repo id: {repo_id!r} (expected org/name)")
+    wanted = revision or constants.DEFAULT_REVISION
+    try:
+        api = HfApi()
+        if constants.is_offline_mode():
+            sha = api.resolve_revision(repo_id, revision=revision, local_files_only=True).resolved
+            if not _snapshot_dir(repo_id, sha).is_dir():
+                raise InputError(f"{repo_id}@{wanted}: {_OFFLINE_HINT}")
+        elif _FULL_SHA_RE.fullmatch(wanted):
+            # A sha needs no resolving, but asking checks it exists and is readable.
+            sha = api.model_info(repo_id, revision=wanted).sha or ""
+        else:
+            sha = api.resolve_revision(repo_id, revision=revision).resolved
+    except _HUB_ERRORS as exc:
+        raise hub_error(exc, repo_id, action=f"resolve revision {wanted!r} of") from exc
+    if not _FULL_SHA_RE.fullmatch(sha):
+        raise ShardmergeError(f"{repo_id}@{wanted}: the Hub returned no commit sha ({sha!r})")
+    return HubModel(repo_id=repo_id, revision=revision, sha=sha)
+
+
+def fetch_listing(model: HubModel) -> HubListing:
+    """Read the file list, config.json, the index and every shard's header: no shard body.
+
+    Headers are read with two small Range requests per shard (the 8-byte length, then the
+    JSON). Offline, everything is read from the HF cache.
+
+    Raises:
+        CheckpointError: not a safetensors checkpoint, index naming absent shards, bad header.
+        InputError / ShardmergeError: as ``hub_error``.
+    """
+    offline = constants.is_offline_mode()
+    try:
+        files = _list_cached_files(model) if offline else _list_remote_files(model)
+        config = _read_json(model, CONFIG_FILE) if CONFIG_FILE in files else None
+        if INDEX_FILE in files:
+            index: dict | None = _read_json(model, INDEX_FILE)
+            weight_map = (index or {}).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{model.label}: {INDEX_FILE} has no weight_map")
+            shards = sorted(set(weight_map.values()))
+        elif SINGLE_FILE in files:
+            index, shards = None, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{model.label}: no {INDEX_FILE} or {SINGLE_FILE} in the repo")
+        absent = [shard for shard in shards if shard not in files]
+        if absent:
+            raise CheckpointError(
+                f"{model.label}: {INDEX_FILE} names shards that are not in the repo: "
+                + ", ".join(absent)
+            )
+        if offline:
+            _require_cached(model, shards)
+
+        def read(shard: str) -> dict:
+            if offline:
+                return _read_cached_header(model, shard)
+            return _read_remote_header(model, shard, files[shard])
+
+        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(shards))) as pool:
+            headers = dict(zip(shards, pool.map(read, shards), strict=True))
+    except _HUB_ERRORS as exc:
+        raise hub_error(exc, model.repo_id, action="read") from exc
+    return HubListing(files=files, index=index, headers=headers, config=config)
+
+
+def download_files(model: HubModel, filenames: list[str]) -> Path:
+    """Download exactly ``filenames`` at ``model.sha`` into the HF cache; return the snapshot.
+
+    Files already cached cost no download. Offline, all of them must already be cached.
+    """
+    names = list(dict.fromkeys(filenames))
+    try:
+        if constants.is_offline_mode():
+            _require_cached(model, names)
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_WORKERS, len(names)))) as pool:
+                list(pool.map(lambda name: _download(model, name), names))
+    except _HUB_ERRORS as exc:
+        raise hub_error(exc, model.repo_id, action="download from") from exc
+    return _snapshot_dir(model.repo_id, model.sha)
+
+
+class StreamingHubSource:
+    """Input shards fetched just in time into a work folder and deleted once released.
+
+    Downloads go to ``workdir/<org>--<name>--<sha12>/`` as plain files
+    (``hf_hub_download(local_dir=...)``), never into the shared HF cache, so deleting one frees
+    its bytes and cannot break another repo's blobs. A file that is already in the HF cache at
+    this sha is used in place and never deleted. Offline, every file must already be cached.
+    """
+
+    def __init__(self, model: HubModel, workdir: Path) -> None:
+        self.model = model
+        self.folder = Path(workdir) / f"{model.repo_id.replace('/', '--')}--{model.sha[:12]}"
+        self.peak_bytes_on_disk = 0  # max bytes of this source's downloads on disk at once
+        self._owned: dict[str, Path] = {}  # downloaded by this source: deleted on release
+        self._lock = threading.Lock()
+        self._file_locks: dict[str, threading.Lock] = {}
+
+    def fetch(self, filename: str) -> Path:
+        """Make sure ``filename`` is on disk (downloading it at model.sha); return its path."""
+        with self._file_lock(filename):
+            with self._lock:
+                if filename in self._owned:
+                    return self._owned[filename]
+            cached = try_to_load_from_cache(self.model.repo_id, filename, revision=self.model.sha)
+            if isinstance(cached, str):
+                return Path(cached)
+            try:
+                if constants.is_offline_mode():
+                    _require_cached(self.model, [filename])
+                path = Path(_download(self.model, filename, local_dir=self.folder))
+            except _HUB_ERRORS as exc:
+                raise hub_error(exc, self.model.repo_id, action="download from") from exc
+            with self._lock:
+                self._owned[filename] = path
+                self.peak_bytes_on_disk = max(self.peak_bytes_on_disk, self._bytes_on_disk())
+            return path
+
+    def release(self, filename: str) -> None:
+        """No remaining tensor needs ``filename``: delete it if this source downloaded it."""
+        with self._file_lock(filename):
+            with self._lock:
+                path = self._owned.pop(filename, None)
+            if path is not None:
+                path.unlink(missing_ok=True)
+                # huggingface_hub's bookkeeping for local_dir downloads.
+                meta = self.folder / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
+                meta.unlink(missing_ok=True)
+                meta.with_suffix(".lock").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Delete everything this source downloaded (call it when the merge ends or fails)."""
+        with self._lock:
+            self._owned.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _file_lock(self, filename: str) -> threading.Lock:
+        with self._lock:
+            return self._file_locks.setdefault(filename, threading.Lock())
+
+    def _bytes_on_disk(self) -> int:
+        """Bytes under the work folder now, partial downloads of other threads included."""
+        total = 0
+        for path in self.folder.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # renamed or released meanwhile
+                total += path.stat().st_size if path.is_file() else 0
+        return total
+
+
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool, commit_message: str, dry_run: bool = False
+) -> PushResult:
+    """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit.
+
+    ``dry_run`` lists the files, bytes and target and sends nothing. A failure never touches
+    ``folder``; its message says the local output is complete and how to retry.
+
+    Raises:
+        InputError: bad repo id, empty folder, no permission, existing public repo with private.
+        ShardmergeError: the Hub is unreachable or failing (retry).
+    """
+    folder = Path(folder)
+    if not looks_like_repo_id(repo_id):
+        raise InputError(f"not a Hugging Face repo id: {repo_id!r} (expected org/name)")
+    files = tuple(
+        (path.relative_to(folder).as_posix(), path.stat().st_size)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not {".git", ".cache"} & set(path.relative_to(folder).parts)
+    )
+    if not files:
+        raise InputError(f"nothing to push: {folder} holds no files")
+    total_bytes = sum(size for _, size in files)
+    result = PushResult(
+        url=f"{constants.ENDPOINT}/{repo_id}",
+        repo_id=repo_id,
+        files=files,
+        total_bytes=total_bytes,
+        private=private,
+        dry_run=dry_run,
+    )
+    if dry_run:
+        return result
+    retry = f"the local output is complete at {folder}; run the same command again to retry"
+    try:
+        api = HfApi()
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # create_repo ignores `private` for an existing repo: never publish by surprise.
+        if private and not api.repo_info(repo_id).private:
+            raise InputError(
+                f"{repo_id} already exists and is public, so --private cannot apply: make it "
+                f"private on {url} or choose another name ({retry})"
+            )
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    except _HUB_ERRORS as exc:
+        error = hub_error(exc, repo_id, action="push to")
+        raise type(error)(f"{error} ({retry})") from exc
+    return replace(result, url=str(url), commit_sha=info.oid)
+
+
+def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeError:
+    """Turn a huggingface_hub / network error into one line naming the repo.
+
+    ``action`` completes "cannot {action} {repo_id}", e.g. ``"read"``, ``"push to"``.
+    Input-side problems (no access, not found, offline) give ``InputError`` (exit 2);
+    an unreachable or failing Hub gives ``ShardmergeError`` (exit 1: retry).
+    """
+    if isinstance(exc, ShardmergeError):
+        return exc
+    where = f"cannot {action} {repo_id}"
+    login = "set HF_TOKEN or run `hf auth login`"
+    for err in _causes(exc):  # the HTTP or network error that started it decides
+        if isinstance(err, GatedRepoError):
+            return InputError(
+                f"{where}: the model is gated: request access on {constants.ENDPOINT}/{repo_id}, "
+                f"then retry with that account's token ({login})"
+            )
+        if isinstance(err, HfHubHTTPError):
+            status = err.response.status_code
+            if status == 401:
+                return InputError(
+                    f"{where}: not authorised (401): the repo is private, gated or missing for "
+                    f"this token; {login}"
+                )
+            if isinstance(err, RevisionNotFoundError):
+                return InputError(f"{where}: revision not found (use a branch, tag or full sha)")
+            if isinstance(err, RemoteEntryNotFoundError):
+                return InputError(f"{where}: file not found in the repo: {_url_filename(err)}")
+            if isinstance(err, RepositoryNotFoundError) or status == 404:
+                return InputError(f"{where}: repository not found (if it is private, {login})")
+            if status == 403:
+                return InputError(
+                    f"{where}: forbidden (403): this token lacks permission (pushing needs a "
+                    f"write token); {login}"
+                )
+            if status == 429 or status >= 500:
+                return ShardmergeError(f"{where}: the Hub answered {status}; retry later")
+            detail = _first_line(err.server_message or str(err))
+            return InputError(f"{where}: the Hub refused the request ({status}): {detail}")
+        if isinstance(err, OfflineModeIsEnabled):
+            return InputError(f"{where}: {_OFFLINE_HINT}")
+        if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)):
+            return ShardmergeError(
+                f"{where}: cannot reach the Hub at {constants.ENDPOINT} "
+                f"({type(err).__name__}); check the network and retry"
+            )
+    if isinstance(exc, (EntryNotFoundError, RevisionResolutionError)):  # local cache only
+        return InputError(f"{where}: {_OFFLINE_HINT}")
+    if isinstance(exc, HFValidationError):
+        return InputError(f"{where}: {_first_line(str(exc))}")
+    return ShardmergeError(f"{where}: {type(exc).__name__}: {_first_line(str(exc))}")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+_OFFLINE_HINT = (
+    "not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); "
+    "run once online or unset HF_HUB_OFFLINE"
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _url_filename(err: HfHubHTTPError) -> str:
+    url = str(err.response.url)
+    path = url.split("/resolve/", 1)[-1].split("?", 1)[0]
+    return unquote(path.split("/", 1)[-1]) if "/resolve/" in url else url
+
+
+def _snapshot_dir(repo_id: str, sha: str) -> Path:
+    """Where the HF cache keeps this commit's files (huggingface_hub's documented layout)."""
+    return (
+        Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+    )
+
+
+def _require_cached(model: HubModel, filenames: list[str]) -> None:
+    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    missing = [name for name in filenames if not (snapshot / name).is_file()]
+    if missing:
+        raise InputError(f"{model.label}: {', '.join(missing)}: {_OFFLINE_HINT}")
+
+
+def _download(model: HubModel, filename: str, local_dir: Path | None = None) -> str:
+    return hf_hub_download(model.repo_id, filename, revision=model.sha, local_dir=local_dir)
+
+
+def _list_remote_files(model: HubModel) -> dict[str, int]:
+    tree = HfApi().list_repo_tree(model.repo_id, revision=model.sha, recursive=True)
+    return {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+
+
+def _list_cached_files(model: HubModel) -> dict[str, int]:
+    """Offline file list: the cached snapshot's files (sizes of the blobs they point to)."""
+    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    return {
+        path.relative_to(snapshot).as_posix(): path.stat().st_size
+        for path in sorted(snapshot.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _read_json(model: HubModel, filename: str) -> dict:
+    path = _download(model, filename)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{model.label}: {filename} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{model.label}: {filename} is not a JSON object")
+    return data
+
+
+def _read_remote_header(model: HubModel, filename: str, size: int) -> dict:
+    url = hf_hub_url(model.repo_id, filename, revision=model.sha)
+    (length,) = struct.unpack("<Q", _read_range(url, 0, 8))
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{model.label}: {filename}: not a safetensors file (bad header)")
+    return _parse_header(model, filename, _read_range(url, 8, length))
+
+
+def _read_range(url: str, start: int, length: int) -> bytes:
+    """GET bytes [start, start+length) of a Hub file; refuse to read a whole body instead."""
+    headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + length - 1}"}
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+        if response.status_code >= 400:
+            response.read()  # the error message lives in the body
+            hf_raise_for_status(response)
+        if response.status_code != 206:  # a server ignoring Range would send the whole shard
+            raise ShardmergeError(f"the Hub ignored a Range request for {url}; retry later")
+        data = response.read()
+    if len(data) != length:
+        raise ShardmergeError(f"short read of {url} ({len(data)} of {length} bytes); retry")
+    return data
+
+
+def _read_cached_header(model: HubModel, filename: str) -> dict:
+    path = _snapshot_dir(model.repo_id, model.sha) / filename
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise CheckpointError(f"{model.label}: {filename}: not a safetensors file (bad header)")
+        return _parse_header(model, filename, f.read(length))
+
+
+def _parse_header(model: HubModel, filename: str, raw: bytes) -> dict:
+    try:
+        header: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{model.label}: {filename}: safetensors header is not JSON") from exc
+    bad = [
+        name
+        for name, info in (header.items() if isinstance(header, dict) else [("", None)])
+        if name != "__metadata__"
+        and not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys())
+    ]
+    if bad:
+        raise CheckpointError(f"{model.label}: {filename}: malformed header entries: {bad[:5]}")
+    return dict(header)

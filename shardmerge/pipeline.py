@@ -1,0 +1,353 @@
+"""recipe -> plan -> read/merge/write -> card -> publish, as two library calls.
+
+``prepare`` reads headers only (used by ``validate``, ``plan`` and as the first step of ``run``);
+``run_merge`` executes, writes the folder atomically, and pushes if asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardmerge.errors import InputError, OutputError, ShardmergeError
+from shardmerge.inventory import TORCH_NAMES
+from shardmerge.output import (
+    INDEX_NAME,
+    check_output_location,
+    copy_files,
+    finalize,
+    is_tokenizer_file,
+    partial_dir,
+    prepare_partial,
+    write_config,
+    write_json,
+)
+from shardmerge.plan import MergePlan, estimate_peak_bytes, plan_merge
+from shardmerge.recipe import Recipe
+from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
+
+PROGRESS_NAME = ".shardmerge-progress.json"
+
+
+@dataclass(frozen=True)
+class PreparedMerge:
+    recipe: Recipe
+    model_a: ResolvedModel
+    model_b: ResolvedModel
+    plan: MergePlan
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what the run will produce: recipe, pinned inputs and output layout."""
+        digest = hashlib.sha256()
+        digest.update(self.recipe.text.encode())
+        digest.update(self.model_a.pin.encode() + b"\0" + self.model_b.pin.encode())
+        for shard in self.plan.shards:
+            digest.update(shard.filename.encode() + shard.header)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output_dir: Path
+    plan: MergePlan
+    skipped_shards: int
+    bytes_read: int
+
+
+def prepare(recipe: Recipe, *, shard_size_bytes: int | None = None) -> PreparedMerge:
+    """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
+    model_a = resolve_model(recipe.model_a, "a")
+    model_b = resolve_model(recipe.model_b, "b")
+    plan = plan_merge(
+        recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
+    )
+    return PreparedMerge(recipe, model_a, model_b, plan)
+
+
+def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
+    """Human-readable plan: models, t table, shard layout, totals, memory estimate."""
+    plan = prepared.plan
+    lines = [
+        f"model A (t=0): {prepared.model_a.label}  [{prepared.model_a.pin}]",
+        f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
+        "",
+        plan.t_table.rstrip(),
+        "",
+        f"output: {len(plan.shards)} shard(s), {plan.total_size:,} bytes of tensors, "
+        f"{len(plan.tasks)} tensors",
+    ]
+    for shard in plan.shards:
+        lines.append(f"  {shard.filename}  {shard.file_bytes:,} bytes  {len(shard.tasks)} tensors")
+    lines.append(f"input bytes read: {plan.input_bytes:,}")
+    lines.append(f"estimated peak memory: {estimate_peak_bytes() / 1e6:,.0f} MB (any model size)")
+    if num_processes > 1:
+        from shardmerge.distributed import split_shards
+
+        lines.append(f"split across {num_processes} processes (balanced by bytes):")
+        for rank, shard_ids in enumerate(split_shards(plan, num_processes)):
+            size = sum(plan.shards[i].file_bytes for i in shard_ids)
+            names = ", ".join(plan.shards[i].filename for i in shard_ids) or "(none)"
+            lines.append(f"  rank {rank}: {size:,} bytes: {names}")
+    for warning in plan.warnings:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {requested!r} was asked for but CUDA is not available")
+    return requested
+
+
+def run_merge(
+    prepared: PreparedMerge,
+    *,
+    out: Path,
+    overwrite: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+    resume: bool = False,
+    stream: bool = False,
+) -> RunResult:
+    """Execute a prepared merge into ``out``, atomically: the folder appears only when complete."""
+    out = out.expanduser().absolute()
+    prepare_output(prepared, out, overwrite=overwrite, resume=resume)
+    merged = merge_shards(prepared, out, device=device, quiet=quiet, resume=resume, stream=stream)
+    finish_output(prepared, out)
+    return RunResult(out, prepared.plan, merged.skipped_shards, merged.bytes_read)
+
+
+def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Check the output location and create (or, to resume, keep) the hidden working folder."""
+    inputs = [m.local_dir for m in (prepared.model_a, prepared.model_b) if m.local_dir]
+    needed = sum(s.file_bytes for s in prepared.plan.shards)
+    check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
+    return prepare_partial(out, keep=resume)
+
+
+@dataclass(frozen=True)
+class MergedShards:
+    skipped_shards: int
+    bytes_read: int
+    bytes_read: int
+
+
+def merge_shards(
+    prepared: PreparedMerge,
+    out: Path,
+    *,
+    device: str,
+    quiet: bool,
+    resume: bool,
+    stream: bool,
+    only_shards: frozenset[int] | None = None,
+    rank: int = 0,
+) -> MergedShards:
+    """Write the plan's shards (or ``only_shards``) into the working folder, recording each
+    finished shard with its sha256 so ``--resume`` can skip it."""
+    import torch
+
+    from shardmerge.engine import execute_plan
+
+    plan = prepared.plan
+    work = partial_dir(out)
+    dev = resolve_device(device)
+    if dev == "cpu" and only_shards is None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    done = _resumable_shards(work, prepared) if resume else {}
+    wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
+    skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)
+    record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
+    record: dict[str, Any] = {"fingerprint": prepared.fingerprint, "shards": {}}
+    record["shards"].update({k: v for k, v in done.items()})
+    write_json(record_path, record)
+
+    def shard_done(_: int, result: Any) -> None:
+        record["shards"][result.filename] = {"sha256": result.sha256, "size": result.size}
+        write_json(record_path, record)
+
+    needed = _input_files(plan, skip)
+    with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
+        source_a = open_source(
+            prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
+        )
+        source_b = open_source(
+            prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1]
+        )
+        todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
+        bar = _progress_bar(todo, quiet)
+        try:
+            result = execute_plan(
+                plan,
+                source_a,
+                source_b,
+                work,
+                device=dev,
+                skip_shards=skip,
+                on_progress=bar.update if bar else None,
+                on_shard_done=shard_done,
+            )
+        except OSError as exc:
+            raise ShardmergeError(
+                f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
+                "rerun the same command with --resume"
+            ) from None
+        finally:
+            if bar:
+                bar.close()
+    skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
+    return MergedShards(skipped, result.bytes_read)
+
+
+def finish_output(prepared: PreparedMerge, out: Path) -> RunResult:
+    """Metadata files and the index into the working folder, then move it into place."""
+    work = partial_dir(out)
+    _write_metadata(
+        prepared, work, small_files_folder(prepared.model_a), small_files_folder(prepared.model_b)
+    )
+    for record in work.glob(PROGRESS_NAME + "*"):
+        record.unlink()
+    finalize(work, out)
+    return RunResult(out, prepared.plan, 0, 0)
+
+
+def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list[str]]:
+    tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
+    return (
+        list(dict.fromkeys(t.a.file for t in tasks)),
+        list(dict.fromkeys(t.b.file for t in tasks)),
+    )
+
+
+def push_output(
+    out: Path, repo_id: str, *, private: bool, prepared: PreparedMerge, dry_run: bool = False
+) -> str:
+    """Verify the finished folder, then upload it in one commit."""
+    from shardmerge import hub
+    from shardmerge.verify import verify_output
+
+    report = verify_output(out)
+    if not report.ok:
+        raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
+    a, b = prepared.model_a, prepared.model_b
+    message = f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
+    result = hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
+    return result.url
+
+
+def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_b: Path) -> None:
+    """config, tokenizer and other small files, the card, and the index last."""
+    from shardmerge.card import CardModel, render_card
+
+    plan = prepared.plan
+    a, b = prepared.model_a, prepared.model_b
+    tok_from_b = prepared.recipe.tokenizer_source == "b"
+    copy_files(
+        folder_a,
+        [
+            f
+            for f in a.small_files
+            if f != "config.json" and not (tok_from_b and is_tokenizer_file(f))
+        ],
+        work,
+    )
+    if tok_from_b:
+        copy_files(folder_b, [f for f in b.small_files if is_tokenizer_file(f)], work)
+    out_dtype = _dominant_out_dtype(plan)
+    config = dict(a.inventory.config) if a.inventory.config is not None else None
+    write_config(work, config, out_dtype)
+    card = render_card(
+        (
+            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end"),
+            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end"),
+        ),
+        prepared.recipe.text,
+        plan.t_table,
+        out_dtype=out_dtype or "as stored",
+        total_bytes=plan.total_size,
+        num_shards=len(plan.shards),
+    )
+    (work / "README.md").write_text(card)
+    (work / INDEX_NAME).write_text(plan.index_json())
+
+
+def _dominant_out_dtype(plan: MergePlan) -> str | None:
+    sizes: dict[str, int] = {}
+    for task in plan.tasks:
+        if task.is_float:
+            sizes[task.out_dtype] = sizes.get(task.out_dtype, 0) + task.out_nbytes
+    if not sizes:
+        return None
+    return TORCH_NAMES[max(sizes, key=lambda k: sizes[k])]
+
+
+def _disk_needed(plan: MergePlan) -> int:
+    return sum(s.file_bytes for s in plan.shards)
+
+
+def _resumable_shards(work: Path, prepared: PreparedMerge) -> dict[str, dict[str, Any]]:
+    """Shards of an interrupted run that are complete and unchanged (checked by sha256)."""
+    recorded: dict[str, Any] = {}
+    for path in sorted(work.glob(PROGRESS_NAME + "*")):
+        try:
+            record = json.loads(path.read_text())
+            shards, fingerprint = record["shards"], record["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record cut short by the crash: its shards are redone
+        if fingerprint != prepared.fingerprint:
+            raise OutputError(
+                f"cannot resume into {work}: the recipe or the inputs changed since the "
+                "interrupted run; run again without --resume to start over"
+            )
+        if isinstance(shards, dict):
+            recorded.update(shards)
+    valid = {}
+    for shard in prepared.plan.shards:
+        entry = recorded.get(shard.filename)
+        file = work / shard.filename
+        if (
+            isinstance(entry, dict)
+            and file.is_file()
+            and file.stat().st_size == entry.get("size")
+            and _sha256(file) == entry.get("sha256")
+        ):
+            valid[shard.filename] = entry
+    return valid
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Bar:
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc="merging", file=sys.stderr, leave=True
+        )
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(total: int, quiet: bool) -> _Bar | None:
+    return None if quiet else _Bar(total)

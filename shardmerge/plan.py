@@ -1,0 +1,303 @@
+"""Plan a merge from two header inventories: compatibility, t per tensor, output shard layout.
+
+Pure: no files, no torch. The engine executes a :class:`MergePlan` and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shardmerge.errors import CheckpointError
+from shardmerge.inventory import (
+    CODES_BY_TORCH_NAME,
+    DTYPE_SIZES,
+    ModelInventory,
+    TensorInfo,
+)
+from shardmerge.recipe import Recipe
+from shardmerge.schedule import LayerPos, ScheduleError, layer_positions, resolve_t, t_table
+
+INDEX_NAME = "model.safetensors.index.json"
+LM_HEAD = "lm_head.weight"
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+# Engine working set: elements per float32 chunk, and chunks in flight (read ahead / compute /
+# write behind). Kept here so `plan` can estimate memory without importing torch.
+CHUNK_NUMEL = 1 << 22
+CHUNKS_IN_FLIGHT = 3
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: its two sources, its t, and where it goes in the output shard."""
+
+    name: str
+    t: float
+    a: TensorInfo
+    b: TensorInfo
+    out_dtype: str
+    shape: tuple[int, ...]
+    out_begin: int
+    layer: LayerPos | None
+    input_dtype: str | None = None  # mergekit `dtype`: inputs are cast to it before the math
+
+    @property
+    def out_nbytes(self) -> int:
+        n = DTYPE_SIZES[self.out_dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.a.is_float
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """One output file; ``header`` is the complete prefix (length + JSON), fixed up front."""
+
+    filename: str
+    tasks: tuple[TensorTask, ...]
+    header: bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tasks)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    shards: tuple[OutputShard, ...]
+    tied_embeddings: bool
+    warnings: tuple[str, ...]
+    t_table: str
+
+    @property
+    def tasks(self) -> tuple[TensorTask, ...]:
+        return tuple(task for shard in self.shards for task in shard.tasks)
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes, as ``total_size`` in the index."""
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.a.nbytes + t.b.nbytes for t in self.tasks)
+
+    def index_json(self) -> str:
+        weight_map = {t.name: s.filename for s in self.shards for t in s.tasks}
+        body = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        return json.dumps(body, indent=2) + "\n"
+
+
+def estimate_peak_bytes() -> int:
+    """Working set of the engine: per chunk in flight two raw inputs (<= 8 B/elem), two float32
+    copies and one raw output; plus ~300 MB for the Python/torch runtime."""
+    per_chunk = CHUNK_NUMEL * (8 + 8 + 4 + 4 + 8)
+    return CHUNKS_IN_FLIGHT * per_chunk + 300_000_000
+
+
+def plan_merge(
+    recipe: Recipe,
+    model_a: ModelInventory,
+    model_b: ModelInventory,
+    *,
+    shard_size_bytes: int | None = None,
+) -> MergePlan:
+    """Check the two models against each other and the recipe; lay out the output.
+
+    Raises:
+        CheckpointError: listing every mismatch and every tensor without a t, all at once.
+    """
+    warnings: list[str] = []
+    tied = _ties_embeddings(model_a)
+    sources_a = _sources(model_a, tied, warnings)
+    sources_b = _sources(model_b, tied, warnings)
+
+    problems = _compare(model_a.label, sources_a, model_b.label, sources_b)
+    positions = layer_positions(sources_a)
+    problems += _check_layer_range(recipe, positions)
+
+    tasks: list[TensorTask] = []
+    for name, a in sources_a.items():
+        b = sources_b.get(name)
+        if b is None:
+            continue
+        pos = positions.get(name)
+        try:
+            t = resolve_t(recipe.schedule, name, pos)
+        except ScheduleError as exc:
+            problems.append(str(exc))
+            continue
+        tasks.append(
+            TensorTask(
+                name=name,
+                t=t,
+                a=a,
+                b=b,
+                out_dtype=_output_dtype(recipe, a),
+                shape=a.shape,
+                out_begin=0,
+                layer=pos,
+                input_dtype=_input_dtype(recipe, a),
+            )
+        )
+    if problems:
+        raise CheckpointError(_cap(problems))
+    limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
+    return MergePlan(
+        shards=layout_shards(tasks, limit),
+        tied_embeddings=tied,
+        warnings=tuple(warnings),
+        t_table=t_table(recipe.schedule, [t.name for t in tasks]),
+    )
+
+
+def layout_shards(tasks: list[TensorTask], shard_size_bytes: int) -> tuple[OutputShard, ...]:
+    """Split tasks, in order, into shards of at most ``shard_size_bytes`` tensor bytes; a tensor
+    larger than the limit gets a shard of its own."""
+    groups: list[list[TensorTask]] = []
+    size = 0
+    for task in tasks:
+        if not groups or (size + task.out_nbytes > shard_size_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(task)
+        size += task.out_nbytes
+    count = len(groups)
+    shards = []
+    for i, group in enumerate(groups, start=1):
+        placed, header = _place(group)
+        shards.append(OutputShard(f"model-{i:05d}-of-{count:05d}.safetensors", placed, header))
+    return tuple(shards)
+
+
+def _place(group: list[TensorTask]) -> tuple[tuple[TensorTask, ...], bytes]:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    placed = []
+    offset = 0
+    for task in group:
+        end = offset + task.out_nbytes
+        entries[task.name] = {
+            "dtype": task.out_dtype,
+            "shape": list(task.shape),
+            "data_offsets": [offset, end],
+        }
+        placed.append(_replace_begin(task, offset))
+        offset = end
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
+    return tuple(placed), struct.pack("<Q", len(raw)) + raw
+
+
+def _replace_begin(task: TensorTask, begin: int) -> TensorTask:
+    from dataclasses import replace
+
+    return replace(task, out_begin=begin)
+
+
+def _ties_embeddings(model: ModelInventory) -> bool:
+    config = model.config or {}
+    value = config.get("tie_word_embeddings")
+    if isinstance(value, bool):
+        return value
+    # No explicit setting: a checkpoint without lm_head ties it to the embeddings.
+    return LM_HEAD not in model.tensors and _embed_name(model.tensors) is not None
+
+
+def _embed_name(tensors: Mapping[str, TensorInfo]) -> str | None:
+    for name in tensors:
+        if name.endswith(_EMBED_SUFFIXES):
+            return name
+    return None
+
+
+def _sources(model: ModelInventory, tied: bool, warnings: list[str]) -> dict[str, TensorInfo]:
+    """The tensors the output is made from, following the first model's tie_word_embeddings."""
+    sources = dict(model.tensors)
+    embed = _embed_name(sources)
+    if tied and LM_HEAD in sources:
+        del sources[LM_HEAD]
+        warnings.append(
+            f"{model.label} has a separate {LM_HEAD} but the first model ties it to the "
+            "embeddings: following the first model, it is left out"
+        )
+    elif not tied and LM_HEAD not in sources and embed is not None:
+        sources[LM_HEAD] = sources[embed]
+        warnings.append(f"{model.label} ties {LM_HEAD} to {embed}: using {embed} as its {LM_HEAD}")
+    return sources
+
+
+def _compare(
+    label_a: str, a: Mapping[str, TensorInfo], label_b: str, b: Mapping[str, TensorInfo]
+) -> list[str]:
+    problems = [f"tensor {n!r} is in {label_a} but not in {label_b}" for n in a if n not in b]
+    problems += [f"tensor {n!r} is in {label_b} but not in {label_a}" for n in b if n not in a]
+    for name, ta in a.items():
+        tb = b.get(name)
+        if tb is None:
+            continue
+        if ta.shape != tb.shape:
+            hint = ""
+            if name == LM_HEAD or name.endswith(_EMBED_SUFFIXES):
+                hint = (
+                    " (the vocabularies differ; shardmerge does not silently truncate: merge "
+                    "models that share a tokenizer)"
+                )
+            problems.append(
+                f"tensor {name!r}: shape {list(ta.shape)} in {label_a} vs {list(tb.shape)} "
+                f"in {label_b}{hint}"
+            )
+        elif ta.is_float != tb.is_float:
+            problems.append(
+                f"tensor {name!r}: {ta.dtype} in {label_a} vs {tb.dtype} in {label_b} "
+                "(cannot merge a float tensor with an integer one)"
+            )
+    return problems
+
+
+def _check_layer_range(recipe: Recipe, positions: Mapping[str, LayerPos]) -> list[str]:
+    if recipe.layer_range is None:
+        return []
+    stacks: dict[str, int] = {}
+    for pos in positions.values():
+        stacks[pos.stack] = pos.num_layers
+    if not stacks:
+        return ["slices[0]: layer_range is given but the model has no layer stack"]
+    stack, num_layers = max(stacks.items(), key=lambda item: item[1])
+    start, end = recipe.layer_range
+    if (start, end) != (0, num_layers):
+        return [
+            f"slices[0].sources: layer_range [{start}, {end}] does not cover all {num_layers} "
+            f"layers of {stack!r} ([0, {num_layers}]); partial or re-ordered layer ranges "
+            "(frankenmerges) are not supported"
+        ]
+    return []
+
+
+def _output_dtype(recipe: Recipe, a: TensorInfo) -> str:
+    if not a.is_float:
+        return a.dtype
+    name = recipe.out_dtype or recipe.input_dtype
+    return CODES_BY_TORCH_NAME[name] if name else a.dtype
+
+
+def _input_dtype(recipe: Recipe, a: TensorInfo) -> str | None:
+    if not a.is_float or recipe.input_dtype is None:
+        return None
+    return CODES_BY_TORCH_NAME[recipe.input_dtype]
+
+
+def _cap(problems: list[str]) -> list[str]:
+    if len(problems) <= _MAX_LISTED:
+        return problems
+    return problems[:_MAX_LISTED] + [f"... and {len(problems) - _MAX_LISTED} more problems"]

@@ -1,0 +1,1173 @@
+"""Recipe loading and validation: YAML text in, a frozen :class:`Recipe` out.
+
+Two formats are read; a ``merge_method`` key means mergekit's, anything else is ours.
+
+**shardmerge's own format** (every key but ``models`` and ``t`` is optional)::
+
+    models:
+      a: meta-llama/Llama-3.2-1B@main    # the t = 0 end: "ref" or "ref@revision"
+      b: {path: ./my-finetune}           # the t = 1 end: or {path: ..., revision: ...}
+    t:
+      default: 0.5             # a number, or {gradient: [...]}; for tensors no rule matches
+      non_layer: 0.5           # embeddings, final norm, lm_head (they have no layer position)
+      rules:                   # tried in order, first match wins
+        - match: self_attn                 # a substring of the tensor name (or regex: ...)
+          gradient: [0, 0.5, 0.3, 0.7, 1]  # anchors spread evenly from first to last layer
+        - regex: 'mlp\\.(gate|up)_proj'     # re.search on the tensor name
+          value: 0.3
+        - match: mlp
+          layers: {0: 0.1, 1: 0.2, "2-5": 0.9}  # "a-b" is inclusive; other layers fall through
+    output:
+      dir: ./merged
+      dtype: bfloat16          # default: the first model's dtype
+      shard_size: 5GB          # 5GB = 5e9 bytes, 2GiB = 2 * 1024**3 bytes, or a plain int
+    device: auto               # auto | cpu | cuda | cuda:N
+    tokenizer_from: a          # a | b
+    hub:
+      push_to: me/merged
+      private: true            # default true: a merge of private weights must not leak
+      stream: false            # download input shards just in time
+
+With this recipe ``model.layers.8.self_attn.q_proj.weight`` of a 32-layer model gets
+t = 0.4935 (8/31 of the way along the gradient), ``model.layers.3.mlp.down_proj.weight`` gets
+0.9, ``model.layers.9.mlp.down_proj.weight`` falls through to the default 0.5, and
+``lm_head.weight`` gets non_layer = 0.5. ``t: 0.5`` alone means 0.5 everywhere.
+``non_layer`` is required whenever the default is a gradient or missing, or a rule uses
+``gradient`` or ``layers``: mergekit silently gives such tensors a gradient's first anchor.
+A ``{path: ...}`` model is taken as written (no ``@`` split), for local paths containing ``@``.
+
+**mergekit configs** with ``merge_method: slerp`` are read unchanged: ``base_model`` is the
+t = 0 end; ``models:`` or exactly one ``slices:`` entry of two sources name the other model;
+``parameters.t`` (slice-level first) is a number, a gradient list or a list of
+``{filter, value}`` conditions; ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base`` or
+a model) are kept. Features shardmerge does not implement (other methods, several slices,
+``modules``, ``chat_template``, ``union`` tokenizers, LoRA ``model+lora`` references) are
+errors rather than silently ignored, and so is a ``t`` under one model's parameters, which
+mergekit ignores.
+
+Every problem is collected with its location (``t.rules[1].gradient[2]: ...``) and raised as
+one :class:`~shardmerge.errors.RecipeError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import yaml
+
+from shardmerge.errors import RecipeError
+from shardmerge.schedule import Gradient, LayerMap, Rule, Schedule, TValue
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE_BYTES",
+    "ModelRef",
+    "Recipe",
+    "load_recipe",
+    "normalize_dtype",
+    "parse_recipe",
+    "parse_size",
+]
+
+DEFAULT_SHARD_SIZE_BYTES = 5_000_000_000
+# A guard against typos such as "0-1000000000" expanding into a huge layer map.
+_MAX_LAYER_INDEX = 100_000
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A Hub id ("org/name") or local path, as written, and its revision."""
+
+    ref: str
+    revision: str | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe; see the module docstring for both formats."""
+
+    model_a: ModelRef  # t = 0 end (mergekit: base_model)
+    model_b: ModelRef  # t = 1 end
+    schedule: Schedule
+    input_dtype: str | None  # mergekit `dtype`: inputs are cast to it before merging
+    out_dtype: str | None  # None => input_dtype, else the first model's stored dtype
+    output_dir: str | None
+    shard_size_bytes: int
+    device: str  # "auto" | "cpu" | "cuda" | "cuda:N"
+    tokenizer_source: Literal["a", "b"]
+    layer_range: tuple[int, int] | None  # mergekit slice layer_range, half-open
+    push_to_hub: str | None
+    private: bool
+    stream: bool
+    format: Literal["mergekit", "shardmerge"]
+    text: str
+    source: str
+    warnings: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- public helpers
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate the recipe file at ``path``.
+
+    Raises:
+        RecipeError: the file cannot be read, or lists every problem in it.
+    """
+    source = os.fspath(path)
+    try:
+        # utf-8-sig: editors on Windows may prepend a byte-order mark.
+        with open(source, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise RecipeError(["recipe file not found"], source) from None
+    except IsADirectoryError:
+        raise RecipeError(["is a directory, not a recipe file"], source) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], source) from None
+    except OSError as exc:
+        raise RecipeError([f"cannot read the recipe: {exc.strerror or exc}"], source) from None
+    return parse_recipe(text, source)
+
+
+def parse_recipe(text: str, source: str = "<string>") -> Recipe:
+    """Validate recipe ``text``; ``source`` names it in messages.
+
+    Raises:
+        RecipeError: listing every problem found, each with its location.
+    """
+    data, problems = _load_yaml(text, source)
+    if data is None:
+        raise RecipeError(["the recipe is empty; it needs at least models and t"], source)
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [f"the top level must be a mapping (models:, t:, ...), got {_describe(data)}"],
+            source,
+        )
+    check = _Check(problems)
+    if "merge_method" in data:
+        recipe = _parse_mergekit(data, check, text, source)
+    else:
+        recipe = _parse_shardmerge(data, check, text, source)
+    if check.problems:
+        raise RecipeError(check.problems, source)
+    return recipe
+
+
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: str | int) -> int:
+    """A size in bytes: an int, or a string such as "5GB" (10**9) or "2GiB" (2**30).
+
+    Raises:
+        ValueError: not a size, not a whole number of bytes, or not positive.
+    """
+    if isinstance(value, bool):  # bool is an int subclass; True is not a size
+        raise ValueError(f"expected a size such as 5GB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip().lower())
+        if match is None or match.group(2) not in _SIZE_UNITS:
+            raise ValueError(
+                f"{value!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes"
+                " (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )
+        try:
+            # Decimal so that "1.1GB" is exactly 1_100_000_000 bytes.
+            exact = Decimal(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a size") from None
+        if exact != exact.to_integral_value():
+            raise ValueError(f"{value!r} is not a whole number of bytes")
+        size = int(exact)
+    else:
+        raise ValueError(f"expected a size such as 5GB, got {value!r}")
+    if size <= 0:
+        raise ValueError(f"the size must be positive, got {value!r}")
+    return size
+
+
+_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+
+def normalize_dtype(name: str) -> str:
+    """The canonical name ("bfloat16", "float16" or "float32") of a dtype spelling.
+
+    Raises:
+        ValueError: not one of those three.
+    """
+    key = name.strip().lower().removeprefix("torch.") if isinstance(name, str) else ""
+    if key not in _DTYPES:
+        raise ValueError(
+            f"unknown dtype {name!r}; expected bfloat16 (bf16), float16 (fp16, half) "
+            "or float32 (fp32, float)"
+        )
+    return _DTYPES[key]
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate keys (plain YAML keeps the last one silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                self.duplicates.append(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key_node.value!r} "
+                    "(YAML would silently keep only the last one)"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 1e-3 and 5e9 as strings (it wants a dot and a signed exponent); read them
+# as numbers, as YAML 1.2 and every other tool does.
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str, source: str) -> tuple[Any, list[str]]:
+    """The parsed document and the duplicate-key problems; raises RecipeError on bad YAML."""
+    loader = _RecipeLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "invalid YAML"
+        raise RecipeError([f"YAML syntax error{where}: {what}"], source) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"YAML syntax error: {exc}"], source) from None
+    finally:
+        loader.dispose()
+    return data, loader.duplicates
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _describe(value: Any) -> str:
+    """A YAML-flavoured description of a value's type, for messages."""
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _at(path: str, key: object) -> str:
+    """The location of ``key`` inside ``path``: "t.rules" + 1 -> "t.rules[1]"."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Check:
+    """Collects problems as "location: message" and offers the common checks."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        self.warnings: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def mapping(self, value: Any, path: str, what: str = "a mapping") -> dict[Any, Any] | None:
+        if isinstance(value, dict):
+            return value
+        self.add(path, f"expected {what}, got {_describe(value)}")
+        return None
+
+    def keys(
+        self,
+        mapping: Mapping[Any, Any],
+        path: str,
+        allowed: Sequence[str],
+        unsupported: Mapping[str, str] | None = None,
+        hint: Mapping[str, str] | None = None,
+    ) -> None:
+        """Every key not in ``allowed`` is a problem: a reason, a hint or a did-you-mean."""
+        for key in mapping:
+            name = str(key)
+            if name in allowed:
+                continue
+            if unsupported and name in unsupported:
+                self.add(_at(path, name), unsupported[name])
+                continue
+            close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+            if close:
+                message = f"unknown key; did you mean {close[0]!r}?"
+            else:
+                message = "unknown key; expected one of " + ", ".join(allowed)
+            if hint and name in hint:
+                message += f" ({hint[name]})"
+            self.add(_at(path, name), message)
+
+    def string(self, value: Any, path: str, what: str = "a string") -> str | None:
+        if isinstance(value, str) and value.strip():
+            return value
+        got = "an empty string" if isinstance(value, str) else _describe(value)
+        self.add(path, f"expected {what}, got {got}")
+        return None
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        self.add(path, f"expected true or false, got {_describe(value)}")
+        return None
+
+    def t(self, value: Any, path: str) -> float | None:
+        """A t value: a finite number in [0, 1] (bools are not numbers here)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.add(path, f"expected a number between 0 and 1, got {_describe(value)}")
+            return None
+        if not math.isfinite(value):
+            self.add(path, f"t must be a finite number between 0 and 1, got {value}")
+            return None
+        if not 0 <= value <= 1:
+            self.add(path, f"{value} is outside [0, 1]")
+            return None
+        return float(value)
+
+    def gradient(self, value: Any, path: str) -> Gradient | None:
+        """A list of at least one t anchor."""
+        if not isinstance(value, list):
+            self.add(path, f"expected a list of numbers (gradient anchors), got {_describe(value)}")
+            return None
+        if not value:
+            self.add(path, "a gradient needs at least one anchor")
+            return None
+        anchors = [self.t(v, _at(path, i)) for i, v in enumerate(value)]
+        if any(a is None for a in anchors):
+            return None
+        return Gradient(tuple(a for a in anchors if a is not None))
+
+    def dtype(self, value: Any, path: str) -> str | None:
+        if not isinstance(value, str):
+            self.add(path, f"expected a dtype name such as bfloat16, got {_describe(value)}")
+            return None
+        try:
+            return normalize_dtype(value)
+        except ValueError as exc:
+            self.add(path, str(exc))
+            return None
+
+
+_PLACEHOLDER = ModelRef("", None)  # stands in for a model that failed validation
+
+
+def _split_revision(text: str, path: str, check: _Check) -> ModelRef | None:
+    """Split "org/name@rev" into ModelRef("org/name", "rev").
+
+    The last "@" splits: Hub revisions (e.g. refs/pr/1) never contain one.
+    """
+    ref, at, revision = text.rpartition("@")
+    if not at:
+        return ModelRef(text, None)
+    if not ref.strip() or not revision.strip():
+        check.add(path, f"{text!r} should be 'ref@revision' with both parts non-empty")
+        return None
+    return ModelRef(ref, revision)
+
+
+# --------------------------------------------------------------------------- our format
+
+_TOP_KEYS = ("models", "t", "output", "device", "tokenizer_from", "hub")
+_MERGEKIT_ONLY = (
+    "base_model",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "modules",
+)
+_MERGEKIT_HINT = {
+    key: "a mergekit key: mergekit configs need `merge_method: slerp`" for key in _MERGEKIT_ONLY
+}
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: str) -> Recipe:
+    check.keys(data, "", _TOP_KEYS, hint=_MERGEKIT_HINT)
+    model_a, model_b = _our_models(data, check)
+    schedule = _our_schedule(data, check)
+
+    output_dir: str | None = None
+    out_dtype: str | None = None
+    shard_size = DEFAULT_SHARD_SIZE_BYTES
+    output = check.mapping(data["output"], "output") if "output" in data else None
+    if output is not None:
+        check.keys(output, "output", ("dir", "dtype", "shard_size"))
+        if "dir" in output:
+            output_dir = check.string(output["dir"], "output.dir", "a folder path")
+        if "dtype" in output:
+            out_dtype = check.dtype(output["dtype"], "output.dtype")
+        if "shard_size" in output:
+            shard_size = _shard_size(output["shard_size"], "output.shard_size", check)
+
+    device = "auto"
+    if "device" in data:
+        value = data["device"]
+        if isinstance(value, str) and _DEVICE_RE.fullmatch(value):
+            device = value
+        else:
+            check.add("device", f"expected auto, cpu, cuda or cuda:N, got {_describe(value)}")
+
+    tokenizer: Literal["a", "b"] = "a"
+    if "tokenizer_from" in data:
+        value = data["tokenizer_from"]
+        if value in ("a", "b"):
+            tokenizer = "b" if value == "b" else "a"
+        else:
+            check.add("tokenizer_from", f"expected a or b, got {_describe(value)}")
+
+    push_to: str | None = None
+    private = True
+    stream = False
+    hub = check.mapping(data["hub"], "hub") if "hub" in data else None
+    if hub is not None:
+        check.keys(hub, "hub", ("push_to", "private", "stream"))
+        if "push_to" in hub:
+            value = hub["push_to"]
+            if isinstance(value, str) and _REPO_ID_RE.fullmatch(value):
+                push_to = value
+            else:
+                check.add(
+                    "hub.push_to", f"expected a Hub repo id 'org/name', got {_describe(value)}"
+                )
+        if "private" in hub:
+            private = bool(check.boolean(hub["private"], "hub.private"))
+            if "push_to" not in hub:
+                check.warnings.append("hub.private has no effect without hub.push_to")
+        if "stream" in hub:
+            stream = bool(check.boolean(hub["stream"], "hub.stream"))
+
+    if model_a == model_b and model_a != _PLACEHOLDER:
+        shown = model_a.ref + (f"@{model_a.revision}" if model_a.revision else "")
+        check.warnings.append(
+            f"models.a and models.b are the same model ({shown}); the merge reproduces it"
+        )
+
+    return Recipe(
+        model_a=model_a,
+        model_b=model_b,
+        schedule=schedule,
+        input_dtype=None,
+        out_dtype=out_dtype,
+        output_dir=output_dir,
+        shard_size_bytes=shard_size,
+        device=device,
+        tokenizer_source=tokenizer,
+        layer_range=None,
+        push_to_hub=push_to,
+        private=private,
+        stream=stream,
+        format="shardmerge",
+        text=text,
+        source=source,
+        warnings=tuple(check.warnings),
+    )
+
+
+def _shard_size(value: Any, path: str, check: _Check) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # "shard_size: 5e9" reads as a float
+    if isinstance(value, (str, int)):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            check.add(path, str(exc))
+    else:
+        check.add(path, f"expected a size such as 5GB or a number of bytes, got {_describe(value)}")
+    return DEFAULT_SHARD_SIZE_BYTES
+
+
+def _our_models(data: dict[Any, Any], check: _Check) -> tuple[ModelRef, ModelRef]:
+    if "models" not in data:
+        check.add("models", "missing; give models.a (the t = 0 end) and models.b (the t = 1 end)")
+        return _PLACEHOLDER, _PLACEHOLDER
+    models = check.mapping(data["models"], "models", "a mapping with keys a and b")
+    if models is None:
+        return _PLACEHOLDER, _PLACEHOLDER
+    check.keys(models, "models", ("a", "b"))
+    refs = []
+    for key, end in (("a", "t = 0"), ("b", "t = 1")):
+        path = f"models.{key}"
+        if key not in models:
+            check.add(path, f"missing; the model at the {end} end")
+            refs.append(_PLACEHOLDER)
+        else:
+            refs.append(_our_model(models[key], path, check) or _PLACEHOLDER)
+    return refs[0], refs[1]
+
+
+def _our_model(value: Any, path: str, check: _Check) -> ModelRef | None:
+    """A model given as "ref", "ref@revision" or {path: ..., revision: ...}."""
+    if isinstance(value, dict):
+        check.keys(value, path, ("path", "revision"))
+        if "path" not in value:
+            check.add(_at(path, "path"), "missing; a Hub id (org/name) or a local folder")
+            return None
+        ref = check.string(value["path"], _at(path, "path"), "a Hub id or a local folder")
+        revision = None
+        if "revision" in value:
+            revision = check.string(
+                value["revision"],
+                _at(path, "revision"),
+                "a string (quote revisions that look like numbers)",
+            )
+            if revision is None:
+                return None
+        return ModelRef(ref, revision) if ref is not None else None
+    if isinstance(value, str) and value.strip():
+        return _split_revision(value, path, check)
+    check.add(
+        path,
+        "expected a Hub id or local path ('ref' or 'ref@revision') or {path: ..., revision: ...}, "
+        f"got {_describe(value)}",
+    )
+    return None
+
+
+def _our_schedule(data: dict[Any, Any], check: _Check) -> Schedule:
+    fallback = Schedule(rules=(), default=0.5, non_layer=0.5, style="shardmerge")
+    if "t" not in data:
+        check.add("t", "missing; e.g. `t: 0.5`, or a mapping with default, non_layer and rules")
+        return fallback
+    raw = data["t"]
+    if isinstance(raw, list):
+        check.add(
+            "t",
+            "a bare list is not a t here; for a gradient write "
+            "`t: {default: {gradient: [...]}, non_layer: ...}`",
+        )
+        return fallback
+    if not isinstance(raw, dict):
+        value = check.t(raw, "t")
+        return Schedule(rules=(), default=value, non_layer=value, style="shardmerge")
+
+    check.keys(raw, "t", ("default", "non_layer", "rules"))
+    default: TValue | None = None
+    if "default" in raw:
+        default = _our_value(raw["default"], "t.default", check)
+    non_layer = check.t(raw["non_layer"], "t.non_layer") if "non_layer" in raw else None
+
+    rules: list[Rule] = []
+    needs_non_layer: list[str] = []  # why tensors outside the stacks need an explicit t
+    if "rules" in raw:
+        items = raw["rules"]
+        if not isinstance(items, list):
+            check.add("t.rules", f"expected a list of rules, got {_describe(items)}")
+            items = []
+        for i, item in enumerate(items):
+            rule = _our_rule(item, f"t.rules[{i}]", check)
+            if rule is None:
+                continue
+            rules.append(rule)
+            if not isinstance(rule.value, float):
+                kind = "gradient" if isinstance(rule.value, Gradient) else "layers"
+                needs_non_layer.append(f"t.rules[{i}] uses {kind}")
+
+    if "default" not in raw and "rules" not in raw:
+        check.add("t", "give a default, rules, or both")
+    if "default" not in raw:
+        needs_non_layer.insert(0, "there is no default")
+    elif isinstance(default, Gradient):
+        needs_non_layer.insert(0, "the default is a gradient")
+    if "non_layer" not in raw:
+        if needs_non_layer:
+            check.add(
+                "t.non_layer",
+                f"missing; it is required because {needs_non_layer[0]}: tensors outside the "
+                "layer stacks (embeddings, final norm, lm_head) have no layer position, so give "
+                "them an explicit t (mergekit would silently use a gradient's first anchor)",
+            )
+        elif isinstance(default, float):
+            non_layer = default
+    return Schedule(rules=tuple(rules), default=default, non_layer=non_layer, style="shardmerge")
+
+
+def _our_value(value: Any, path: str, check: _Check) -> float | Gradient | None:
+    """A number or {gradient: [...]}."""
+    if isinstance(value, dict):
+        check.keys(value, path, ("gradient",))
+        if "gradient" not in value:
+            check.add(path, "expected a number or {gradient: [...]}")
+            return None
+        return check.gradient(value["gradient"], _at(path, "gradient"))
+    if isinstance(value, list):
+        check.add(path, "a bare list is not a t here; write {gradient: [...]}")
+        return None
+    return check.t(value, path)
+
+
+def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
+    rule = check.mapping(
+        item, path, "a rule mapping (match or regex, and value, gradient or layers)"
+    )
+    if rule is None:
+        return None
+    check.keys(rule, path, ("match", "regex", "value", "gradient", "layers"))
+
+    pattern: str | None = None
+    kind: Literal["substring", "regex"] = "substring"
+    patterns = [k for k in ("match", "regex") if k in rule]
+    if not patterns:
+        check.add(path, "give `match:` (a substring of the tensor name) or `regex:`")
+    elif len(patterns) == 2:
+        check.add(path, "give only one of match and regex")
+    elif patterns[0] == "match":
+        pattern = check.string(rule["match"], _at(path, "match"), "a substring of tensor names")
+    else:
+        kind = "regex"
+        pattern = check.string(rule["regex"], _at(path, "regex"), "a regular expression")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                check.add(_at(path, "regex"), f"invalid regular expression: {exc}")
+                pattern = None
+
+    value: TValue | None = None
+    values = [k for k in ("value", "gradient", "layers") if k in rule]
+    if not values:
+        check.add(path, "give one of value (a number), gradient (a list) or layers (a mapping)")
+    elif len(values) > 1:
+        check.add(path, f"give only one of value, gradient and layers (got {' and '.join(values)})")
+    elif values[0] == "value":
+        value = check.t(rule["value"], _at(path, "value"))
+    elif values[0] == "gradient":
+        value = check.gradient(rule["gradient"], _at(path, "gradient"))
+    else:
+        value = _layer_map(rule["layers"], _at(path, "layers"), check)
+
+    if pattern is None or value is None:
+        return None
+    label = pattern if kind == "substring" else f"re:{pattern}"
+    return Rule(pattern=pattern, kind=kind, value=value, label=label)
+
+
+_RANGE_RE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
+
+
+def _layer_map(value: Any, path: str, check: _Check) -> LayerMap | None:
+    """{index: t, "a-b": t} (inclusive ranges) -> LayerMap; overlapping keys are errors."""
+    mapping = check.mapping(value, path, "a mapping of layer indices or 'a-b' ranges to t")
+    if mapping is None:
+        return None
+    if not mapping:
+        check.add(path, "needs at least one layer")
+        return None
+    spans: list[tuple[int, int, str, float]] = []
+    ok = True
+    for key, raw_t in mapping.items():
+        where = f"{path}.{key}"
+        span = _layer_span(key)
+        problem = None
+        if span is None:
+            problem = "a key must be a layer index (0, 1, ...) or an inclusive range 'a-b'"
+        elif span[0] > span[1]:
+            problem = f"the range is backwards; write '{span[1]}-{span[0]}'"
+        elif span[1] > _MAX_LAYER_INDEX:
+            problem = f"layer {span[1]} is implausibly large (limit {_MAX_LAYER_INDEX})"
+        if problem is not None:
+            check.add(where, problem)
+            ok = False
+        t = check.t(raw_t, where)
+        ok = ok and t is not None
+        if problem is None and span is not None:
+            spans.append((span[0], span[1], str(key), t or 0.0))
+    spans.sort()
+    reach, reach_key = -1, ""  # the furthest layer covered so far, and by which key
+    for start, end, key, _ in spans:
+        if start <= reach:
+            check.add(path, f"keys {reach_key!r} and {key!r} both give layer {start} a t")
+            ok = False
+        if end > reach:
+            reach, reach_key = end, key
+    if not ok:
+        return None
+    values = [(i, t) for start, end, _, t in spans for i in range(start, end + 1)]
+    return LayerMap(tuple(values))
+
+
+def _layer_span(key: Any) -> tuple[int, int] | None:
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return (key, key) if key >= 0 else None
+    if isinstance(key, str):
+        match = _RANGE_RE.fullmatch(key.strip())
+        if match:
+            start = int(match.group(1))
+            return start, int(match.group(2)) if match.group(2) else start
+    return None
+
+
+# --------------------------------------------------------------------------- mergekit
+
+_MK_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+)
+_MK_UNSUPPORTED = {
+    "modules": "multi-module (modules:) configs are not supported; use models: or one slices: "
+    "entry",
+    "chat_template": "not supported: the output keeps the chat template of the model its "
+    "tokenizer comes from (tokenizer_source); remove this key",
+}
+_UNION = (
+    "union (a merged vocabulary) is not supported: shardmerge merges models that share one "
+    "vocabulary; use base or the other model's reference"
+)
+_T_UNDER_MODEL = (
+    "slerp's t is a global parameter, which mergekit silently ignores here; move it to the "
+    "top-level parameters (or the slice's parameters)"
+)
+
+
+def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str) -> Recipe:
+    check.keys(data, "", _MK_KEYS, unsupported=_MK_UNSUPPORTED)
+    method = data["merge_method"]
+    if not isinstance(method, str):
+        check.add("merge_method", f"expected slerp, got {_describe(method)}")
+    elif method != "slerp":
+        check.add("merge_method", f"{method!r} is not supported; shardmerge only does slerp")
+
+    base: ModelRef | None = None
+    base_text = ""
+    if "base_model" not in data:
+        check.add("base_model", "missing; slerp needs a base_model (the t = 0 end)")
+    else:
+        base = _mk_ref(data["base_model"], "base_model", check)
+        base_text = data["base_model"] if base is not None else ""
+
+    other: tuple[ModelRef, str] | None = None
+    layer_range: tuple[int, int] | None = None
+    slice_t: Any = None
+    has_slice_t = False
+    if "models" in data and "slices" in data:
+        check.add("models", "give only one of models and slices")
+    elif "models" in data:
+        other = _mk_models(data["models"], base, base_text, check)
+    elif "slices" in data:
+        found = _mk_slices(data["slices"], base, base_text, check)
+        if found is not None:
+            other, layer_range, slice_t, has_slice_t = found
+    else:
+        check.add("models", "missing; give models: (a list of {model: ...}) or one slices: entry")
+
+    # mergekit looks t up in the slice's parameters first, then the top level; a condition
+    # list without a fallback there hands unmatched tensors on to the next level.
+    rules: list[Rule] = []
+    default: TValue | None = None
+    if has_slice_t:
+        rules, default = _mk_t(slice_t, "slices[0].parameters.t", check)
+    top_t = _mk_parameters(data, check)
+    if top_t is not None:
+        top_rules, top_default = _mk_t(top_t, "parameters.t", check)
+        if default is None:
+            rules += top_rules
+            default = top_default
+    elif not has_slice_t:
+        check.add("parameters.t", "missing; slerp needs t (e.g. parameters: {t: 0.5})")
+
+    input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
+    out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
+    tokenizer = _mk_tokenizer(data, base, base_text, other, check)
+
+    return Recipe(
+        model_a=base or _PLACEHOLDER,
+        model_b=other[0] if other is not None else _PLACEHOLDER,
+        schedule=Schedule(rules=tuple(rules), default=default, non_layer=None, style="mergekit"),
+        input_dtype=input_dtype,
+        out_dtype=out_dtype,
+        output_dir=None,
+        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
+        device="auto",
+        tokenizer_source=tokenizer,
+        layer_range=layer_range,
+        push_to_hub=None,
+        private=False,
+        stream=False,
+        format="mergekit",
+        text=text,
+        source=source,
+        warnings=tuple(check.warnings),
+    )
+
+
+def _mk_ref(value: Any, path: str, check: _Check) -> ModelRef | None:
+    """A mergekit model reference: "org/name", a path, or either with "@revision"."""
+    text = check.string(value, path, "a model reference (org/name or a local path)")
+    if text is None:
+        return None
+    if "+" in text:
+        check.add(
+            path,
+            f"{text!r} is a LoRA reference (model+lora), which is not supported; merge the "
+            "adapter into its base first (e.g. peft's merge_and_unload) and reference the result",
+        )
+        return None
+    return _split_revision(text, path, check)
+
+
+def _mk_model_parameters(value: Any, path: str, check: _Check) -> None:
+    """Per-model parameters: slerp has none, and a t here is the classic silent mistake."""
+    params = check.mapping(value, path)
+    if params is None:
+        return
+    for key in params:
+        if key == "t":
+            check.add(_at(path, "t"), _T_UNDER_MODEL)
+        else:
+            check.add(_at(path, key), "slerp takes no per-model parameters (only a global t)")
+
+
+def _mk_models(
+    value: Any, base: ModelRef | None, base_text: str, check: _Check
+) -> tuple[ModelRef, str] | None:
+    """The non-base model of `models:`; the base is added when not listed, as mergekit does."""
+    if not isinstance(value, list) or not value:
+        check.add("models", f"expected a non-empty list of {{model: ...}}, got {_describe(value)}")
+        return None
+    listed: list[tuple[ModelRef, str]] = []
+    ok = True
+    for i, entry in enumerate(value):
+        path = f"models[{i}]"
+        item = check.mapping(entry, path, "a mapping {model: ...}")
+        if item is None:
+            ok = False
+            continue
+        check.keys(item, path, ("model", "parameters"))
+        if "parameters" in item:
+            _mk_model_parameters(item["parameters"], _at(path, "parameters"), check)
+        if "model" not in item:
+            check.add(_at(path, "model"), "missing; the model reference")
+            ok = False
+            continue
+        ref = _mk_ref(item["model"], _at(path, "model"), check)
+        if ref is None:
+            ok = False
+        else:
+            listed.append((ref, item["model"]))
+    if not ok or base is None:
+        return None
+    return _the_other(base, base_text, listed, "models", check)
+
+
+def _the_other(
+    base: ModelRef, base_text: str, listed: list[tuple[ModelRef, str]], path: str, check: _Check
+) -> tuple[ModelRef, str] | None:
+    """The one model besides the base; slerp takes exactly two."""
+    distinct: list[tuple[ModelRef, str]] = [(base, base_text)]
+    for ref, text in listed:
+        if all(ref != seen for seen, _ in distinct):
+            distinct.append((ref, text))
+    if len(distinct) != 2:
+        names = ", ".join(text for _, text in distinct)
+        check.add(
+            path,
+            f"slerp merges exactly two models; base_model and {path} name {len(distinct)} "
+            f"distinct ones ({names})",
+        )
+        return None
+    return distinct[1]
+
+
+def _mk_slices(
+    value: Any, base: ModelRef | None, base_text: str, check: _Check
+) -> tuple[tuple[ModelRef, str] | None, tuple[int, int] | None, Any, bool] | None:
+    """(other model, layer_range, slice-level t, whether there is one) of the single slice."""
+    if not isinstance(value, list) or not value:
+        check.add("slices", f"expected a list with one slice, got {_describe(value)}")
+        return None
+    if len(value) > 1:
+        check.add(
+            "slices",
+            f"frankenmerge/multi-slice configs are not supported ({len(value)} slices); "
+            "shardmerge merges two whole models with one slice",
+        )
+        return None
+    item = check.mapping(value[0], "slices[0]")
+    if item is None:
+        return None
+    check.keys(
+        item,
+        "slices[0]",
+        ("sources", "parameters"),
+        unsupported={
+            "base_model": "not supported per slice; set base_model at the top level",
+            "residual_weight": "not supported (mergekit ignores it too)",
+        },
+    )
+    slice_t: Any = None
+    has_t = False
+    if "parameters" in item:
+        params = check.mapping(item["parameters"], "slices[0].parameters")
+        if params is not None:
+            check.keys(params, "slices[0].parameters", ("t",))
+            has_t = "t" in params
+            slice_t = params.get("t")
+
+    if "sources" not in item:
+        check.add("slices[0].sources", "missing; the two models and their layer_range")
+        return None, None, slice_t, has_t
+    sources = item["sources"]
+    if not isinstance(sources, list) or len(sources) != 2:
+        got = f"{len(sources)} sources" if isinstance(sources, list) else _describe(sources)
+        check.add("slices[0].sources", f"slerp needs exactly two sources, got {got}")
+        return None, None, slice_t, has_t
+
+    listed: list[tuple[ModelRef, str]] = []
+    ranges: list[tuple[int, int]] = []
+    for i, entry in enumerate(sources):
+        path = f"slices[0].sources[{i}]"
+        src = check.mapping(entry, path, "a mapping {model: ..., layer_range: [start, end]}")
+        if src is None:
+            continue
+        check.keys(src, path, ("model", "layer_range", "parameters"))
+        if "parameters" in src:
+            _mk_model_parameters(src["parameters"], _at(path, "parameters"), check)
+        if "model" not in src:
+            check.add(_at(path, "model"), "missing; the model reference")
+        else:
+            ref = _mk_ref(src["model"], _at(path, "model"), check)
+            if ref is not None:
+                listed.append((ref, src["model"]))
+        if "layer_range" not in src:
+            check.add(_at(path, "layer_range"), "missing; e.g. [0, 32] for all 32 layers")
+        else:
+            span = _layer_range(src["layer_range"], _at(path, "layer_range"), check)
+            if span is not None:
+                ranges.append(span)
+
+    layer_range = ranges[0] if len(ranges) == 2 else None
+    if len(ranges) == 2 and ranges[0] != ranges[1]:
+        check.add(
+            "slices[0].sources",
+            f"the layer ranges differ ({list(ranges[0])} vs {list(ranges[1])}); slerp pairs "
+            "layer i of one model with layer i of the other",
+        )
+        layer_range = None
+    other = None
+    if len(listed) == 2 and base is not None:
+        if all(ref != base for ref, _ in listed):
+            check.add("base_model", "must be one of the two slice sources")
+        else:
+            other = _the_other(base, base_text, listed, "slices[0].sources", check)
+    return other, layer_range, slice_t, has_t
+
+
+def _layer_range(value: Any, path: str, check: _Check) -> tuple[int, int] | None:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+    if not ok:
+        check.add(path, f"expected [start, end] (two integers), got {_describe(value)}")
+        return None
+    start, end = value
+    if not 0 <= start < end:
+        check.add(path, f"[{start}, {end}] is empty or negative; it is half-open: [start, end)")
+        return None
+    return start, end
+
+
+def _mk_parameters(data: dict[Any, Any], check: _Check) -> Any:
+    """The top-level parameters.t, or None when absent (checked for type and keys)."""
+    if "parameters" not in data:
+        return None
+    params = check.mapping(data["parameters"], "parameters")
+    if params is None:
+        return None
+    check.keys(params, "parameters", ("t",))
+    return params.get("t")
+
+
+def _mk_t(value: Any, path: str, check: _Check) -> tuple[list[Rule], TValue | None]:
+    """(rules, fallback) of a mergekit parameter value: number, gradient or conditions."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return _mk_conditions(value, path, check)
+    if isinstance(value, list):
+        if any(isinstance(v, dict) for v in value):
+            check.add(path, "mixes numbers (a gradient) with {filter, value} conditions")
+            return [], None
+        return [], check.gradient(value, path)
+    if isinstance(value, dict):
+        check.add(
+            path,
+            "expected a number, a list of numbers (gradient) or a list of {filter, value} "
+            "conditions, got a mapping",
+        )
+        return [], None
+    return [], check.t(value, path)
+
+
+def _mk_conditions(
+    items: list[dict[Any, Any]], path: str, check: _Check
+) -> tuple[list[Rule], TValue | None]:
+    rules: list[Rule] = []
+    default: TValue | None = None
+    fallback_at: str | None = None
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        check.keys(item, where, ("filter", "value"))
+        if "value" not in item:
+            check.add(_at(where, "value"), "missing; a number or a list of numbers (gradient)")
+            continue
+        raw = item["value"]
+        value: float | Gradient | None
+        if isinstance(raw, list):
+            value = check.gradient(raw, _at(where, "value"))
+        else:
+            value = check.t(raw, _at(where, "value"))
+        pattern = item.get("filter")
+        is_fallback = pattern is None or pattern == "*"
+        if not is_fallback:
+            pattern = check.string(pattern, _at(where, "filter"), "a substring of tensor names")
+        if fallback_at is not None:
+            # mergekit tries conditions in order, so nothing after a fallback is ever reached.
+            check.warnings.append(
+                f"{where} is never used: the fallback at {fallback_at} matches every tensor first"
+            )
+            continue
+        if value is None:
+            continue
+        if is_fallback:
+            fallback_at = where
+            default = value
+        elif isinstance(pattern, str):
+            rules.append(Rule(pattern=pattern, kind="substring", value=value, label=pattern))
+    return rules, default
+
+
+def _mk_tokenizer(
+    data: dict[Any, Any],
+    base: ModelRef | None,
+    base_text: str,
+    other: tuple[ModelRef, str] | None,
+    check: _Check,
+) -> Literal["a", "b"]:
+    """tokenizer_source or a `tokenizer: {source: ...}` block -> "a" or "b" (default base)."""
+    if "tokenizer_source" in data and "tokenizer" in data:
+        check.add("tokenizer", "give only one of tokenizer_source and tokenizer")
+        return "a"
+    if "tokenizer_source" in data:
+        return _mk_tokenizer_choice(
+            data["tokenizer_source"], "tokenizer_source", base, other, check
+        )
+    if "tokenizer" not in data:
+        return "a"  # mergekit copies the base model's tokenizer
+    block = check.mapping(data["tokenizer"], "tokenizer")
+    if block is None:
+        return "a"
+    check.keys(
+        block,
+        "tokenizer",
+        ("source",),
+        unsupported={
+            "tokens": "per-token embedding sources are not supported; the merged model keeps "
+            "the chosen tokenizer's vocabulary",
+            "pad_to_multiple_of": "vocabulary padding is not supported",
+        },
+    )
+    if "source" not in block:
+        check.add("tokenizer.source", "missing; give base or one of the models (" + _UNION + ")")
+        return "a"
+    return _mk_tokenizer_choice(block["source"], "tokenizer.source", base, other, check)
+
+
+def _mk_tokenizer_choice(
+    value: Any,
+    path: str,
+    base: ModelRef | None,
+    other: tuple[ModelRef, str] | None,
+    check: _Check,
+) -> Literal["a", "b"]:
+    if value == "base":
+        return "a"
+    if value == "union":
+        check.add(path, _UNION)
+        return "a"
+    if not isinstance(value, str):
+        check.add(path, f"expected base or a model reference, got {_describe(value)}")
+        return "a"
+    sides: list[tuple[Literal["a", "b"], ModelRef]] = []
+    if base is not None:
+        sides.append(("a", base))
+    if other is not None:
+        sides.append(("b", other[0]))
+    # "org/name@rev" first, then the bare "org/name" (which is ambiguous only when both
+    # models are revisions of one repo; the base wins then).
+    for side, ref in sides:
+        if ref.revision is not None and value == f"{ref.ref}@{ref.revision}":
+            return side
+    for side, ref in sides:
+        if value == ref.ref:
+            return side
+    if base is not None and other is not None:
+        check.add(path, f"{value!r} is neither base nor one of the two models")
+    return "a"

@@ -1,0 +1,132 @@
+"""Model references -> header inventories and shard sources (local folders or the Hub)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shardmerge.errors import CheckpointError, InputError
+from shardmerge.inventory import (
+    ModelInventory,
+    assemble_inventory,
+    parse_header_dict,
+    read_local_model,
+)
+from shardmerge.output import is_small_file, local_small_files
+from shardmerge.recipe import ModelRef
+
+if TYPE_CHECKING:
+    from shardmerge.engine import ShardSource
+    from shardmerge.hub import HubModel
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model pinned to exact content: a local folder, or a Hub repo at one commit."""
+
+    key: str  # "a" or "b"
+    ref: ModelRef
+    label: str  # "model A (org/name)", used in every message
+    local_dir: Path | None
+    hub: HubModel | None
+    inventory: ModelInventory
+    small_files: tuple[str, ...]  # config, tokenizer and other non-weight files
+    pin: str  # Hub commit sha, or a fingerprint of the local headers, sizes and mtimes
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.hub.repo_id if self.hub else None
+
+
+def resolve_model(ref: ModelRef, key: str) -> ResolvedModel:
+    """Find ``ref`` locally or on the Hub and read its headers (no tensor bytes)."""
+    label = f"model {key.upper()} ({ref.ref}{'@' + ref.revision if ref.revision else ''})"
+    path = Path(ref.ref).expanduser()
+    if path.is_dir():
+        if ref.revision:
+            raise InputError(f"models.{key}: a revision was given for local folder {ref.ref!r}")
+        inventory = read_local_model(path, label)
+        return ResolvedModel(
+            key=key,
+            ref=ref,
+            label=label,
+            local_dir=path,
+            hub=None,
+            inventory=inventory,
+            small_files=tuple(local_small_files(path)),
+            pin=_local_fingerprint(path, inventory),
+        )
+    from shardmerge import hub
+
+    if not hub.looks_like_repo_id(ref.ref):
+        raise InputError(f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id")
+    model = hub.resolve_hub_model(ref.ref, ref.revision)
+    listing = hub.fetch_listing(model)
+    headers = {
+        file: parse_header_dict(raw, file, None, f"{label}: {file}")
+        for file, raw in listing.headers.items()
+    }
+    weight_map = None
+    if listing.index is not None:
+        weight_map = listing.index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{label}: model.safetensors.index.json has no weight_map")
+    inventory = assemble_inventory(label, headers, weight_map, listing.config)
+    small = tuple(f for f, size in sorted(listing.files.items()) if is_small_file(f, size))
+    return ResolvedModel(
+        key=key,
+        ref=ref,
+        label=f"model {key.upper()} ({model.repo_id}@{model.sha[:12]})",
+        local_dir=None,
+        hub=model,
+        inventory=inventory,
+        small_files=small,
+        pin=model.sha,
+    )
+
+
+def open_source(
+    model: ResolvedModel, *, stream: bool, workdir: Path, files: list[str] | None = None
+) -> ShardSource:
+    """A shard source for the engine.
+
+    Hub models are downloaded (only ``files``, default all shards) unless ``stream``, where each
+    shard arrives just in time and is deleted after use.
+    """
+    from shardmerge.engine import LocalSource
+
+    if model.local_dir is not None:
+        return LocalSource(model.local_dir, model.label)
+    from shardmerge import hub
+
+    assert model.hub is not None
+    if stream:
+        return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}")
+    needed = list(model.inventory.files) if files is None else files
+    return LocalSource(hub.download_files(model.hub, needed), model.label)
+
+
+def small_files_folder(model: ResolvedModel) -> Path:
+    """The folder holding the model's config, tokenizer and other small files."""
+    if model.local_dir is not None:
+        return model.local_dir
+    from shardmerge import hub
+
+    assert model.hub is not None
+    return hub.download_files(model.hub, list(model.small_files))
+
+
+def _local_fingerprint(folder: Path, inventory: ModelInventory) -> str:
+    """Cheap identity of a local model: its headers plus each shard's size and mtime."""
+    digest = hashlib.sha256()
+    layout = [
+        (t.name, t.dtype, list(t.shape), t.file, t.begin, t.end) for t in inventory.tensors.values()
+    ]
+    digest.update(json.dumps(layout).encode())
+    for file in inventory.files:
+        stat = (folder / file).stat()
+        digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()[:16]

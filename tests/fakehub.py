@@ -1,0 +1,444 @@
+"""A small Hugging Face Hub-compatible HTTP server on 127.0.0.1 for offline tests.
+
+It implements what huggingface_hub's client really sends (see HUB-NOTES.md): file resolve
+(HEAD/GET with Range), repo info and tree, repo creation, and the git-LFS upload protocol used
+with ``HF_HUB_DISABLE_XET=1`` (preupload, LFS batch + PUT + verify, ndjson commit). Repos live in
+memory; every request is logged so tests can count what was downloaded or written.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+TOKEN = "hf_fake"
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a file, as the Hub reports it for regular files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str) -> bool:
+    return path.endswith(LFS_SUFFIXES)
+
+
+def etag_of(path: str, data: bytes) -> str:
+    """The Hub's ETag: sha256 for LFS files, the git blob sha1 otherwise."""
+    return hashlib.sha256(data).hexdigest() if is_lfs(path) else git_blob_sha1(data)
+
+
+@dataclass
+class FakeRepo:
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> full file set
+    refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> sha
+    private: bool = False
+    gated: bool = False  # file downloads answer 403 GatedRepo, repo info stays readable
+
+
+@dataclass
+class Fault:
+    status: int
+    error_code: str | None
+    repo: str | None
+    path: str | None  # fnmatch pattern on the URL path, e.g. "*/resolve/*/model-00002*"
+    method: str | None
+    times: int | None  # None = forever
+
+
+@dataclass
+class LoggedRequest:
+    method: str
+    path: str  # URL path, unquoted, without the query
+    range: str | None
+    status: int
+    sent: int  # body bytes sent back
+    json: Any = None  # parsed JSON request body, when there was one
+
+
+class FakeHub:
+    """In-memory Hub. Seed with ``add_repo``/``add_commit``; start with ``start()`` or ``with``."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.repos: dict[str, FakeRepo] = {}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes, shared like the real LFS store
+        self.log: list[LoggedRequest] = []
+        self.created: list[dict] = []  # bodies of POST /api/repos/create
+        self.commits: list[
+            dict
+        ] = []  # {"repo", "branch", "sha", "summary", "description", "paths"}
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- seeding -------------------------------------------------------------------------------
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        sha: str | None = None,
+        tags: tuple[str, ...] = (),
+        private: bool = False,
+        gated: bool = False,
+    ) -> str:
+        """Create ``repo_id`` with one commit on ``main`` holding ``files``; returns its sha."""
+        self.repos[repo_id] = FakeRepo(private=private, gated=gated)
+        return self.add_commit(repo_id, files, sha=sha, tags=tags)
+
+    def add_commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        branch: str = "main",
+        sha: str | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> str:
+        """Add a commit whose tree is exactly ``files``, move ``branch`` (and ``tags``) to it."""
+        repo = self.repos[repo_id]
+        sha = sha or hashlib.sha1(f"{repo_id}:{next(self._counter)}".encode()).hexdigest()
+        repo.commits[sha] = dict(files)
+        for ref in (branch, *tags):
+            repo.refs[ref] = sha
+        return sha
+
+    def fail(
+        self,
+        status: int,
+        *,
+        error_code: str | None = None,
+        repo: str | None = None,
+        path: str | None = None,
+        method: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Answer matching requests with ``status`` (and ``X-Error-Code``), ``times`` times."""
+        self.faults.append(Fault(status, error_code, repo, path, method, times))
+
+    # -- inspection ----------------------------------------------------------------------------
+    def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
+        repo = self.repos[repo_id]
+        return repo.commits[repo.refs.get(rev, rev)]
+
+    def requests(self, method: str | None = None, path: str = "*") -> list[LoggedRequest]:
+        return [
+            r
+            for r in self.log
+            if (method is None or r.method == method) and fnmatch.fnmatch(r.path, path)
+        ]
+
+    def bytes_sent(self, path: str = "*") -> int:
+        """Body bytes sent for GET requests whose path matches the fnmatch pattern."""
+        return sum(r.sent for r in self.requests("GET", path))
+
+    # -- server lifecycle ----------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "FakeHub is not started"
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self) -> FakeHub:
+        handler = type("Handler", (_Handler,), {"hub": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _take_fault(self, method: str, path: str, repo_id: str | None) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if (
+                    (fault.method is None or fault.method == method)
+                    and (fault.repo is None or fault.repo == repo_id)
+                    and (fault.path is None or fnmatch.fnmatch(path, fault.path))
+                    and fault.times != 0
+                ):
+                    if fault.times is not None:
+                        fault.times -= 1
+                    return fault
+        return None
+
+
+class HubError(Exception):
+    def __init__(self, status: int, code: str | None, message: str, commit: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.commit = status, code, commit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real Hub; every answer has Content-Length
+    hub: FakeHub
+
+    def log_message(self, format: str, *args: Any) -> None:  # silence stderr
+        pass
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self.segments = [unquote(s) for s in url.path.strip("/").split("/")]
+        self.query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.body = self._read_body()
+        self.method = method
+        self.entry = LoggedRequest(method, unquote(url.path), self.headers.get("Range"), 0, 0)
+        if self.body and method != "PUT":
+            try:
+                self.entry.json = json.loads(self.body)
+            except ValueError:
+                self.entry.json = None
+        with self.hub._lock:
+            self.hub.log.append(self.entry)
+        repo_id = self._repo_id()
+        try:
+            fault = self.hub._take_fault(method, self.entry.path, repo_id)
+            if fault is not None:
+                raise HubError(fault.status, fault.error_code, f"injected {fault.status}")
+            self._route(method)
+        except HubError as err:
+            headers = {"X-Error-Message": str(err)}
+            if err.code:
+                headers["X-Error-Code"] = err.code
+            if err.commit:
+                headers["X-Repo-Commit"] = err.commit
+            self._send(err.status, {"error": str(err), "url": f"{self.hub.url}/{repo_id}"}, headers)
+        except Exception as exc:  # a bug in the fake: answer it rather than drop the connection
+            self._send(500, {"error": f"fakehub: {exc!r}"})
+
+    def _repo_id(self) -> str | None:
+        s = self.segments
+        if s[:2] == ["api", "models"] and len(s) >= 4:
+            return f"{s[2]}/{s[3]}"
+        if len(s) >= 3 and s[2] == "resolve":
+            return f"{s[0]}/{s[1]}"
+        if len(s) >= 2 and s[1].endswith(".git"):
+            return f"{s[0]}/{s[1][:-4]}"
+        return None
+
+    def _send(self, status: int, body: Any = b"", headers: dict[str, str] | None = None) -> None:
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if "Content-Length" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.method != "HEAD":
+            self.wfile.write(body)
+            self.entry.sent = len(body)
+        self.entry.status = status
+
+    def _authorised(self) -> bool:
+        return self.headers.get("Authorization") == f"Bearer {self.hub.token}"
+
+    def _repo(self, repo_id: str, *, write: bool = False) -> FakeRepo:
+        repo = self.hub.repos.get(repo_id)
+        if (write or (repo is not None and repo.private)) and not self._authorised():
+            raise HubError(401, "RepoNotFound", "Invalid username or password.")
+        if repo is None:
+            raise HubError(404, "RepoNotFound", f"Repository {repo_id} not found")
+        return repo
+
+    def _commit(self, repo: FakeRepo, rev: str) -> str:
+        sha = repo.refs.get(rev, rev)
+        if sha not in repo.commits:
+            raise HubError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return sha
+
+    # -- routes --------------------------------------------------------------------------------
+    def _route(self, method: str) -> None:
+        s = self.segments
+        if s[:2] == ["api", "whoami-v2"]:
+            if not self._authorised():
+                raise HubError(401, None, "Invalid credentials in Authorization header")
+            return self._send(200, {"type": "user", "name": "tester", "orgs": []})
+        if s[:3] == ["api", "repos", "create"] and method == "POST":
+            return self._create_repo()
+        if s[:2] == ["api", "validate-yaml"]:
+            return self._send(200, {"errors": [], "warnings": []})
+        if s[0] == "lfs-upload" and method == "PUT":
+            return self._lfs_put(s[1])
+        if s[0] == "lfs-verify":
+            found = s[1] in self.hub.lfs_objects
+            return self._send(200 if found else 404, {"ok": found})
+        repo_id = self._repo_id()
+        if repo_id is None:
+            raise HubError(404, None, f"no route for {self.path}")
+        repo = self._repo(repo_id, write=method in ("POST", "PUT"))
+        if s[:2] == ["api", "models"]:
+            action, rev, rest = (s[4], s[5], s[6:]) if len(s) > 5 else ("revision", "main", [])
+            sha = self._commit(repo, rev)
+            if action == "revision":
+                return self._repo_info(repo_id, repo, sha)
+            if action == "tree":
+                return self._tree(repo, sha, "/".join(rest))
+            if action == "preupload":
+                return self._preupload(repo, sha)
+            if action == "commit":
+                return self._apply_commit(repo_id, repo, rev)
+        if len(s) >= 3 and s[2] == "resolve" and method in ("HEAD", "GET"):
+            return self._resolve(repo, s[3], "/".join(s[4:]))
+        if s[1].endswith(".git") and s[2:] == ["info", "lfs", "objects", "batch"]:
+            return self._lfs_batch()
+        raise HubError(404, None, f"no route for {self.path}")
+
+    def _repo_info(self, repo_id: str, repo: FakeRepo, sha: str) -> None:
+        files = repo.commits[sha]
+        siblings = [{"rfilename": p, "size": len(d)} for p, d in sorted(files.items())]
+        info = {"id": repo_id, "sha": sha, "private": repo.private, "gated": repo.gated}
+        self._send(200, {**info, "siblings": siblings, "tags": []})
+
+    def _tree(self, repo: FakeRepo, sha: str, prefix: str) -> None:
+        entries: dict[str, dict] = {}
+        for path, data in sorted(repo.commits[sha].items()):
+            if prefix and not path.startswith(prefix + "/"):
+                continue
+            parts = path.split("/")
+            for i in range(1, len(parts)):  # parent folders, listed once
+                folder = "/".join(parts[:i])
+                entries.setdefault(folder, {"type": "directory", "oid": "0" * 40, "path": folder})
+            entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
+            if is_lfs(path):
+                entry["lfs"] = {"oid": etag_of(path, data), "size": len(data), "pointerSize": 130}
+            entries[path] = entry
+        self._send(200, list(entries.values()))
+
+    def _resolve(self, repo: FakeRepo, rev: str, path: str) -> None:
+        sha = self._commit(repo, rev)
+        data = repo.commits[sha].get(path)
+        if data is None:
+            raise HubError(404, "EntryNotFound", f"{path} does not exist", commit=sha)
+        if repo.gated:
+            raise HubError(403, "GatedRepo", "Access to this model is restricted.")
+        headers = {"ETag": f'"{etag_of(path, data)}"', "X-Repo-Commit": sha}
+        headers["Accept-Ranges"] = "bytes"
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+        if match is None:
+            return self._send(200, data, headers)
+        first, last = match.groups()
+        if not first:  # suffix range: the last N bytes
+            start, stop = max(0, len(data) - int(last)), len(data)
+        else:
+            start, stop = int(first), min(len(data), int(last) + 1 if last else len(data))
+        if start >= len(data):
+            return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+        self._send(206, data[start:stop], headers)
+
+    # -- writes --------------------------------------------------------------------------------
+    def _create_repo(self) -> None:
+        if not self._authorised():
+            raise HubError(401, None, "Invalid username or password.")
+        body = self.entry.json
+        self.hub.created.append(body)
+        repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
+        url = {"url": f"{self.hub.url}/{repo_id}"}
+        if repo_id in self.hub.repos:  # the client reads "url" even from the 409
+            return self._send(409, {**url, "error": "You already created this model repo"})
+        private = body.get("visibility") == "private" or body.get("private") is True
+        self.hub.repos[repo_id] = FakeRepo(private=private)
+        self.hub.add_commit(repo_id, {})
+        self._send(200, url)
+
+    def _preupload(self, repo: FakeRepo, sha: str) -> None:
+        current = repo.commits[sha]
+        answer = []
+        for f in self.entry.json["files"]:
+            lfs = is_lfs(f["path"]) or f["size"] > 10_000_000
+            remote = current.get(f["path"])
+            oid = None if remote is None else etag_of(f["path"], remote)
+            mode = "lfs" if lfs else "regular"
+            answer.append(
+                {"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid}
+            )
+        self._send(200, {"files": answer, "commitOid": sha})
+
+    def _lfs_batch(self) -> None:
+        objects = []
+        for obj in self.entry.json["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj["oid"] not in self.hub.lfs_objects:  # no "actions" = already stored
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify/{obj['oid']}"},
+                }
+            objects.append(entry)
+        self._send(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str) -> None:
+        if hashlib.sha256(self.body).hexdigest() != oid:
+            raise HubError(400, None, "sha256 of the uploaded bytes does not match the oid")
+        self.hub.lfs_objects[oid] = self.body
+        self._send(200, {})
+
+    def _apply_commit(self, repo_id: str, repo: FakeRepo, branch: str) -> None:
+        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        files = dict(repo.commits[self._commit(repo, branch)])
+        for line in lines:
+            value = line["value"]
+            if line["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif line["key"] == "lfsFile":
+                if value["oid"] not in self.hub.lfs_objects:
+                    raise HubError(400, None, f"LFS object {value['oid']} was never uploaded")
+                files[value["path"]] = self.hub.lfs_objects[value["oid"]]
+            elif line["key"] == "deletedFile":
+                files.pop(value["path"], None)
+            elif line["key"] == "deletedFolder":
+                prefix = value["path"].rstrip("/") + "/"
+                files = {p: d for p, d in files.items() if not p.startswith(prefix)}
+        sha = self.hub.add_commit(repo_id, files, branch=branch)
+        summary, description = header.get("summary"), header.get("description")
+        record = {"repo": repo_id, "branch": branch, "sha": sha, "summary": summary}
+        paths = sorted(line["value"]["path"] for line in lines if line["key"] != "header")
+        self.hub.commits.append({**record, "description": description, "paths": paths})
+        url = f"{self.hub.url}/{repo_id}/commit/{sha}"
+        self._send(200, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": None})
