@@ -35,6 +35,8 @@ TOOLS = ("shardmerge", "mergekit", "floor")
 DEFAULT_SHARDMERGE = REPO / ".venv" / "bin" / "shardmerge"
 DEFAULT_MERGEKIT = REPO / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml"
 GNU_TIME = "/usr/bin/time"
+# CPU busy fraction (all cores) on an idle machine stays near 0; above this, others are running.
+BUSY_WARNING = 0.1
 READ_BUFFER_BYTES = 16 << 20
 # Every tool runs offline: the inputs are local, and a hub lookup would only add DNS timeouts.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -49,6 +51,8 @@ class ToolRuns:
     version: str | None = None
     walls_s: list[float] = field(default_factory=list)
     peak_rss_bytes: list[int] = field(default_factory=list)
+    # Busy fraction of all CPUs in the second before each run: above ~0.1 something else ran.
+    cpu_busy_before: list[float] = field(default_factory=list)
     failed: str | None = None
 
 
@@ -126,7 +130,7 @@ def resolve_tools(
                 print(f"skipping shardmerge: `{binary} run --help` does not work", file=sys.stderr)
                 continue
             cmd = [str(binary), "run", str(config), "--out", str(out), "--overwrite", "--quiet"]
-            version = _dist_version(binary.parent / "python", "shardmerge")
+            version = f"{_dist_version(binary.parent / 'python', 'shardmerge')} ({_git_state()})"
         elif name == "mergekit":
             binary = Path(args.mergekit_bin)
             if not binary.exists():
@@ -140,9 +144,16 @@ def resolve_tools(
             version = _dist_version(binary.parent / "python", "mergekit")
         else:
             cmd = floor_command(inputs, out, out_bytes)
-            version = "dd " + _first_line(["dd", "--version"])
+            version = _first_line(["dd", "--version"])
         tools.append(ToolRuns(name=name, command=cmd, version=version))
     return tools
+
+
+def _git_state() -> str:
+    """The working tree's commit, flagged when it has uncommitted changes (shardmerge moves fast)."""
+    head = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    changes = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "shardmerge"])
+    return f"git {head}" + (" + uncommitted changes" if changes else "")
 
 
 def _first_line(command: list[str]) -> str:
@@ -161,11 +172,20 @@ def warm_cache(paths: list[Path]) -> None:
                 pass
 
 
-def time_once(tool: ToolRuns, out_dir: Path, log_path: Path) -> tuple[float, int, int]:
-    """Run the tool once under /usr/bin/time -v; returns (wall seconds, peak RSS bytes, rc)."""
+@dataclass(frozen=True)
+class RunResult:
+    wall_s: float
+    peak_rss_bytes: int
+    returncode: int
+    cpu_busy_before: float
+
+
+def time_once(tool: ToolRuns, out_dir: Path, log_path: Path) -> RunResult:
+    """Run the tool once under /usr/bin/time -v, from an empty output and a flushed disk."""
     shutil.rmtree(out_dir, ignore_errors=True)
     # Flush the previous run's dirty pages so that its writeback does not land in this run.
     subprocess.run(["sync"], check=True)
+    cpu_busy_before = cpu_busy_fraction()
     stats_path = log_path.with_suffix(".time")
     command = [GNU_TIME, "-v", "-o", str(stats_path), *tool.command]
     with open(log_path, "wb") as log:
@@ -175,7 +195,22 @@ def time_once(tool: ToolRuns, out_dir: Path, log_path: Path) -> tuple[float, int
     stats = stats_path.read_text()
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats)
     peak_rss_bytes = int(match.group(1)) * 1024 if match else -1
-    return wall_s, peak_rss_bytes, rc.returncode
+    return RunResult(wall_s, peak_rss_bytes, rc.returncode, cpu_busy_before)
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs' time spent busy over the next `seconds` (others' work shows here)."""
+    busy0, total0 = _cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    return round((busy1 - busy0) / max(1, total1 - total0), 3)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -199,6 +234,7 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": importlib.metadata.version("torch"),
         "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+        "cpu_busy_at_start": cpu_busy_fraction(),
     }
 
 
@@ -293,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         print("run: no tool to run", file=sys.stderr)
         return 1
     machine = machine_info()
-    if machine["load_avg_1min_at_start"] > 0.5 * machine["nproc"]:
+    if machine["cpu_busy_at_start"] > BUSY_WARNING:
         print(
-            f"warning: load average {machine['load_avg_1min_at_start']} - is something else "
-            "running? Timings will be noisy.",
+            f"warning: the CPUs are {machine['cpu_busy_at_start']:.0%} busy before any run: "
+            "something else is running, timings will be noisy",
             file=sys.stderr,
         )
     warm_cache(inputs)
@@ -308,16 +344,18 @@ def main(argv: list[str] | None = None) -> int:
             if tool.failed:
                 continue
             log_path = logs / f"{tool.name}-{repeat + 1}.log"
-            wall_s, rss, rc = time_once(tool, work / f"out-{tool.name}", log_path)
-            if rc != 0:
-                tool.failed = f"exit {rc} in repeat {repeat + 1}, log {log_path}"
+            run = time_once(tool, work / f"out-{tool.name}", log_path)
+            if run.returncode != 0:
+                tool.failed = f"exit {run.returncode} in repeat {repeat + 1}, log {log_path}"
                 print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)
                 continue
-            tool.walls_s.append(wall_s)
-            tool.peak_rss_bytes.append(rss)
+            tool.walls_s.append(run.wall_s)
+            tool.peak_rss_bytes.append(run.peak_rss_bytes)
+            tool.cpu_busy_before.append(run.cpu_busy_before)
             print(
-                f"repeat {repeat + 1}/{args.repeats} {tool.name}: {wall_s:.2f} s, "
-                f"peak RSS {rss / 1e9:.2f} GB",
+                f"repeat {repeat + 1}/{args.repeats} {tool.name}: {run.wall_s:.2f} s, "
+                f"peak RSS {run.peak_rss_bytes / 1e9:.2f} GB "
+                f"(CPU busy the second before: {run.cpu_busy_before:.0%})",
                 file=sys.stderr,
             )
 
@@ -338,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for t in tools:
         print(f"\n- {t.name}: {t.version or '?'}" + (f" - FAILED: {t.failed}" if t.failed else ""))
+    noisy = sum(b > BUSY_WARNING for t in tools for b in t.cpu_busy_before)
+    if noisy:
+        print(
+            f"\nWARNING: other processes kept the CPUs busy before {noisy} run(s): noisy timings."
+        )
     if comparison is not None:
         print("\n```\n" + format_comparison(comparison, "shardmerge", "mergekit") + "\n```")
 

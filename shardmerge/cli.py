@@ -46,21 +46,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --push-to-hub: merge, then list what would be uploaded without uploading",
     )
+    _add_allow_pickle(run)
 
     plan = sub.add_parser("plan", help="show the t table and output layout (headers only)")
     plan.add_argument("recipe", type=Path)
+    _add_allow_pickle(plan)
     plan.add_argument(
         "--num-processes", type=int, default=1, help="also show the split across N processes"
     )
 
     validate = sub.add_parser("validate", help="check a recipe and its models (headers only)")
     validate.add_argument("recipe", type=Path)
+    _add_allow_pickle(validate)
 
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
     verify.add_argument("--recipe", type=Path, help="recompute tensors from the recipe's inputs")
     verify.add_argument("--full", action="store_true", help="with --recipe: recompute every tensor")
     return parser
+
+
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="convert pytorch_model*.bin inputs to safetensors (torch.load weights_only=True)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from shardmerge import pipeline
 
     if args.command == "validate":
-        prepared = pipeline.prepare(recipe)
+        prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
         _print_warnings(prepared.plan.warnings)
         print(
             f"ok: {args.recipe} merges {len(prepared.plan.tasks)} tensors "
@@ -107,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         if args.num_processes < 1:
             raise InputError("--num-processes must be at least 1")
-        prepared = pipeline.prepare(recipe)
+        prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
         print(pipeline.describe_plan(prepared, args.num_processes))
         return 0
     return _run(args, recipe, pipeline)
@@ -125,7 +136,7 @@ def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-
         raise InputError("--dry-run needs --push-to-hub (or hub.push_to in the recipe)")
     from shardmerge import distributed
 
-    prepared = pipeline.prepare(recipe)
+    prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
     options = dict(
         out=out,
@@ -142,6 +153,13 @@ def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-
     else:
         result = pipeline.run_merge(prepared, **options)  # type: ignore[arg-type]
     print(f"merged {len(result.plan.tasks)} tensors into {result.output_dir}")
+    if result.skipped_shards:
+        print(f"resumed: {result.skipped_shards} verified shard(s) kept", file=sys.stderr)
+    if result.peak_input_bytes_on_disk is not None:
+        print(
+            f"streamed inputs: at most {result.peak_input_bytes_on_disk:,} input bytes on disk",
+            file=sys.stderr,
+        )
     if push:
         url = pipeline.push_output(
             result.output_dir,

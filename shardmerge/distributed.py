@@ -1,109 +1,425 @@
-"""One recipe across many processes: output shards split across ranks, balanced by bytes.
+"""One recipe across many processes: the output shards split across ranks, balanced by bytes.
 
 Started under ``torchrun`` or ``accelerate launch`` (WORLD_SIZE > 1), ``shardmerge run`` joins
-the process group through accelerate's PartialState (gloo on CPU, NCCL with GPUs), merges only
-its own shards (so it reads only the input tensors those need) and reports to rank 0, which
-writes the index, config, tokenizer files and card after every rank succeeded. A plain launch
-never imports any of this machinery.
+the process group, merges only its own output shards (so it reads only the input tensors those
+need) on its own device, and rank 0 writes the index, config, tokenizer files and card once every
+rank has reported success. The group is gloo whatever the device: ranks exchange a few status
+messages, never tensors. A plain launch never imports torch.distributed.
+
+The ranks move through four steps together; after each one every rank learns how the others
+fared, so one failure stops them all, and each error names the rank, its host and its shards.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import socket
 import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shardmerge.errors import ShardmergeError
+from shardmerge.errors import InputError, ShardmergeError
+from shardmerge.output import partial_dir
 from shardmerge.plan import MergePlan
+
+if TYPE_CHECKING:
+    from shardmerge.pipeline import PreparedMerge, RunResult
+
+__all__ = ["active", "is_main_process", "run_distributed", "split_shards"]
+
+# Ranks that finish early wait for the slowest in a collective, which gloo fails after this
+# long: it bounds a whole merge, not failure detection (a rank that dies closes its sockets,
+# which fails the others' collective at once).
+WAIT_LIMIT = timedelta(days=1)
+# How long a rank looks for rank 0's marker in the working folder: a shared filesystem may
+# show a new file on other machines a little late.
+MARKER_WAIT_S = 30.0
+# Variables a process group needs besides WORLD_SIZE (torchrun and accelerate launch set them).
+_GROUP_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+T = TypeVar("T")
 
 
 def active() -> bool:
-    """Whether this process was launched as one of several (torchrun / accelerate launch)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
+    """Whether this process was started as one of several (WORLD_SIZE > 1).
+
+    Raises:
+        InputError: WORLD_SIZE is set but is not a number.
+    """
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
         return False
+    try:
+        return int(value) > 1
+    except ValueError:
+        raise InputError(f"WORLD_SIZE={value!r} is not a number of processes") from None
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0, or a plain launch: the process that reports, finalises and pushes."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def split_shards(plan: MergePlan, num_processes: int) -> list[list[int]]:
-    """Shard indices per rank: largest first onto the least-loaded rank (deterministic)."""
-    loads = [0] * num_processes
-    assigned: list[list[int]] = [[] for _ in range(num_processes)]
-    order = sorted(range(len(plan.shards)), key=lambda i: (-plan.shards[i].file_bytes, i))
-    for index in order:
-        rank = min(range(num_processes), key=lambda r: (loads[r], r))
-        assigned[rank].append(index)
-        loads[rank] += plan.shards[index].file_bytes
-    return [sorted(a) for a in assigned]
+    """Output shard indices per rank: contiguous runs, balanced by bytes.
+
+    Contiguous, so neighbouring output shards (which read the same input files) stay together;
+    the largest per-rank total is the smallest any contiguous split reaches, and every rank gets
+    a shard while there are enough. Deterministic: every rank computes the same split.
+    """
+    return _split([shard.file_bytes for shard in plan.shards], num_processes)
 
 
-def run_distributed(prepared: Any, **options: Any) -> Any:
-    """This rank's part of ``pipeline.run_merge``; rank 0 finalises after all succeeded."""
-    import torch
-    from accelerate import PartialState
+def run_distributed(
+    prepared: PreparedMerge,
+    *,
+    out: Path,
+    overwrite: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+    resume: bool = False,
+    stream: bool = False,
+) -> RunResult | None:
+    """This process's part of ``pipeline.run_merge``, when started as one of several.
 
-    from shardmerge import pipeline
+    Returns:
+        On rank 0, the result with the skipped shards and bytes read of all ranks; elsewhere None.
 
-    state = PartialState()
-    rank, world = state.process_index, state.num_processes
-    out = Path(options["out"]).expanduser().absolute()
+    Raises:
+        InputError: the process group variables are missing or wrong.
+        ShardmergeError: any rank failed (raised on every rank); nothing is finalised.
+    """
+    import torch.distributed as dist
+
+    rank, local_rank, local_world = _join()
+    # torchrun stops the other ranks with SIGTERM when one fails: unwind (scratch folders go,
+    # the error is reported) instead of vanishing.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        device = _device_for(options.get("device", "auto"), state.local_process_index)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
-        mine = frozenset(split_shards(prepared.plan, world)[rank])
-        if state.is_main_process:
-            pipeline.prepare_output(
-                prepared, out, overwrite=options["overwrite"], resume=options["resume"]
+        group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
+        run = _Run(prepared, Path(out).expanduser().absolute(), rank, group)
+        return run.execute(
+            overwrite=overwrite,
+            device=_device_for(device, local_rank),
+            threads=max(1, _cpu_count() // local_world),
+            quiet=quiet,
+            resume=resume,
+            stream=stream,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        dist.destroy_process_group()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise ShardmergeError(
+        f"rank {os.environ.get('RANK', '?')} was stopped (SIGTERM): when one rank fails, "
+        "torchrun stops the others; its report names the rank that failed first"
+    )
+
+
+class _Run:
+    """The four steps of one rank, each followed by an exchange of outcomes."""
+
+    def __init__(self, prepared: PreparedMerge, out: Path, rank: int, group: Any) -> None:
+        import torch.distributed as dist
+
+        self.prepared = prepared
+        self.out = out
+        self.work = partial_dir(out)
+        self.rank = rank
+        self.group = group
+        self.world = dist.get_world_size()
+        self.who = f"rank {rank} on {socket.gethostname()}"
+        self.mine = split_shards(prepared.plan, self.world)[rank]
+
+    def execute(
+        self,
+        *,
+        overwrite: bool,
+        device: str,
+        threads: int,
+        quiet: bool,
+        resume: bool,
+        stream: bool,
+    ) -> RunResult | None:
+        from shardmerge import pipeline
+
+        kept = f"{self.out} was not written; the finished shards are kept: rerun with --resume"
+        tokens = self._together(
+            "preparing the output",
+            lambda: self._start(overwrite=overwrite, resume=resume),
+            f"{self.who} could not prepare {self.out}",
+            "nothing was merged",
+        )
+        self._together(
+            "checking the output folder",
+            lambda: self._check_marker(tokens[0]),
+            f"{self.who} cannot use {self.work}",
+            "nothing was merged",
+        )
+        merged = self._together(
+            "merging",
+            lambda: self._merge(device, threads, quiet=quiet, resume=resume, stream=stream),
+            f"{self.who} failed merging {self._shard_names()}",
+            kept,
+        )
+        self._together(
+            "finishing",
+            self._finish,
+            f"{self.who} could not finish {self.out}",
+            kept,
+        )
+        if self.rank != 0:
+            return None
+        skipped = sum(s for s, _ in merged)
+        return pipeline.RunResult(self.out, self.prepared.plan, skipped, sum(b for _, b in merged))
+
+    def _start(self, *, overwrite: bool, resume: bool) -> str | None:
+        """Rank 0: check the output location, create the working folder and mark it."""
+        from shardmerge import pipeline
+
+        if self.rank != 0:
+            return None
+        pipeline.prepare_output(self.prepared, self.out, overwrite=overwrite, resume=resume)
+        token = uuid.uuid4().hex
+        # Shaped as an empty progress record, so finish_output clears any left by a crash.
+        record = {"fingerprint": self.prepared.fingerprint, "shards": {}, "run": token}
+        _marker(self.work).write_text(json.dumps(record))
+        return token
+
+    def _check_marker(self, token: str | None) -> None:
+        """Every rank must see rank 0's working folder: several machines need shared storage."""
+        deadline = time.monotonic() + MARKER_WAIT_S
+        while _read_marker(self.work) != token:
+            if time.monotonic() > deadline:
+                raise ShardmergeError(
+                    f"the working folder that rank 0 created is not visible here (waited "
+                    f"{MARKER_WAIT_S:.0f} s): with several machines, --out must be on a "
+                    "filesystem they all share"
+                )
+            time.sleep(0.5)
+
+    def _merge(
+        self, device: str, threads: int, *, quiet: bool, resume: bool, stream: bool
+    ) -> tuple[int, int]:
+        """This rank's shards; returns (shards skipped by --resume, input bytes read)."""
+        import torch
+
+        from shardmerge import pipeline
+
+        if self.rank == 0:
+            _marker(self.work).unlink(missing_ok=True)  # every rank has seen it
+        plan = self.prepared.plan
+        size = sum(plan.shards[i].file_bytes for i in self.mine)
+        print(
+            f"rank {self.rank}: merging {len(self.mine)} of {len(plan.shards)} shard(s), "
+            f"{size:,} bytes, on {device}: {self._shard_names()}",
+            file=sys.stderr,
+        )
+        if device == "cpu":
+            torch.set_num_threads(threads)  # the machine's cores shared among its ranks
+        merged = pipeline.merge_shards(
+            self.prepared,
+            self.out,
+            device=device,
+            quiet=quiet or self.rank != 0,
+            resume=resume,
+            stream=stream,
+            only_shards=frozenset(self.mine),
+            rank=self.rank,
+        )
+        print(f"rank {self.rank}: read {merged.bytes_read} input bytes", file=sys.stderr)
+        return merged.skipped_shards, merged.bytes_read
+
+    def _finish(self) -> None:
+        """Rank 0: every shard in place, then metadata, index and the move into place."""
+        from shardmerge import pipeline
+
+        if self.rank != 0:
+            return
+        wrong = [
+            s.filename
+            for s in self.prepared.plan.shards
+            if _size(self.work / s.filename) != s.file_bytes
+        ]
+        if wrong:
+            raise ShardmergeError(
+                f"{len(wrong)} shard(s) missing or incomplete in {self.work} as rank 0 sees it "
+                f"({', '.join(wrong[:3])}): with several machines, --out must be on a "
+                "filesystem they all share"
             )
-    except BaseException as exc:  # noqa: BLE001 - reported through the gather below
-        failure: str | None = f"rank {rank}: {exc}"
-        mine = frozenset()
-    else:
-        failure = None
-    state.wait_for_everyone()
-    statuses = _gather(failure)
-    if not any(statuses):
+        pipeline.finish_output(self.prepared, self.out)
+
+    def _together(
+        self, doing: str, step: Callable[[], T], failed: str, consequence: str
+    ) -> list[T]:
+        """Run ``step`` here, then learn every rank's outcome; raise on every rank if any failed.
+
+        Returns:
+            Each rank's value, by rank.
+        """
         try:
-            merged = pipeline.merge_shards(
-                prepared,
-                out,
-                device=device,
-                quiet=options["quiet"] or rank != 0,
-                resume=options["resume"],
-                stream=options["stream"],
-                only_shards=mine,
-                rank=rank,
-            )
-            print(f"rank {rank}: read {merged.bytes_read} input bytes", file=sys.stderr)
-        except BaseException as exc:  # noqa: BLE001
-            names = ", ".join(prepared.plan.shards[i].filename for i in sorted(mine))
-            failure = f"rank {rank} failed on shard(s) {names}: {exc}"
-        statuses = _gather(failure)
-    problems = [s for s in statuses if s]
-    if problems:
-        raise ShardmergeError("; ".join(problems) + "; the output was not finalised")
-    if state.is_main_process:
-        result = pipeline.finish_output(prepared, out)
-    state.wait_for_everyone()
-    return result if state.is_main_process else None
+            outcome: tuple[Any, tuple[str, int] | None] = (step(), None)
+        except ShardmergeError as exc:
+            outcome = (None, (f"{failed}: {exc}", exc.exit_code))
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            outcome = (None, (f"{failed}: {type(exc).__name__}: {exc}", 1))
+        outcomes = self._gather(outcome, doing, consequence)
+        failures = {r: f for r, (_, f) in enumerate(outcomes) if f is not None}
+        if not failures:
+            return [value for value, _ in outcomes]
+        if self.rank == 0:
+            message = "; ".join(text for text, _ in failures.values())
+        elif self.rank in failures:
+            message = failures[self.rank][0]
+        else:
+            ranks = ", ".join(str(r) for r in failures)
+            message = f"rank {self.rank}: stopped because rank {ranks} failed (rank 0 reports why)"
+        error = ShardmergeError(f"{message}; {consequence}")
+        # Bad input everywhere (e.g. an output folder in the way) keeps its exit code 2.
+        error.exit_code = max(code for _, code in failures.values())
+        raise error
+
+    def _gather(self, outcome: Any, doing: str, consequence: str) -> list[Any]:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(gathered, outcome, group=self.group)
+        except RuntimeError as exc:  # a peer's sockets closed: it died without reporting
+            # gloo's "[.../pair.cc:537] Read error [host]:port: Connection reset by peer. ..."
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc)).split(". ")[0] or repr(exc)
+            raise ShardmergeError(
+                f"{self.who}: lost contact with the other ranks while {doing} ({cause}): one "
+                f"of them stopped without reporting (killed, out of memory or crashed; the "
+                f"launcher's report names it); {consequence}"
+            ) from None
+        return gathered
+
+    def _shard_names(self) -> str:
+        """This rank's shards, a contiguous run: "first to last (n shards)"."""
+        names = [self.prepared.plan.shards[i].filename for i in self.mine]
+        if len(names) < 3:
+            return " and ".join(names) or "no shards"
+        return f"{names[0]} to {names[-1]} ({len(names)} shards)"
+
+
+def _join() -> tuple[int, int, int]:
+    """Join the process group torchrun / accelerate launch described in the environment.
+
+    Returns:
+        (rank, local rank, processes on this machine).
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    missing = [name for name in _GROUP_ENV if not os.environ.get(name, "").strip()]
+    if missing:
+        raise InputError(
+            f"WORLD_SIZE={world} makes this process one of {world}, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: start shardmerge under torchrun "
+            "or accelerate launch (they set them), set RANK, MASTER_ADDR and MASTER_PORT "
+            "yourself, or unset WORLD_SIZE to merge in one process"
+        )
+    rank = _env_int("RANK", 0)
+    if not 0 <= rank < world:
+        raise InputError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    if not dist.is_available():
+        raise ShardmergeError("this torch build has no torch.distributed: run in one process")
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        dist.init_process_group(backend="gloo")
+    except (RuntimeError, ValueError) as exc:
+        raise ShardmergeError(
+            f"rank {rank} could not join the other {world - 1} process(es) through {address} "
+            f"(MASTER_ADDR:MASTER_PORT): {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from None
+    return rank, local_rank, local_world
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{name}={value!r} is not a number") from None
 
 
 def _device_for(requested: str, local_rank: int) -> str:
+    """``auto`` and ``cuda`` mean this machine's GPU number LOCAL_RANK (shared round-robin)."""
     import torch
 
     if requested in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return "cpu" if requested == "auto" else requested
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu" if requested == "auto" else requested  # "cuda" without CUDA fails later
 
 
-def _gather(status: str | None) -> list[str | None]:
-    import torch.distributed as dist
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))  # the cores this process may use (cgroups, taskset)
+    return os.cpu_count() or 1
 
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, status)
-    return gathered
+
+def _marker(work: Path) -> Path:
+    from shardmerge.pipeline import PROGRESS_NAME
+
+    return work / f"{PROGRESS_NAME}.run"
+
+
+def _read_marker(work: Path) -> str | None:
+    try:
+        value = json.loads(_marker(work).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        # open + fstat, not stat: NFS revalidates a file's attributes on open.
+        with path.open("rb") as fh:
+            return os.fstat(fh.fileno()).st_size
+    except OSError:
+        return None
+
+
+def _split(sizes: Sequence[int], num_processes: int) -> list[list[int]]:
+    """Contiguous groups of indices, one per rank, minimising the largest sum."""
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    # The smallest cap that greedy packing fits into num_processes groups is the optimum.
+    low, high = max(sizes, default=0), sum(sizes)
+    while low < high:
+        mid = (low + high) // 2
+        if len(_pack(sizes, mid)) <= num_processes:
+            high = mid
+        else:
+            low = mid + 1
+    groups = _pack(sizes, low, spread_over=num_processes)
+    return groups + [[] for _ in range(num_processes - len(groups))]
+
+
+def _pack(sizes: Sequence[int], cap: int, spread_over: int = 0) -> list[list[int]]:
+    """Indices in order, a new group whenever ``cap`` would be passed; also, once the indices
+    left are no more than the groups still empty out of ``spread_over``, one per group."""
+    groups: list[list[int]] = []
+    load = 0
+    for i, size in enumerate(sizes):
+        if not groups or load + size > cap or len(sizes) - i <= spread_over - len(groups):
+            groups.append([])
+            load = 0
+        groups[-1].append(i)
+        load += size
+    return groups

@@ -24,10 +24,17 @@ from typing import Literal, Protocol
 
 import torch
 
-from shardmerge import slerp
+from shardmerge import faults, slerp
 from shardmerge.errors import CheckpointError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
-from shardmerge.plan import CHUNK_NUMEL, CHUNKS_IN_FLIGHT, MergePlan, OutputShard, TensorTask
+from shardmerge.plan import (
+    CHUNK_NUMEL,
+    CHUNKS_IN_FLIGHT,
+    RESIDENT_NUMEL,
+    MergePlan,
+    OutputShard,
+    TensorTask,
+)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -115,7 +122,10 @@ class _Reader:
             os.close(self._open.pop(file)[0])
 
 
-Kind = Literal["copy_a", "copy_b", "single", "stats", "combine", "int"]
+# copy_a / copy_b: t is 0 or 1, bytes pass through. load + emit: the tensor fits the resident
+# pair buffer, so it is read once. stats + combine: a larger tensor is read twice (sums, then
+# output) so no float32 copy of it is ever whole. int: integer/bool tensors, read whole.
+Kind = Literal["copy_a", "copy_b", "load", "emit", "stats", "combine", "int"]
 
 
 @dataclass
@@ -148,9 +158,16 @@ def _steps(plan: MergePlan, skip_shards: frozenset[int]) -> Iterator[_Step]:
             yield from _task_steps(task, index)
 
 
+def _chunk_numel() -> int:
+    # Whole blocks per chunk, so the block partition (and so every sum) is the same as in
+    # shardmerge.slerp.slerp with the same chunk size.
+    return max(slerp.BLOCK, CHUNK_NUMEL - CHUNK_NUMEL % slerp.BLOCK)
+
+
 def _task_steps(task: TensorTask, shard: int) -> Iterator[_Step]:
     n = task.a.numel
-    spans = [(s, min(s + CHUNK_NUMEL, n)) for s in range(0, n, CHUNK_NUMEL)] or [(0, 0)]
+    step = _chunk_numel()
+    spans = [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
     same_dtype = task.input_dtype in (None, task.a.dtype)
     if not task.is_float:
         yield _Step(task, shard, "int", 0, n, True)
@@ -160,8 +177,11 @@ def _task_steps(task: TensorTask, shard: int) -> Iterator[_Step]:
         for i, (s, e) in enumerate(spans):
             yield _Step(task, shard, kind, s, e, i == len(spans) - 1)
         return
-    if len(spans) == 1:
-        yield _Step(task, shard, "single", 0, n, True)
+    if n <= RESIDENT_NUMEL:
+        for s, e in spans:
+            yield _Step(task, shard, "load", s, e, False)
+        for i, (s, e) in enumerate(spans):
+            yield _Step(task, shard, "emit", s, e, i == len(spans) - 1)
         return
     for s, e in spans:
         yield _Step(task, shard, "stats", s, e, False)
@@ -227,9 +247,9 @@ def execute_plan(
     for _ in range(CHUNKS_IN_FLIGHT):
         free.put(
             _Slot(
-                torch.empty(CHUNK_NUMEL * max_in, dtype=torch.uint8, pin_memory=pin),
-                torch.empty(CHUNK_NUMEL * max_in, dtype=torch.uint8, pin_memory=pin),
-                torch.empty(CHUNK_NUMEL * max_out, dtype=torch.uint8, pin_memory=pin),
+                torch.empty(_chunk_numel() * max_in, dtype=torch.uint8, pin_memory=pin),
+                torch.empty(_chunk_numel() * max_in, dtype=torch.uint8, pin_memory=pin),
+                torch.empty(_chunk_numel() * max_out, dtype=torch.uint8, pin_memory=pin),
             )
         )
     ready: queue.Queue[object] = queue.Queue(maxsize=CHUNKS_IN_FLIGHT)
@@ -267,16 +287,19 @@ def execute_plan(
                 _pwrite_all(out.fd, view, offset)
                 out.hasher.update(view)
                 out.written += len(view)
+                faults.reached("chunk-written")
                 if slot is not None:
                     free.put(slot)
                 if out.written == out.shard.file_bytes:
-                    os.fsync(out.fd)
+                    # No fsync: resume re-hashes every recorded shard, so a shard lost to a power
+                    # cut is redone, and a killed process loses nothing the kernel holds.
                     os.close(out.fd)
                     result = ShardResult(out.shard.filename, out.hasher.hexdigest(), out.written)
                     results.append(result)
                     del outputs[shard_index]
                     if on_shard_done is not None:
                         on_shard_done(shard_index, result)
+                    faults.reached("shard-done")
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
             stop.set()
@@ -288,8 +311,10 @@ def execute_plan(
     writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
     reader.start()
     writer.start()
-    work32_a = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=dev)
-    work32_b = torch.empty(CHUNK_NUMEL, dtype=torch.float32, device=dev)
+    largest = max(
+        (t.a.numel for t in plan.tasks if t.is_float and t.a.numel <= RESIDENT_NUMEL), default=0
+    )
+    x_buf = slerp.pair_buffer(max(largest, _chunk_numel()), dev)
     stats: slerp.SlerpStats | None = None
     try:
         while True:
@@ -302,10 +327,10 @@ def execute_plan(
                 outputs[step.shard] = _open_output(
                     out_dir, plan.shards[step.shard], to_write, step.shard
                 )
-            if step.kind == "stats" and step.start == 0:
+            if step.kind in ("stats", "load") and step.start == 0:
                 stats = slerp.SlerpStats()
-            data, nbytes = _compute(step, stats, work32_a, work32_b, dev)
-            if step.kind == "stats":
+            data, nbytes = _compute(step, stats, x_buf, dev)
+            if step.kind in ("stats", "load"):
                 assert step.slot is not None
                 free.put(step.slot)
             else:
@@ -395,6 +420,8 @@ def _read_step(
     if step.slot is None:
         return
     count = step.end - step.start
+    if step.kind == "emit":
+        return  # computed from the resident pair buffer: only an output buffer is needed
     if step.kind != "copy_b":
         size = DTYPE_SIZES[task.a.dtype]
         view = memoryview(step.slot.raw_a.numpy())[: count * size]
@@ -405,31 +432,24 @@ def _read_step(
         reader_b.read_into(task.b, step.start * size, view)
 
 
-def _as_float32(
-    raw: torch.Tensor,
-    dtype: str,
-    count: int,
-    input_dtype: str | None,
-    work: torch.Tensor,
-    dev: torch.device,
+def _load(
+    slot: _Slot, task: TensorTask, count: int, x: torch.Tensor, dev: torch.device
 ) -> torch.Tensor:
-    typed = raw[: count * DTYPE_SIZES[dtype]].view(TORCH_DTYPES[dtype])
-    if dev.type != "cpu":
-        typed = typed.to(dev, non_blocking=True)
-    if input_dtype is not None and input_dtype != dtype:
-        # mergekit's `dtype`: inputs are rounded to it before the math.
-        typed = typed.to(TORCH_DTYPES[input_dtype])
-    out = work[:count]
-    out.copy_(typed)
-    return out
+    """The chunk's raw bytes of both inputs -> the float32 pair buffer on ``dev``."""
+    typed = []
+    for raw, info in ((slot.raw_a, task.a), (slot.raw_b, task.b)):
+        tensor = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
+        if dev.type != "cpu":
+            tensor = tensor.to(dev, non_blocking=True)
+        if task.input_dtype is not None and task.input_dtype != info.dtype:
+            # mergekit's `dtype`: inputs are rounded to it before the math.
+            tensor = tensor.to(TORCH_DTYPES[task.input_dtype])
+        typed.append(tensor)
+    return slerp.load_pair(x, typed[0], typed[1])
 
 
 def _compute(
-    step: _Step,
-    stats: slerp.SlerpStats | None,
-    work_a: torch.Tensor,
-    work_b: torch.Tensor,
-    dev: torch.device,
+    step: _Step, stats: slerp.SlerpStats | None, x_buf: torch.Tensor, dev: torch.device
 ) -> tuple[object, int]:
     """Run one step; returns (bytes-like or uint8 tensor to write, output byte count)."""
     task = step.task
@@ -453,25 +473,26 @@ def _compute(
         src = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
         out_raw.view(TORCH_DTYPES[out_code]).copy_(src)
         return out_raw, nbytes
-    a32 = _as_float32(slot.raw_a, task.a.dtype, count, task.input_dtype, work_a, dev)
-    b32 = _as_float32(slot.raw_b, task.b.dtype, count, task.input_dtype, work_b, dev)
-    if step.kind == "stats":
+    # Resident tensors keep every chunk at its own rows of the pair buffer; others reuse row 0.
+    row = step.start // slerp.BLOCK if step.kind in ("load", "emit") else 0
+    if step.kind == "emit":
+        rows = -(-count // slerp.BLOCK)
+        x = x_buf[row : row + rows]
+    else:
+        x = _load(slot, task, count, x_buf[row:], dev)
+    if step.kind in ("stats", "load"):
         assert stats is not None
-        slerp.accumulate(stats, a32, b32)
+        slerp.accumulate_pair(stats, x)
         return None, 0
-    if step.kind == "single":
-        stats = slerp.SlerpStats()
-        slerp.accumulate(stats, a32, b32)
     assert stats is not None
     _check_finite(stats, task)
     s0, s1 = slerp.coefficients(stats, task.t)
     typed_out = out_raw.view(TORCH_DTYPES[out_code])
     if dev.type == "cpu":
-        slerp.combine_into(typed_out, a32, b32, s0, s1)
+        slerp.combine_pair(typed_out, x, s0, s1)
     else:
         result = torch.empty(count, dtype=TORCH_DTYPES[out_code], device=dev)
-        slerp.combine_into(result, a32, b32, s0, s1)
-        typed_out.copy_(result)
+        typed_out.copy_(slerp.combine_pair(result, x, s0, s1))
     return out_raw, nbytes
 
 

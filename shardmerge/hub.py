@@ -325,7 +325,7 @@ def push_folder(
                 f"private on {url} or choose another name ({retry})"
             )
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
-    except _HUB_ERRORS as exc:
+    except (*_HUB_ERRORS, RuntimeError) as exc:  # LFS upload failures arrive as RuntimeError
         error = hub_error(exc, repo_id, action="push to")
         raise type(error)(f"{error} ({retry})") from exc
     return replace(result, url=str(url), commit_sha=info.oid)
@@ -352,8 +352,8 @@ def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeErr
             status = err.response.status_code
             if status == 401:
                 return InputError(
-                    f"{where}: not authorised (401): the repo is private, gated or missing for "
-                    f"this token; {login}"
+                    f"{where}: not authorised (401): the token is missing or invalid, or cannot "
+                    f"access this repo; {login}"
                 )
             if isinstance(err, RevisionNotFoundError):
                 return InputError(f"{where}: revision not found (use a branch, tag or full sha)")

@@ -21,6 +21,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # safetensors itself refuses headers above 100 MB; a larger claim is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
+# torch's own limit on tensor rank; a longer shape is corrupt (and would make huge messages).
+MAX_RANK = 64
+_MAX_LISTED = 20
 
 # safetensors dtype code -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
@@ -87,11 +90,19 @@ def parse_header(
         where: how messages name the shard (default ``file``), e.g. "model A: shard.safetensors".
     """
     where = where or file
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
+    header = _decode_json(raw, f"{where}: header")
     return parse_header_dict(header, file, data_size, where)
+
+
+def _decode_json(raw: bytes, what: str) -> Any:
+    """``json.loads`` that reports every way hostile bytes can fail as a CheckpointError."""
+    try:
+        return json.loads(raw)
+    # ValueError: JSONDecodeError, undecodable bytes, integers beyond Python's digit limit;
+    # RecursionError: arrays nested thousands deep.
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise CheckpointError(f"{what} is not valid JSON ({reason[:200]})") from None
 
 
 def parse_header_dict(
@@ -128,6 +139,8 @@ def _parse_entry(name: str, entry: Any, file: str, data_size: int | None, shard:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise CheckpointError(f"{where}: shape has {len(shape)} dimensions (at most {MAX_RANK})")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -136,13 +149,12 @@ def _parse_entry(name: str, entry: Any, file: str, data_size: int | None, shard:
     ):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
     begin, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * DTYPE_SIZES[dtype] != end - begin:
+    needed = _nbytes(shape, DTYPE_SIZES[dtype], limit=1 << 64)
+    if needed != end - begin:
+        shown = "more than 2**64" if needed is None else str(needed)
         raise CheckpointError(
             f"{where}: data_offsets span {end - begin} bytes but shape {shape} x {dtype} "
-            f"needs {numel * DTYPE_SIZES[dtype]}"
+            f"needs {shown}"
         )
     if data_size is not None and end > data_size:
         raise CheckpointError(
@@ -150,6 +162,19 @@ def _parse_entry(name: str, entry: Any, file: str, data_size: int | None, shard:
             "bytes (truncated shard?)"
         )
     return TensorInfo(name, dtype, tuple(shape), file, begin, end)
+
+
+def _nbytes(shape: list[int], item_size: int, limit: int) -> int | None:
+    """Bytes of ``shape``, or None once they exceed ``limit`` (hostile shapes can claim
+    products with thousands of digits)."""
+    if 0 in shape:
+        return 0
+    n = item_size
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
 
 
 def _is_count(value: Any) -> bool:
@@ -194,8 +219,12 @@ def safe_member(folder: Path, relative: str, what: str) -> Path:
     if ".." in Path(relative).parts:
         raise CheckpointError(f"{what}: path {relative!r} escapes the model folder")
     path = folder / relative
-    root = folder.resolve()
-    real = path.resolve()
+    try:
+        root = folder.resolve()
+        real = path.resolve()
+    # ValueError: an embedded NUL; RuntimeError: a symlink loop (Python < 3.13).
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{what}: path {relative!r} cannot be used ({exc})") from None
     if real != root and root not in real.parents:
         # Hub cache snapshots link into the repo's own blobs/ folder: allow that, nothing else.
         blobs = root.parent.parent / "blobs"
@@ -210,7 +239,7 @@ def read_local_model(folder: Path, label: str) -> ModelInventory:
         raise CheckpointError(f"{label}: {folder} is not a folder")
     index_path = folder / INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_index(index_path, f"{label}: {INDEX_NAME}")
+        weight_map = _read_index(index_path, label)
         files = tuple(dict.fromkeys(weight_map.values()))
     elif (folder / SINGLE_NAME).is_file():
         weight_map = None
@@ -220,8 +249,9 @@ def read_local_model(folder: Path, label: str) -> ModelInventory:
         if pickles:
             raise CheckpointError(
                 f"{label}: {folder} holds only pickle weights ({pickles[0]}); pickle files can "
-                "run code when loaded, so shardmerge reads safetensors only. Convert them first "
-                "(e.g. load with transformers and save_pretrained(safe_serialization=True))"
+                "run code when loaded, so shardmerge reads safetensors by default. Convert them "
+                "(load with transformers and save_pretrained(safe_serialization=True)), or pass "
+                "--allow-pickle to convert them on the fly with torch.load(weights_only=True)"
             )
         raise CheckpointError(
             f"{label}: {folder} has no {SINGLE_NAME} or {INDEX_NAME} (empty or not a model folder)"
@@ -233,7 +263,10 @@ def read_local_model(folder: Path, label: str) -> ModelInventory:
             raise CheckpointError(f"{label}: shard {file} named in {INDEX_NAME} is missing")
         _, headers[file] = read_header(path, file, f"{label}: {file}")
     config = _read_json_file(folder / "config.json", label)
-    return assemble_inventory(label, headers, weight_map, config)
+    inventory = assemble_inventory(label, headers, weight_map, config)
+    if not inventory.tensors:
+        raise CheckpointError(f"{label}: {folder} holds no tensors")
+    return inventory
 
 
 def assemble_inventory(
@@ -255,6 +288,9 @@ def assemble_inventory(
                 problems.append(f"{label}: {INDEX_NAME} puts {name!r} in {file}, which lacks it")
             else:
                 tensors[name] = info
+        if len(problems) > _MAX_LISTED:
+            more = len(problems) - _MAX_LISTED
+            problems = problems[:_MAX_LISTED] + [f"... and {more} more tensors missing"]
         if problems:
             raise CheckpointError(problems)
     ordered = sorted(tensors.values(), key=lambda t: (t.file, t.begin))
@@ -266,13 +302,16 @@ def assemble_inventory(
     )
 
 
-def _read_index(path: Path, what: str) -> dict[str, str]:
-    data = _read_json_file(path, what)
+def _read_index(path: Path, label: str) -> dict[str, str]:
+    data = _read_json_file(path, label)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    what = f"{label}: {path.name}"
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{what}: 'weight_map' must map tensor names to shard file names")
+    if not weight_map:
+        raise CheckpointError(f"{what}: 'weight_map' lists no tensors")
     return weight_map
 
 
@@ -282,9 +321,10 @@ def _read_json_file(path: Path, what: str) -> dict[str, Any] | None:
     try:
         if path.stat().st_size > MAX_HEADER_BYTES:
             raise CheckpointError(f"{what}: {path.name} is implausibly large")
-        data = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{what}: {path.name} is not valid JSON ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{what}: cannot read {path.name} ({exc.strerror or exc})") from None
+    data = _decode_json(raw, f"{what}: {path.name}")
     if not isinstance(data, dict):
         raise CheckpointError(f"{what}: {path.name} is not a JSON object")
     return data

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardmerge import faults
 from shardmerge.errors import InputError, OutputError, ShardmergeError
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
@@ -59,12 +60,15 @@ class RunResult:
     plan: MergePlan
     skipped_shards: int
     bytes_read: int
+    peak_input_bytes_on_disk: int | None = None
 
 
-def prepare(recipe: Recipe, *, shard_size_bytes: int | None = None) -> PreparedMerge:
+def prepare(
+    recipe: Recipe, *, shard_size_bytes: int | None = None, allow_pickle: bool = False
+) -> PreparedMerge:
     """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
-    model_a = resolve_model(recipe.model_a, "a")
-    model_b = resolve_model(recipe.model_b, "b")
+    model_a = resolve_model(recipe.model_a, "a", allow_pickle=allow_pickle)
+    model_b = resolve_model(recipe.model_b, "b", allow_pickle=allow_pickle)
     plan = plan_merge(
         recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
     )
@@ -86,7 +90,9 @@ def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
     for shard in plan.shards:
         lines.append(f"  {shard.filename}  {shard.file_bytes:,} bytes  {len(shard.tasks)} tensors")
     lines.append(f"input bytes read: {plan.input_bytes:,}")
-    lines.append(f"estimated peak memory: {estimate_peak_bytes() / 1e6:,.0f} MB (any model size)")
+    lines.append(
+        f"estimated peak memory: {estimate_peak_bytes(plan) / 1e6:,.0f} MB (any model size)"
+    )
     if num_processes > 1:
         from shardmerge.distributed import split_shards
 
@@ -125,12 +131,18 @@ def run_merge(
     prepare_output(prepared, out, overwrite=overwrite, resume=resume)
     merged = merge_shards(prepared, out, device=device, quiet=quiet, resume=resume, stream=stream)
     finish_output(prepared, out)
-    return RunResult(out, prepared.plan, merged.skipped_shards, merged.bytes_read)
+    return RunResult(
+        out,
+        prepared.plan,
+        merged.skipped_shards,
+        merged.bytes_read,
+        merged.peak_input_bytes_on_disk,
+    )
 
 
 def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool) -> Path:
     """Check the output location and create (or, to resume, keep) the hidden working folder."""
-    inputs = [m.local_dir for m in (prepared.model_a, prepared.model_b) if m.local_dir]
+    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
     needed = sum(s.file_bytes for s in prepared.plan.shards)
     check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
     return prepare_partial(out, keep=resume)
@@ -140,6 +152,7 @@ def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resum
 class MergedShards:
     skipped_shards: int
     bytes_read: int
+    peak_input_bytes_on_disk: int | None  # streaming from the Hub: both models' peak
     bytes_read: int
 
 
@@ -164,7 +177,7 @@ def merge_shards(
     work = partial_dir(out)
     dev = resolve_device(device)
     if dev == "cpu" and only_shards is None:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(int(os.environ.get("SM_THREADS", os.cpu_count() or 1)))
     done = _resumable_shards(work, prepared) if resume else {}
     wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
     skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)
@@ -206,8 +219,10 @@ def merge_shards(
         finally:
             if bar:
                 bar.close()
+        peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
-    return MergedShards(skipped, result.bytes_read)
+    streamed = [p for p in peaks if p is not None]
+    return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
 
 
 def finish_output(prepared: PreparedMerge, out: Path) -> RunResult:
@@ -219,7 +234,7 @@ def finish_output(prepared: PreparedMerge, out: Path) -> RunResult:
     for record in work.glob(PROGRESS_NAME + "*"):
         record.unlink()
     finalize(work, out)
-    return RunResult(out, prepared.plan, 0, 0)
+    return RunResult(out, prepared.plan, 0, 0, None)
 
 
 def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list[str]]:
@@ -279,6 +294,7 @@ def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_
         num_shards=len(plan.shards),
     )
     (work / "README.md").write_text(card)
+    faults.reached("before-index")
     (work / INDEX_NAME).write_text(plan.index_json())
 
 

@@ -25,7 +25,7 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
     tokenizer_from: a          # a | b
     hub:
       push_to: me/merged
-      private: true            # default true: a merge of private weights must not leak
+      private: true            # default false (public), as in huggingface_hub
       stream: false            # download input shards just in time
 
 With this recipe ``model.layers.8.self_attn.q_proj.weight`` of a 32-layer model gets
@@ -318,9 +318,17 @@ class _Check:
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         self.warnings: list[str] = []
+        # Locations a misspelt key was matched to: "modles" already says "did you mean
+        # 'models'?", so "models: missing" would only repeat it.
+        self.suggested: set[str] = set()
 
     def add(self, path: str, message: str) -> None:
+        if message.startswith("missing") and path in self.suggested:
+            return
         self.problems.append(f"{path}: {message}" if path else message)
+
+    def any_suggested(self, path: str, keys: Sequence[str]) -> bool:
+        return any(_at(path, key) in self.suggested for key in keys)
 
     def mapping(self, value: Any, path: str, what: str = "a mapping") -> dict[Any, Any] | None:
         if isinstance(value, dict):
@@ -344,14 +352,15 @@ class _Check:
             if unsupported and name in unsupported:
                 self.add(_at(path, name), unsupported[name])
                 continue
+            if hint and name in hint:
+                self.add(_at(path, name), f"unknown key; {hint[name]}")
+                continue
             close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
             if close:
-                message = f"unknown key; did you mean {close[0]!r}?"
+                self.suggested.add(_at(path, close[0]))
+                self.add(_at(path, name), f"unknown key; did you mean {close[0]!r}?")
             else:
-                message = "unknown key; expected one of " + ", ".join(allowed)
-            if hint and name in hint:
-                message += f" ({hint[name]})"
-            self.add(_at(path, name), message)
+                self.add(_at(path, name), "unknown key; expected one of " + ", ".join(allowed))
 
     def string(self, value: Any, path: str, what: str = "a string") -> str | None:
         if isinstance(value, str) and value.strip():
@@ -435,8 +444,12 @@ _MERGEKIT_ONLY = (
     "modules",
 )
 _MERGEKIT_HINT = {
-    key: "a mergekit key: mergekit configs need `merge_method: slerp`" for key in _MERGEKIT_ONLY
+    key: "it is a mergekit key, and mergekit configs need `merge_method: slerp`"
+    for key in _MERGEKIT_ONLY
 }
+_MERGEKIT_HINT["dtype"] = _MERGEKIT_HINT["out_dtype"] = (
+    "the output dtype goes under output.dtype (mergekit configs need `merge_method: slerp`)"
+)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -476,7 +489,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
             check.add("tokenizer_from", f"expected a or b, got {_describe(value)}")
 
     push_to: str | None = None
-    private = True
+    private = False
     stream = False
     hub = check.mapping(data["hub"], "hub") if "hub" in data else None
     if hub is not None:
@@ -667,7 +680,8 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     kind: Literal["substring", "regex"] = "substring"
     patterns = [k for k in ("match", "regex") if k in rule]
     if not patterns:
-        check.add(path, "give `match:` (a substring of the tensor name) or `regex:`")
+        if not check.any_suggested(path, ("match", "regex")):
+            check.add(path, "give `match:` (a substring of the tensor name) or `regex:`")
     elif len(patterns) == 2:
         check.add(path, "give only one of match and regex")
     elif patterns[0] == "match":
@@ -685,7 +699,8 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     value: TValue | None = None
     values = [k for k in ("value", "gradient", "layers") if k in rule]
     if not values:
-        check.add(path, "give one of value (a number), gradient (a list) or layers (a mapping)")
+        if not check.any_suggested(path, ("value", "gradient", "layers")):
+            check.add(path, "give one of value (a number), gradient (a list) or layers (a mapping)")
     elif len(values) > 1:
         check.add(path, f"give only one of value, gradient and layers (got {' and '.join(values)})")
     elif values[0] == "value":

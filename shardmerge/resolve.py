@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardmerge.errors import CheckpointError, InputError
 from shardmerge.inventory import (
+    INDEX_NAME,
+    SINGLE_NAME,
     ModelInventory,
     assemble_inventory,
     parse_header_dict,
@@ -35,19 +41,33 @@ class ResolvedModel:
     inventory: ModelInventory
     small_files: tuple[str, ...]  # config, tokenizer and other non-weight files
     pin: str  # Hub commit sha, or a fingerprint of the local headers, sizes and mtimes
+    origin_dir: Path | None = None  # the folder named in the recipe, when local_dir is a
+    # safetensors copy of its pickle weights (--allow-pickle)
 
     @property
     def hub_id(self) -> str | None:
         return self.hub.repo_id if self.hub else None
 
+    @property
+    def input_dirs(self) -> tuple[Path, ...]:
+        """Local folders this model is read from: an output must stay out of all of them."""
+        return tuple(d for d in (self.local_dir, self.origin_dir) if d is not None)
 
-def resolve_model(ref: ModelRef, key: str) -> ResolvedModel:
-    """Find ``ref`` locally or on the Hub and read its headers (no tensor bytes)."""
+
+def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> ResolvedModel:
+    """Find ``ref`` locally or on the Hub and read its headers (no tensor bytes).
+
+    Args:
+        allow_pickle: convert a local folder holding only ``pytorch_model*.bin`` files into
+            safetensors in a scratch folder (removed at exit) instead of refusing it.
+    """
     label = f"model {key.upper()} ({ref.ref}{'@' + ref.revision if ref.revision else ''})"
     path = Path(ref.ref).expanduser()
     if path.is_dir():
         if ref.revision:
             raise InputError(f"models.{key}: a revision was given for local folder {ref.ref!r}")
+        if allow_pickle and _pickle_only(path):
+            return _resolve_pickle_model(ref, key, label, path)
         inventory = read_local_model(path, label)
         return ResolvedModel(
             key=key,
@@ -57,7 +77,7 @@ def resolve_model(ref: ModelRef, key: str) -> ResolvedModel:
             hub=None,
             inventory=inventory,
             small_files=tuple(local_small_files(path)),
-            pin=_local_fingerprint(path, inventory),
+            pin=_local_fingerprint(path, inventory.files, inventory),
         )
     from shardmerge import hub
 
@@ -119,14 +139,42 @@ def small_files_folder(model: ResolvedModel) -> Path:
     return hub.download_files(model.hub, list(model.small_files))
 
 
-def _local_fingerprint(folder: Path, inventory: ModelInventory) -> str:
-    """Cheap identity of a local model: its headers plus each shard's size and mtime."""
+def _pickle_only(folder: Path) -> bool:
+    has_safetensors = (folder / INDEX_NAME).is_file() or (folder / SINGLE_NAME).is_file()
+    return not has_safetensors and any(folder.glob("pytorch_model*.bin"))
+
+
+def _resolve_pickle_model(ref: ModelRef, key: str, label: str, folder: Path) -> ResolvedModel:
+    """Convert ``folder``'s pickle weights to safetensors in a scratch folder and inventory it."""
+    from shardmerge.pickles import convert_pickle_model
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"shardmerge-pickle-{key}-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    converted = scratch / "model"
+    pickles = convert_pickle_model(folder, converted, label)
+    inventory = read_local_model(converted, label)
+    return ResolvedModel(
+        key=key,
+        ref=ref,
+        label=label,
+        local_dir=converted,
+        hub=None,
+        inventory=inventory,
+        small_files=tuple(local_small_files(converted)),
+        # Of the original files: each conversion writes new mtimes, and --resume must still match.
+        pin=_local_fingerprint(folder, pickles, inventory),
+        origin_dir=folder,
+    )
+
+
+def _local_fingerprint(folder: Path, files: Iterable[str], inventory: ModelInventory) -> str:
+    """Cheap identity of a local model: its headers plus each weight file's size and mtime."""
     digest = hashlib.sha256()
     layout = [
         (t.name, t.dtype, list(t.shape), t.file, t.begin, t.end) for t in inventory.tensors.values()
     ]
     digest.update(json.dumps(layout).encode())
-    for file in inventory.files:
+    for file in files:
         stat = (folder / file).stat()
         digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return "sha256:" + digest.hexdigest()[:16]

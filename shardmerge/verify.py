@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shardmerge.errors import CheckpointError
-from shardmerge.inventory import FLOAT_DTYPES, INDEX_NAME, TensorInfo, read_header
+from shardmerge.errors import CheckpointError, InputError
+from shardmerge.inventory import FLOAT_DTYPES, INDEX_NAME, TensorInfo, read_header, safe_member
 
 if TYPE_CHECKING:
     from shardmerge.pipeline import PreparedMerge
@@ -45,8 +45,17 @@ class VerifyReport:
 def verify_output(
     output: Path, *, prepared: PreparedMerge | None = None, full: bool = False
 ) -> VerifyReport:
-    """Index vs shards, header bounds, NaN/Inf, total size; with a plan, recompute tensors."""
+    """Index vs shards, header bounds, NaN/Inf, total size; with a plan, recompute tensors.
+
+    Raises:
+        InputError: ``full`` without ``prepared`` (nothing to recompute from).
+    """
+    if full and prepared is None:
+        raise InputError("--full recomputes tensors from the inputs: it needs --recipe")
     report = VerifyReport(output)
+    if not output.is_dir():
+        report.problems.append(f"{output} is not a folder")
+        return report
     tensors = _check_structure(output, report)
     if tensors is None:
         return report
@@ -66,13 +75,23 @@ def _check_structure(
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
         total_size = index["metadata"]["total_size"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         report.problems.append(f"{INDEX_NAME}: missing or invalid ({exc})")
         return None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        report.problems.append(f"{INDEX_NAME}: weight_map must map tensor names to shard files")
+        return None
+    if not isinstance(total_size, int):
+        report.problems.append(f"{INDEX_NAME}: total_size {total_size!r} is not an integer")
     found: dict[str, tuple[TensorInfo, int]] = {}
     for file in sorted(set(weight_map.values())):
         try:
-            start, header = read_header(output / file, file)
+            path = safe_member(output, file, INDEX_NAME)
+            if not path.is_file():
+                raise CheckpointError(f"{file}: missing (the index names it)")
+            start, header = read_header(path, file)
         except CheckpointError as exc:
             report.problems.append(str(exc))
             continue
@@ -84,7 +103,7 @@ def _check_structure(
         if name not in found and not any(file in p for p in report.problems):
             report.problems.append(f"{INDEX_NAME}: {name!r} is not in {file}")
     actual = sum(info.nbytes for info, _ in found.values())
-    if actual != total_size:
+    if isinstance(total_size, int) and actual != total_size:
         report.problems.append(f"{INDEX_NAME}: total_size {total_size} but tensors hold {actual}")
     report.tensors = len(found)
     report.total_size = actual

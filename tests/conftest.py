@@ -1,22 +1,32 @@
 """Shared fixtures and helpers: Hub isolation, the loopback fake Hub, tiny checkpoints.
 
 Helpers are plain functions; import them in a test module with
-``from conftest import write_checkpoint, folder_files, make_hf_cache_repo``.
+``from tests.conftest import write_checkpoint, folder_files, make_hf_cache_repo``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub, etag_of
+
+from tests.fakehub import FakeHub, etag_of
 
 # Points any Hub call a test forgot to aim at the fake server at a closed local port,
 # so no test can ever reach the real Hub.
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # huggingface_hub's LFS upload passes bytes as `data=`, which httpx2 deprecates: not ours.
+    config.addinivalue_line(
+        "filterwarnings",
+        "ignore:Use 'content=<...>' to upload raw bytes/text content.:DeprecationWarning",
+    )
 
 
 def _patch_hf_constants(monkeypatch: pytest.MonkeyPatch, **values: object) -> None:
@@ -67,6 +77,9 @@ def isolated_hf_home(
         HF_HUB_DISABLE_TELEMETRY=True,
         HF_HUB_DISABLE_PROGRESS_BARS=True,
     )
+    tqdm_module = sys.modules.get("huggingface_hub.utils.tqdm")
+    if tqdm_module is not None:  # imported before this test: it copied the flag at import
+        monkeypatch.setattr(tqdm_module, "HF_HUB_DISABLE_PROGRESS_BARS", True)
     return home
 
 

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 TOKEN = "hf_fake"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -75,9 +75,8 @@ class FakeHub:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes, shared like the real LFS store
         self.log: list[LoggedRequest] = []
         self.created: list[dict] = []  # bodies of POST /api/repos/create
-        self.commits: list[
-            dict
-        ] = []  # {"repo", "branch", "sha", "summary", "description", "paths"}
+        # One per commit received: {"repo", "branch", "sha", "summary", "description", "paths"}
+        self.commits: list[dict] = []
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
@@ -154,7 +153,9 @@ class FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        serve = self._server.serve_forever
+        # A short poll interval keeps stop() (and so each test's teardown) fast.
+        threading.Thread(target=serve, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -197,18 +198,6 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass
 
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
     # -- plumbing ------------------------------------------------------------------------------
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -220,12 +209,11 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _dispatch(self, method: str) -> None:
+    def _dispatch(self) -> None:
+        method = self.command
         url = urlsplit(self.path)
         self.segments = [unquote(s) for s in url.path.strip("/").split("/")]
-        self.query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.body = self._read_body()
-        self.method = method
         self.entry = LoggedRequest(method, unquote(url.path), self.headers.get("Range"), 0, 0)
         if self.body and method != "PUT":
             try:
@@ -250,6 +238,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the fake: answer it rather than drop the connection
             self._send(500, {"error": f"fakehub: {exc!r}"})
 
+    do_HEAD = do_GET = do_POST = do_PUT = _dispatch
+
     def _repo_id(self) -> str | None:
         s = self.segments
         if s[:2] == ["api", "models"] and len(s) >= 4:
@@ -270,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.method != "HEAD":
+        if self.command != "HEAD":
             self.wfile.write(body)
             self.entry.sent = len(body)
         self.entry.status = status

@@ -1,0 +1,143 @@
+"""The command line: commands, exit codes, output streams, start-up cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardmerge import __version__
+from shardmerge.cli import main
+from tests.conftest import write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pair(tmp_path: Path, shape_b: tuple[int, int] = (8, 4)) -> tuple[Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    a = {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=g),
+        "model.layers.1.mlp.up_proj.weight": torch.randn(8, 4, generator=g),
+        "model.norm.weight": torch.randn(4, generator=g),
+    }
+    b = dict(a)
+    b["model.layers.1.mlp.up_proj.weight"] = torch.randn(*shape_b, generator=g)
+    write_checkpoint(tmp_path / "a", a, [list(a)[:1], list(a)[1:]], {"model_type": "llama"})
+    write_checkpoint(tmp_path / "b", b, None, {"model_type": "llama"})
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _recipe(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    assert main([]) == 2  # no command: usage, bad-usage exit code
+
+
+def test_validate_and_plan(tmp_path, capsys):
+    a, b = _pair(tmp_path)
+    recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 0.3\n")
+    assert main(["validate", str(recipe)]) == 0
+    assert "3 tensors" in capsys.readouterr().out
+    assert main(["plan", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "model-00001-of-00001.safetensors" in out and "0.3" in out
+    assert "estimated peak memory" in out
+
+
+def test_run_mergekit_config_needs_out(tmp_path, capsys):
+    a, b = _pair(tmp_path)
+    config = (
+        f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+        "parameters:\n  t:\n    - filter: mlp\n      value: [0, 1]\n    - value: 0.5\n"
+        "dtype: float32\n"
+    )
+    recipe = _recipe(tmp_path, config)
+    assert main(["run", str(recipe), "--quiet"]) == 2
+    assert "--out" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(index["weight_map"]) == 3
+
+
+def test_bad_recipe_exit_2_and_no_output(tmp_path, capsys):
+    a, b = _pair(tmp_path)
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 1.5\nouptut: {{dir: {out}}}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'output'" in err and "1.5" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_shape_mismatch_reported_before_any_write(tmp_path, capsys):
+    a, b = _pair(tmp_path, shape_b=(4, 8))
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 0.5\noutput: {{dir: {out}}}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "[8, 4]" in err and "[4, 8]" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_output_refusals(tmp_path, capsys):
+    a, b = _pair(tmp_path)
+    recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 0.5\n")
+    assert main(["run", str(recipe), "--out", str(a / "merged")]) == 2
+    assert "inside input folder" in capsys.readouterr().err
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_help_and_validate_do_not_import_torch(tmp_path):
+    a, b = _pair(tmp_path)
+    recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 0.5\n")
+    code = (
+        "import sys; from shardmerge.cli import main; rc = main(sys.argv[1:]); "
+        "print(sorted(m for m in ('torch', 'huggingface_hub') if m in sys.modules)); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "validate", str(recipe)],
+        capture_output=True, text=True, env=_env(), check=True,
+    )  # fmt: skip
+    assert done.stdout.strip().endswith("[]")
+
+
+def test_demo_command_from_readme(tmp_path):
+    """The README's second set-up command, run as a user would (console script, repo root)."""
+    exe = Path(sys.executable).with_name("shardmerge")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shardmerge.cli"]
+    out = tmp_path / "merged-demo"
+    done = subprocess.run(
+        [*cmd, "run", "recipes/demo.yaml", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "merged 39 tensors" in done.stdout
+    assert "merging" in done.stderr  # the progress bar goes to stderr
+    assert {"config.json", "tokenizer.json", "README.md", "model.safetensors.index.json"} <= {
+        p.name for p in out.iterdir()
+    }

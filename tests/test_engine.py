@@ -1,0 +1,253 @@
+"""The streaming engine against an in-memory reference, on tiny hand-made checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shardmerge import engine
+from shardmerge.pipeline import prepare, run_merge
+from shardmerge.recipe import parse_recipe
+from shardmerge.slerp import slerp
+from tests.conftest import write_checkpoint
+
+LAYERS = 4
+
+
+def _tensors(seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    t = {"model.embed_tokens.weight": rand(700, 16)}  # > 2 chunks of 4096 elements
+    for i in range(LAYERS):
+        t[f"model.layers.{i}.self_attn.q_proj.weight"] = rand(16, 16)
+        t[f"model.layers.{i}.mlp.gate_proj.weight"] = rand(24, 16)
+        t[f"model.layers.{i}.mlp.up_proj.weight"] = rand(24, 16)
+        t[f"model.layers.{i}.input_layernorm.weight"] = rand(16)
+    for i in range(2):  # a second stack with its own depth
+        t[f"vision.blocks.{i}.attn.weight"] = rand(8, 8)
+    t["model.norm.weight"] = rand(16)
+    t["lm_head.weight"] = rand(700, 16)
+    t["bn.num_batches_tracked"] = torch.tensor(7 + seed, dtype=torch.int64)
+    return t
+
+
+def _pair(tmp_path: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Path, Path, dict, dict]:
+    a, b = _tensors(0, dtype), _tensors(1, dtype)
+    names = list(a)
+    # Differently sharded: A in three shards, B in one file.
+    shards_a = [names[:7], names[7:15], names[15:]]
+    config = {"model_type": "llama", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    write_checkpoint(tmp_path / "a", a, shards_a, config, {"tokenizer.json": "{}"})
+    write_checkpoint(tmp_path / "b", b, None, config, {"tokenizer.json": '{"b": 1}'})
+    return tmp_path / "a", tmp_path / "b", a, b
+
+
+def _gradient(anchors: list[float], i: int, n: int) -> float:
+    # mergekit's formula, written out independently of shardmerge.schedule.
+    p = i / (n - 1) if n > 1 else 1.0
+    s = p * (len(anchors) - 1)
+    i0 = math.floor(s)
+    f = s - i0
+    return (1 - f) * anchors[i0] + f * anchors[min(i0 + 1, len(anchors) - 1)]
+
+
+def _read_output(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, file in index["weight_map"].items():
+        with safe_open(folder / file, framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+RECIPE = """
+models:
+  a: {a}
+  b: {b}
+t:
+  default: 0.25
+  non_layer: 0.6
+  rules:
+    - match: self_attn
+      gradient: [0, 0.5, 0.3, 0.7, 1]
+    - regex: 'mlp\\.gate_'
+      value: 0.8
+    - match: mlp
+      layers: {{0: 0.1, "1-2": 0.9}}
+    - match: vision
+      gradient: [0.2, 0.4]
+output:
+  dir: {out}
+  shard_size: {shard}
+"""
+
+
+def _expected_t(name: str) -> float:
+    if name.startswith("model.layers."):
+        i = int(name.split(".")[2])
+        if "self_attn" in name:
+            return _gradient([0, 0.5, 0.3, 0.7, 1], i, LAYERS)
+        if "mlp.gate_" in name:
+            return 0.8
+        if "mlp" in name and i in (0, 1, 2):
+            return {0: 0.1, 1: 0.9, 2: 0.9}[i]
+        return 0.25
+    if name.startswith("vision.blocks."):
+        return _gradient([0.2, 0.4], int(name.split(".")[2]), 2)
+    return 0.6  # embeddings, final norm, lm_head, and the non-layer buffer
+
+
+@pytest.mark.parametrize("chunk", [None, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_matches_reference(tmp_path, monkeypatch, chunk, dtype):
+    if chunk is not None:
+        # Several chunks per tensor; the embeddings (11200 elements) exceed the resident limit
+        # and take the two-pass path (sums, then a second read for the output).
+        monkeypatch.setattr(engine, "CHUNK_NUMEL", chunk)
+        monkeypatch.setattr(engine, "RESIDENT_NUMEL", 2 * chunk)
+    path_a, path_b, a, b = _pair(tmp_path, dtype)
+    out = tmp_path / "out"
+    text = RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    merged = _read_output(out)
+    assert set(merged) == set(a)
+    for name, value in merged.items():
+        t = _expected_t(name)
+        if a[name].is_floating_point():
+            expected = slerp(a[name], b[name], t, chunk_numel=chunk or 1 << 22)
+            assert value.dtype == dtype
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+        else:
+            assert value.item() == round(a[name].item() * (1 - t) + b[name].item() * t)
+
+
+def test_output_layout_index_and_files(tmp_path):
+    path_a, path_b, a, _ = _pair(tmp_path)
+    out = tmp_path / "out"
+    limit = 20000
+    text = RECIPE.format(a=path_a, b=path_b, out=out, shard=limit)
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    total = 0
+    for file in files:
+        with safe_open(out / file, framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            sizes = [f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()]  # noqa: SIM118
+        total += sum(sizes)
+        assert sum(sizes) <= limit or len(sizes) == 1  # a tensor above the limit stands alone
+    assert (
+        index["metadata"]["total_size"]
+        == total
+        == sum(t.numel() * t.element_size() for t in a.values())
+    )
+    assert (out / "tokenizer.json").read_text() == "{}"  # from model A (tokenizer_from: a)
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "shardmerge" in card and "self_attn" in card and "```yaml" in card
+    assert not list(tmp_path.glob(".*partial*"))  # the working folder was renamed into place
+
+
+def test_t0_output_is_model_a_bit_for_bit(tmp_path):
+    path_a, path_b, a, _ = _pair(tmp_path)
+    out = tmp_path / "out"
+    text = f"models: {{a: {path_a}, b: {path_b}}}\nt: 0\noutput: {{dir: {out}}}\n"
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    merged = _read_output(out)
+    for name, value in a.items():
+        assert torch.equal(merged[name], value), name
+        assert merged[name].dtype == value.dtype
+
+
+def test_out_dtype_and_tokenizer_from_b(tmp_path):
+    path_a, path_b, a, b = _pair(tmp_path)
+    out = tmp_path / "out"
+    text = (
+        f"models: {{a: {path_a}, b: {path_b}}}\nt: 0.5\ntokenizer_from: b\n"
+        f"output: {{dir: {out}, dtype: float32}}\n"
+    )
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    merged = _read_output(out)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert merged[name].dtype == torch.float32
+    torch.testing.assert_close(
+        merged[name], slerp(a[name], b[name], 0.5, out_dtype=torch.float32), rtol=0, atol=0
+    )
+    assert (out / "tokenizer.json").read_text() == '{"b": 1}'
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_tied_first_model_drops_lm_head(tmp_path):
+    a, b = _tensors(0), _tensors(1)
+    del a["lm_head.weight"]
+    write_checkpoint(tmp_path / "a", a, None, {"tie_word_embeddings": True})
+    write_checkpoint(tmp_path / "b", b, None, {"tie_word_embeddings": False})
+    out = tmp_path / "out"
+    text = f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nt: 0.5\noutput: {{dir: {out}}}\n"
+    prepared = prepare(parse_recipe(text))
+    assert any("lm_head" in w for w in prepared.plan.warnings)
+    run_merge(prepared, out=out, quiet=True, device="cpu")
+    assert "lm_head.weight" not in _read_output(out)
+
+
+def test_untied_first_model_materialises_lm_head_from_tied_second(tmp_path):
+    a, b = _tensors(0), _tensors(1)
+    del b["lm_head.weight"]
+    write_checkpoint(tmp_path / "a", a, None, {"tie_word_embeddings": False})
+    write_checkpoint(tmp_path / "b", b, None, {"tie_word_embeddings": True})
+    out = tmp_path / "out"
+    text = f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nt: 0.5\noutput: {{dir: {out}}}\n"
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    expected = slerp(a["lm_head.weight"], b["model.embed_tokens.weight"], 0.5)
+    assert torch.equal(_read_output(out)["lm_head.weight"], expected)
+
+
+def test_merge_is_deterministic(tmp_path):
+    path_a, path_b, _, _ = _pair(tmp_path)
+    outs = []
+    for name in ("o1", "o2"):
+        out = tmp_path / name
+        text = RECIPE.format(a=path_a, b=path_b, out=out, shard="2KB")
+        run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+        outs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    assert outs[0] == outs[1]
+
+
+def test_transformers_loads_merged_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / name, max_shard_size="20KB")
+    out = tmp_path / "out"
+    text = (
+        f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\n"
+        "t: {default: {gradient: [0.2, 0.8]}, non_layer: 0.5}\n"
+        f"output: {{dir: {out}}}\n"
+    )
+    run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    logits = merged(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, 64)
+    assert torch.isfinite(logits).all()
+    assert merged.dtype == torch.bfloat16
