@@ -1,7 +1,8 @@
 """shardmerge: streaming, bounded-memory SLERP merging of sharded safetensors checkpoints.
 
-Importing the package is cheap (no torch); ``SLERPModelMerger`` and ``slerp`` load torch on
-first use so ``shardmerge --help`` and ``shardmerge validate`` start fast.
+Importing the package is cheap (no torch); ``SLERPModelMerger`` loads torch on first use so
+``shardmerge --help`` and ``shardmerge validate`` start fast. The tensor-level function is
+``shardmerge.slerp.slerp``.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SLERPModelMerger", "__version__", "slerp"]
+__all__ = ["SLERPModelMerger", "__version__"]
 
 if TYPE_CHECKING:
     from shardmerge.merger import SLERPModelMerger
-    from shardmerge.slerp import slerp
 
 
 def __getattr__(name: str) -> Any:
@@ -21,8 +21,4 @@ def __getattr__(name: str) -> Any:
         from shardmerge.merger import SLERPModelMerger
 
         return SLERPModelMerger
-    if name == "slerp":
-        from shardmerge.slerp import slerp
-
-        return slerp
     raise AttributeError(f"module 'shardmerge' has no attribute {name!r}")

@@ -11,9 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from shardmerge import __version__
 from shardmerge.errors import InputError, ShardmergeError
+
+if TYPE_CHECKING:
+    from shardmerge.recipe import Recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,7 +129,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(args, recipe, pipeline)
 
 
-def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-untyped-def]
+def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
     out = args.out or (Path(recipe.output_dir) if recipe.output_dir else None)
     if out is None:
         raise InputError(
@@ -138,7 +143,7 @@ def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-
 
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
-    options = dict(
+    options: dict[str, Any] = dict(
         out=out,
         overwrite=args.overwrite,
         device=args.device or recipe.device,
@@ -147,11 +152,11 @@ def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-
         stream=args.stream or recipe.stream,
     )
     if distributed.active():
-        result = distributed.run_distributed(prepared, **options)  # type: ignore[arg-type]
-        if not distributed.is_main_process():
+        result = distributed.run_distributed(prepared, **options)
+        if result is None:  # not rank 0: rank 0 reports (and pushes)
             return 0
     else:
-        result = pipeline.run_merge(prepared, **options)  # type: ignore[arg-type]
+        result = pipeline.run_merge(prepared, **options)
     print(f"merged {len(result.plan.tasks)} tensors into {result.output_dir}")
     if result.skipped_shards:
         print(f"resumed: {result.skipped_shards} verified shard(s) kept", file=sys.stderr)
@@ -161,14 +166,23 @@ def _run(args: argparse.Namespace, recipe, pipeline) -> int:  # type: ignore[no-
             file=sys.stderr,
         )
     if push:
-        url = pipeline.push_output(
+        pushed = pipeline.push_output(
             result.output_dir,
             push,
             private=args.private or recipe.private,
             prepared=prepared,
             dry_run=args.dry_run,
         )
-        print(("would push to " if args.dry_run else "pushed to ") + url)
+        if pushed.dry_run:
+            visibility = "private" if pushed.private else "public"
+            print(
+                f"would push {len(pushed.files)} files, {pushed.total_bytes:,} bytes "
+                f"in one commit to {pushed.url} ({visibility}):"
+            )
+            for path, size in pushed.files:
+                print(f"  {path}  {size:,} bytes")
+        else:
+            print(f"pushed to {pushed.url} (commit {pushed.commit_sha})")
     return 0
 
 

@@ -99,13 +99,13 @@ def run_distributed(
     import torch.distributed as dist
 
     rank, local_rank, local_world = _join()
-    # torchrun stops the other ranks with SIGTERM when one fails: unwind (scratch folders go,
-    # the error is reported) instead of vanishing.
-    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
-        run = _Run(prepared, Path(out).expanduser().absolute(), rank, group)
-        return run.execute(
+        run = _Run(prepared, Path(out).expanduser().absolute(), rank)
+        # torchrun stops the other ranks with SIGTERM when one fails: unwind (scratch folders
+        # go, the error is reported) instead of vanishing. After a failure the handler stays,
+        # ignoring SIGTERM, so that this rank's report is printed before it exits.
+        previous = signal.signal(signal.SIGTERM, run.on_sigterm)
+        result = run.execute(
             overwrite=overwrite,
             device=_device_for(device, local_rank),
             threads=max(1, _cpu_count() // local_world),
@@ -113,32 +113,41 @@ def run_distributed(
             resume=resume,
             stream=stream,
         )
-    finally:
         signal.signal(signal.SIGTERM, previous)
+        return result
+    finally:
         dist.destroy_process_group()
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise ShardmergeError(
-        f"rank {os.environ.get('RANK', '?')} was stopped (SIGTERM): when one rank fails, "
-        "torchrun stops the others; its report names the rank that failed first"
-    )
 
 
 class _Run:
     """The four steps of one rank, each followed by an exchange of outcomes."""
 
-    def __init__(self, prepared: PreparedMerge, out: Path, rank: int, group: Any) -> None:
+    def __init__(self, prepared: PreparedMerge, out: Path, rank: int) -> None:
         import torch.distributed as dist
 
         self.prepared = prepared
         self.out = out
         self.work = partial_dir(out)
         self.rank = rank
-        self.group = group
         self.world = dist.get_world_size()
+        # Ranks that finish early wait for the slowest, so this group waits up to WAIT_LIMIT.
+        self.group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
         self.who = f"rank {rank} on {socket.gethostname()}"
         self.mine = split_shards(prepared.plan, self.world)[rank]
+        self.terminated = False  # SIGTERM arrived
+        self.quiet_signals = False  # in a collective, or reporting a failure: do not raise
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        self.terminated = True
+        if not self.quiet_signals:
+            self.quiet_signals = True  # one error; later signals wait for it to be reported
+            raise ShardmergeError(self._stopped())
+
+    def _stopped(self) -> str:
+        return (
+            f"{self.who} was stopped (SIGTERM; when one rank fails torchrun stops the others, "
+            "and its report names the rank that failed first)"
+        )
 
     def execute(
         self,
@@ -275,6 +284,9 @@ class _Run:
         outcomes = self._gather(outcome, doing, consequence)
         failures = {r: f for r, (_, f) in enumerate(outcomes) if f is not None}
         if not failures:
+            if self.terminated:
+                raise ShardmergeError(f"{self._stopped()}; {consequence}")
+            self.quiet_signals = False
             return [value for value, _ in outcomes]
         if self.rank == 0:
             message = "; ".join(text for text, _ in failures.values())
@@ -292,6 +304,7 @@ class _Run:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.world
+        self.quiet_signals = True  # a SIGTERM now is handled once every outcome is known
         try:
             dist.all_gather_object(gathered, outcome, group=self.group)
         except RuntimeError as exc:  # a peer's sockets closed: it died without reporting

@@ -11,6 +11,7 @@ in the process's resident memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import math
 import os
@@ -102,7 +103,12 @@ class _Reader:
         offset = data_start + info.begin + byte_start
         done = 0
         while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as exc:  # not the pipeline's "writing failed": name the input
+                raise ShardmergeError(
+                    f"{self.label}: reading {info.file} failed ({exc.strerror or exc})"
+                ) from None
             if n <= 0:
                 raise CheckpointError(
                     f"{self.label}: {info.file} ended inside tensor {info.name!r} (truncated?)"
@@ -283,7 +289,7 @@ def execute_plan(
                 assert isinstance(item, tuple)
                 shard_index, offset, data, slot = item
                 out = outputs[shard_index]
-                view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
+                view = bytes_view(data) if isinstance(data, torch.Tensor) else data
                 _pwrite_all(out.fd, view, offset)
                 out.hasher.update(view)
                 out.written += len(view)
@@ -391,6 +397,17 @@ def _open_output(
     return out
 
 
+def bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU uint8 tensor (pinned or not), without numpy.
+
+    The caller keeps ``tensor`` alive while the view is used (slots own their buffers)."""
+    assert tensor.dtype == torch.uint8 and tensor.is_contiguous() and tensor.device.type == "cpu"
+    if tensor.numel() == 0:
+        return memoryview(bytearray())
+    array = (ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
@@ -424,11 +441,11 @@ def _read_step(
         return  # computed from the resident pair buffer: only an output buffer is needed
     if step.kind != "copy_b":
         size = DTYPE_SIZES[task.a.dtype]
-        view = memoryview(step.slot.raw_a.numpy())[: count * size]
+        view = bytes_view(step.slot.raw_a)[: count * size]
         reader_a.read_into(task.a, step.start * size, view)
     if step.kind != "copy_a":
         size = DTYPE_SIZES[task.b.dtype]
-        view = memoryview(step.slot.raw_b.numpy())[: count * size]
+        view = bytes_view(step.slot.raw_b)[: count * size]
         reader_b.read_into(task.b, step.start * size, view)
 
 

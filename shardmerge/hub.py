@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shlex
 import shutil
 import struct
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -214,21 +217,32 @@ def download_files(model: HubModel, filenames: list[str]) -> Path:
 
 
 class StreamingHubSource:
-    """Input shards fetched just in time into a work folder and deleted once released.
+    """Input shards fetched just in time into a work folder and deleted once finished with.
 
     Downloads go to ``workdir/<org>--<name>--<sha12>/`` as plain files
     (``hf_hub_download(local_dir=...)``), never into the shared HF cache, so deleting one frees
     its bytes and cannot break another repo's blobs. A file that is already in the HF cache at
     this sha is used in place and never deleted. Offline, every file must already be cached.
+
+    ``uses`` is the file of each tensor in the order the engine reads them (repeats allowed).
+    With it, fetching a file first deletes every downloaded file whose last use comes before
+    that file's first use: the caller has read all it needs from them, so the disk holds about
+    one shard per model instead of two at each shard boundary (the engine releases a file only
+    after computing its last chunk, while the next shard is already downloading).
     """
 
-    def __init__(self, model: HubModel, workdir: Path) -> None:
+    def __init__(self, model: HubModel, workdir: Path, uses: Sequence[str] = ()) -> None:
         self.model = model
         self.folder = Path(workdir) / f"{model.repo_id.replace('/', '--')}--{model.sha[:12]}"
         self.peak_bytes_on_disk = 0  # max bytes of this source's downloads on disk at once
         self._owned: dict[str, Path] = {}  # downloaded by this source: deleted on release
         self._lock = threading.Lock()
         self._file_locks: dict[str, threading.Lock] = {}
+        self._first_use: dict[str, int] = {}
+        self._last_use: dict[str, int] = {}
+        for position, filename in enumerate(uses):
+            self._first_use.setdefault(filename, position)
+            self._last_use[filename] = position
 
     def fetch(self, filename: str) -> Path:
         """Make sure ``filename`` is on disk (downloading it at model.sha); return its path."""
@@ -239,6 +253,7 @@ class StreamingHubSource:
             cached = try_to_load_from_cache(self.model.repo_id, filename, revision=self.model.sha)
             if isinstance(cached, str):
                 return Path(cached)
+            self._free_finished(before=filename)
             try:
                 if constants.is_offline_mode():
                     _require_cached(self.model, [filename])
@@ -256,17 +271,35 @@ class StreamingHubSource:
             with self._lock:
                 path = self._owned.pop(filename, None)
             if path is not None:
-                path.unlink(missing_ok=True)
-                # huggingface_hub's bookkeeping for local_dir downloads.
-                meta = self.folder / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
-                meta.unlink(missing_ok=True)
-                meta.with_suffix(".lock").unlink(missing_ok=True)
+                self._delete(filename, path)
 
     def close(self) -> None:
         """Delete everything this source downloaded (call it when the merge ends or fails)."""
         with self._lock:
             self._owned.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _free_finished(self, *, before: str) -> None:
+        """Delete the downloads whose last use precedes the first use of ``before``."""
+        first = self._first_use.get(before)
+        if first is None:
+            return
+        with self._lock:
+            done = [f for f in self._owned if self._last_use.get(f, first) < first]
+            paths = [(f, self._owned.pop(f)) for f in done]
+        for filename, path in paths:
+            # The engine may still hold the file open (it releases after computing its last
+            # chunk): truncating frees the blocks now, where unlinking alone would not.
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(path, 0)
+            self._delete(filename, path)
+
+    def _delete(self, filename: str, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        # huggingface_hub's bookkeeping for local_dir downloads.
+        meta = self.folder / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
+        meta.unlink(missing_ok=True)
+        meta.with_suffix(".lock").unlink(missing_ok=True)
 
     def _file_lock(self, filename: str) -> threading.Lock:
         with self._lock:
@@ -314,15 +347,21 @@ def push_folder(
     )
     if dry_run:
         return result
-    retry = f"the local output is complete at {folder}; run the same command again to retry"
+    # Rerunning `shardmerge run` would refuse the now non-empty output folder: say how to
+    # upload the finished folder alone instead.
+    upload = shlex.join(
+        ["hf", "upload", repo_id, str(folder), ".", *(["--private"] if private else [])]
+        + ["--commit-message", commit_message]
+    )
+    retry = f"the local output is complete at {folder}; to retry, upload it with: {upload}"
     try:
         api = HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         # create_repo ignores `private` for an existing repo: never publish by surprise.
         if private and not api.repo_info(repo_id).private:
             raise InputError(
-                f"{repo_id} already exists and is public, so --private cannot apply: make it "
-                f"private on {url} or choose another name ({retry})"
+                f"{repo_id} already exists and is public, so --private cannot apply and nothing "
+                f"was uploaded: choose another name, or make it private on {url} ({retry})"
             )
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     except (*_HUB_ERRORS, RuntimeError) as exc:  # LFS upload failures arrive as RuntimeError

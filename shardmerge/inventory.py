@@ -259,7 +259,7 @@ def read_local_model(folder: Path, label: str) -> ModelInventory:
     headers: dict[str, dict[str, TensorInfo]] = {}
     for file in files:
         path = safe_member(folder, file, f"{label}: {INDEX_NAME}")
-        if not path.is_file():
+        if not _is_file(path):
             raise CheckpointError(f"{label}: shard {file} named in {INDEX_NAME} is missing")
         _, headers[file] = read_header(path, file, f"{label}: {file}")
     config = _read_json_file(folder / "config.json", label)
@@ -267,6 +267,14 @@ def read_local_model(folder: Path, label: str) -> ModelInventory:
     if not inventory.tensors:
         raise CheckpointError(f"{label}: {folder} holds no tensors")
     return inventory
+
+
+def _is_file(path: Path) -> bool:
+    # Path.is_file raises for some errors (a name too long); to us they all mean "not there".
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def assemble_inventory(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from shardmerge.engine import TORCH_DTYPES
+from shardmerge.engine import TORCH_DTYPES, bytes_view
 from shardmerge.errors import CheckpointError
 from shardmerge.inventory import INDEX_NAME, SINGLE_NAME, safe_member
 from shardmerge.output import copy_files, local_small_files, write_json
@@ -161,4 +161,5 @@ def _header(state: dict[str, torch.Tensor], where: str) -> tuple[bytes, list[tup
 def _write_tensor(fh: Any, tensor: torch.Tensor) -> None:
     # reshape(-1) first: a 0-dim tensor cannot be viewed as bytes. A contiguous tensor is not
     # copied, so its bytes go straight from the mapped file to the output.
-    fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    flat = tensor.contiguous().reshape(-1).view(torch.uint8)  # kept alive while it is written
+    fh.write(bytes_view(flat))

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardmerge import faults
 from shardmerge.errors import InputError, OutputError, ShardmergeError
@@ -32,6 +32,9 @@ from shardmerge.output import (
 from shardmerge.plan import MergePlan, estimate_peak_bytes, plan_merge
 from shardmerge.recipe import Recipe
 from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
+
+if TYPE_CHECKING:
+    from shardmerge.hub import PushResult
 
 PROGRESS_NAME = ".shardmerge-progress.json"
 
@@ -153,7 +156,6 @@ class MergedShards:
     skipped_shards: int
     bytes_read: int
     peak_input_bytes_on_disk: int | None  # streaming from the Hub: both models' peak
-    bytes_read: int
 
 
 def merge_shards(
@@ -238,17 +240,15 @@ def finish_output(prepared: PreparedMerge, out: Path) -> RunResult:
 
 
 def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list[str]]:
+    """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    return (
-        list(dict.fromkeys(t.a.file for t in tasks)),
-        list(dict.fromkeys(t.b.file for t in tasks)),
-    )
+    return [t.a.file for t in tasks], [t.b.file for t in tasks]
 
 
 def push_output(
     out: Path, repo_id: str, *, private: bool, prepared: PreparedMerge, dry_run: bool = False
-) -> str:
-    """Verify the finished folder, then upload it in one commit."""
+) -> PushResult:
+    """Verify the finished folder, then upload it in one commit (or, dry run, list it)."""
     from shardmerge import hub
     from shardmerge.verify import verify_output
 
@@ -257,8 +257,7 @@ def push_output(
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
     a, b = prepared.model_a, prepared.model_b
     message = f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
-    result = hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
-    return result.url
+    return hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
 
 
 def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_b: Path) -> None:

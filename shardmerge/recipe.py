@@ -270,7 +270,10 @@ _RecipeLoader.add_implicit_resolver(
 
 def _load_yaml(text: str, source: str) -> tuple[Any, list[str]]:
     """The parsed document and the duplicate-key problems; raises RecipeError on bad YAML."""
-    loader = _RecipeLoader(text)
+    try:
+        loader = _RecipeLoader(text)  # the reader rejects control characters up front
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"YAML syntax error: {' '.join(str(exc).split())}"], source) from None
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
@@ -279,7 +282,12 @@ def _load_yaml(text: str, source: str) -> tuple[Any, list[str]]:
         what = exc.problem or exc.context or "invalid YAML"
         raise RecipeError([f"YAML syntax error{where}: {what}"], source) from None
     except yaml.YAMLError as exc:
-        raise RecipeError([f"YAML syntax error: {exc}"], source) from None
+        raise RecipeError([f"YAML syntax error: {' '.join(str(exc).split())}"], source) from None
+    except RecursionError:
+        raise RecipeError(["YAML nested too deeply to read"], source) from None
+    except ValueError as exc:
+        # PyYAML builds scalars with int() and date(): 5000-digit integers, month 13.
+        raise RecipeError([f"YAML value cannot be read: {exc}"], source) from None
     finally:
         loader.dispose()
     return data, loader.duplicates
@@ -380,7 +388,7 @@ class _Check:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.add(path, f"expected a number between 0 and 1, got {_describe(value)}")
             return None
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # huge ints overflow isfinite
             self.add(path, f"t must be a finite number between 0 and 1, got {value}")
             return None
         if not 0 <= value <= 1:
@@ -692,8 +700,10 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
         if pattern is not None:
             try:
                 re.compile(pattern)
-            except re.error as exc:
-                check.add(_at(path, "regex"), f"invalid regular expression: {exc}")
+            # OverflowError: a{99999999999}; RecursionError: parentheses nested thousands deep.
+            except (re.error, OverflowError, RecursionError) as exc:
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                check.add(_at(path, "regex"), f"invalid regular expression: {reason}")
                 pattern = None
 
     value: TValue | None = None
@@ -716,7 +726,8 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     return Rule(pattern=pattern, kind=kind, value=value, label=label)
 
 
-_RANGE_RE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
+# Bounded digits: int() refuses strings of thousands of digits (and no model has 10**12 layers).
+_RANGE_RE = re.compile(r"([0-9]{1,12})(?:\s*-\s*([0-9]{1,12}))?")
 
 
 def _layer_map(value: Any, path: str, check: _Check) -> LayerMap | None:

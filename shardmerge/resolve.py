@@ -114,7 +114,8 @@ def open_source(
     """A shard source for the engine.
 
     Hub models are downloaded (only ``files``, default all shards) unless ``stream``, where each
-    shard arrives just in time and is deleted after use.
+    shard arrives just in time and is deleted after use. ``files`` lists each tensor's file in
+    reading order (repeats allowed): streaming deletes a shard as soon as reading moves past it.
     """
     from shardmerge.engine import LocalSource
 
@@ -124,7 +125,7 @@ def open_source(
 
     assert model.hub is not None
     if stream:
-        return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}")
+        return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}", files or ())
     needed = list(model.inventory.files) if files is None else files
     return LocalSource(hub.download_files(model.hub, needed), model.label)
 

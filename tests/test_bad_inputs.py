@@ -641,3 +641,15 @@ def test_nan_in_an_input_is_a_clean_runtime_error(capsys, tmp_path):
     setup = _build(tmp_path, b=b)
     _refused(capsys, setup, Q1, "model B", "NaN or Inf", code=1)
     assert not setup.out.exists()
+
+
+def test_read_error_names_the_input(capsys, monkeypatch, setup):
+    """An I/O error in the reader thread names the input, not the output."""
+
+    def preadv(*args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    err = _refused(capsys, setup, "model A", "reading", "Input/output error", code=1)
+    assert "writing" not in err
+    assert not setup.out.exists()

@@ -37,7 +37,7 @@ def _merge(root: Path, layers: int) -> tuple[Path, Path]:
     recipe = root / "recipe.yaml"
     recipe.write_text(
         f"models: {{a: {root / 'a'}, b: {root / 'b'}}}\nt: 0.3\n"
-        f"output: {{dir: {root / 'out'}, shard_size: 1KB}}\n"
+        f"output: {{dir: {root / 'out'}, shard_size: 2KB}}\n"
     )
     run_merge(prepare(load_recipe(recipe)), out=root / "out", quiet=True, device="cpu")
     return root / "out", recipe

@@ -1,0 +1,68 @@
+"""The CUDA path gives the CPU path's result (within one bf16 step). Skipped without CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shardmerge.pipeline import prepare, run_merge
+from shardmerge.recipe import parse_recipe
+from shardmerge.slerp import slerp
+from tests.conftest import write_checkpoint
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _one_bf16_step(x: torch.Tensor) -> torch.Tensor:
+    # The gap to the next bf16 value above |x|: 2^(exponent - 7).
+    mag = x.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return torch.exp2(torch.floor(torch.log2(mag)) - 7)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_cuda_matches_cpu(t):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 700, generator=g).to(torch.bfloat16)
+    b = (a.float() + 0.5 * torch.randn(3000, 700, generator=g)).to(torch.bfloat16)
+    cpu = slerp(a, b, t)
+    gpu = slerp(a.cuda(), b.cuda(), t).cpu()
+    if t in (0.0, 1.0):
+        assert torch.equal(cpu, gpu)
+    assert ((cpu.float() - gpu.float()).abs() <= _one_bf16_step(cpu)).all()
+
+
+def test_engine_cuda_matches_cpu(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["lm_head.weight"]
+    a = {n: torch.randn(1024, 4100, generator=g).to(torch.bfloat16) for n in names}
+    b = {
+        n: (v.float() + torch.randn(v.shape, generator=g)).to(torch.bfloat16) for n, v in a.items()
+    }
+    write_checkpoint(tmp_path / "a", a, [names[:2], names[2:]], {"model_type": "llama"})
+    write_checkpoint(tmp_path / "b", b, None, {"model_type": "llama"})
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        text = (
+            f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\n"
+            "t: {default: {gradient: [0, 1]}, non_layer: 0.4}\n"
+            f"output: {{dir: {out}, shard_size: 10MB}}\n"
+        )
+        run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device=device)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        outputs[device] = {}
+        for name, file in index["weight_map"].items():
+            with safe_open(out / file, framework="pt") as f:
+                outputs[device][name] = f.get_tensor(name)
+    for name in names:
+        cpu, gpu = outputs["cpu"][name], outputs["cuda"][name]
+        assert ((cpu.float() - gpu.float()).abs() <= _one_bf16_step(cpu)).all(), name
+    # layer 0 has t = 0 and layer 3 has t = 1: exact on both devices
+    assert torch.equal(outputs["cuda"][names[0]], a[names[0]])
+    assert torch.equal(outputs["cuda"][names[3]], b[names[3]])

@@ -1,0 +1,504 @@
+"""The real ``shardmerge`` CLI, run as a subprocess, against the loopback fake Hub.
+
+Every run gets ``env=hub_env`` (or an offline variant of it): HF_ENDPOINT at the fake server,
+HF_TOKEN=hf_fake, no Xet, no telemetry, an isolated HF_HOME. No test can reach the real Hub.
+The reference for "the same merge" is one CLI run on local copies of the two models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import shlex
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import folder_files, make_hf_cache_repo, write_checkpoint
+from tests.fakehub import TOKEN, FakeHub
+
+INDEX = "model.safetensors.index.json"
+LAYERS = 4
+HIDDEN = 128
+CONFIG = {"model_type": "llama", "num_hidden_layers": LAYERS, "hidden_size": HIDDEN}
+EXTRA = {"tokenizer.json": '{"version": "1.0", "model": {}}', "generation_config.json": "{}"}
+T = "t:\n  default: 0.5\n  non_layer: 0.3\n  rules:\n    - match: self_attn\n      gradient: [0, 1]\n"
+SHARD_SIZE = "output: {shard_size: 200000}\n"  # several output shards
+
+
+def tensor_names() -> list[str]:
+    """State-dict order of a tiny llama: embeddings, layers, norm, head."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(LAYERS):
+        names += [
+            f"model.layers.{i}.self_attn.q_proj.weight",
+            f"model.layers.{i}.mlp.up_proj.weight",
+        ]
+    return [*names, "model.norm.weight", "lm_head.weight"]
+
+
+def tiny_llama(
+    folder: Path, seed: int, shards: list[int] | int, **changes: torch.Tensor | None
+) -> Path:
+    """A tiny float32 llama; ``changes`` replace tensors (None drops one).
+
+    ``shards`` lists how many consecutive tensors each shard holds, or is a number of shards to
+    deal the tensors into round-robin (each then needed from the first tensor to the last).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(*shape_of(name), generator=gen) for name in tensor_names()}
+    tensors.update({k: v for k, v in changes.items() if v is not None})
+    names = [name for name in tensors if changes.get(name, tensors[name]) is not None]
+    if isinstance(shards, int):
+        groups = [names[i::shards] for i in range(shards)]
+    else:
+        ends = list(itertools.accumulate(shards))
+        assert ends[-1] == len(names), "shards must cover every tensor"
+        groups = [names[end - count : end] for count, end in zip(shards, ends, strict=True)]
+    return write_checkpoint(folder, {n: tensors[n] for n in names}, groups, CONFIG, EXTRA)
+
+
+def shape_of(name: str) -> tuple[int, ...]:
+    if "norm" in name:
+        return (HIDDEN,)
+    return (2 * HIDDEN if "embed" in name or "head" in name else HIDDEN, HIDDEN)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def header_end(data: bytes) -> int:
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+def folder_state(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` (folders as None) with its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n"), card[:80]
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+@dataclass(frozen=True)
+class Locals:
+    a: Path  # 5 shards
+    b: Path  # 3 shards, boundaries unlike a's
+    recipe: Path  # the same merge of the local copies
+    merged: Path  # its CLI output: the reference every Hub merge must match
+
+
+def run_cli(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "shardmerge.cli", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def write_recipe(path: Path, a: str, b: str, extra: str = "") -> Path:
+    path.write_text(f"models:\n  a: {a}\n  b: {b}\n{T}{SHARD_SIZE}{extra}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Locals:
+    root = tmp_path_factory.mktemp("locals")
+    a = tiny_llama(root / "a", seed=1, shards=[1, 3, 2, 2, 3])
+    b = tiny_llama(root / "b", seed=2, shards=[4, 4, 3])
+    recipe = write_recipe(root / "recipe.yaml", str(a), str(b))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_HOME=str(root / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1")
+    done = run_cli("run", recipe, "--out", root / "merged", "--quiet", env=env)
+    assert done.returncode == 0, done.stderr
+    return Locals(a, b, recipe, root / "merged")
+
+
+@dataclass(frozen=True)
+class Seeded:
+    hub: FakeHub
+    env: dict[str, str]
+    sha_a: str
+    sha_b: str  # the commit of branch "dev" of org/b; main holds different weights
+
+
+@pytest.fixture
+def seeded(fake_hub: FakeHub, hub_env: dict[str, str], local: Locals, tmp_path: Path) -> Seeded:
+    sha_a = fake_hub.add_repo("org/a", folder_files(local.a))
+    decoy = tiny_llama(tmp_path / "decoy", seed=3, shards=[11])  # what a wrong ref would merge
+    fake_hub.add_repo("org/b", folder_files(decoy))
+    sha_b = fake_hub.add_commit("org/b", folder_files(local.b), branch="dev", tags=("v1",))
+    return Seeded(fake_hub, hub_env, sha_a, sha_b)
+
+
+def assert_same_merge(out: Path, reference: Path) -> None:
+    """Every file byte for byte, the card aside (it names the inputs)."""
+    got, want = folder_files(out), folder_files(reference)
+    assert sorted(got) == sorted(want)
+    assert len([f for f in got if f.endswith(".safetensors")]) >= 3
+    for name in want:
+        if name != "README.md":
+            assert got[name] == want[name], name
+
+
+def assert_no_shard_body_sent(hub: FakeHub) -> None:
+    """Only Range reads inside safetensors headers; whole bodies only for small json files."""
+    for request in hub.requests("GET"):
+        if request.path.endswith(".safetensors"):
+            _, org, name, _, revision, filename = request.path.split("/", 5)
+            data = hub.files(f"{org}/{name}", revision)[filename]
+            assert request.range is not None, request
+            last = int(request.range.split("-")[1])
+            assert last < header_end(data) and request.sent <= header_end(data), request
+        elif "/resolve/" in request.path:
+            assert request.path.endswith(".json") and request.sent < 10_000, request
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    return errors[0]
+
+
+# -- 1. a Hub merge is the local merge ---------------------------------------------------------
+
+
+def test_hub_merge_equals_local_merge_and_card_pins_commits(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    assert f"into {out}" in done.stdout
+    assert_same_merge(out, local.merged)
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["base_model"] == ["org/a", "org/b"]
+    for repo, sha in (("org/a", seeded.sha_a), ("org/b", seeded.sha_b)):
+        assert f"[{repo}](https://huggingface.co/{repo})" in card
+        assert f"`{sha}`" in card
+    # Pinned: after resolving "dev" once, every file request names the commit sha.
+    files = seeded.hub.requests(path="*/resolve/*")
+    assert files and all(
+        f"/resolve/{seeded.sha_a}/" in r.path or f"/resolve/{seeded.sha_b}/" in r.path
+        for r in files
+    )
+    # Each input shard body crossed the wire exactly once; the decoy main never did.
+    for repo, folder in (("org/a", local.a), ("org/b", local.b)):
+        for shard in shard_files(folder):
+            bodies = [
+                r for r in seeded.hub.requests("GET", f"/{repo}/*/{shard.name}") if not r.range
+            ]
+            assert [r.sent for r in bodies] == [shard.stat().st_size]
+
+
+# -- 2. pre-flight: headers only ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "shards", "expected"),
+    [
+        ({"model.layers.2.mlp.up_proj.weight": torch.ones(HIDDEN, 64)}, [4, 4, 3], "shape"),
+        (
+            {"model.layers.1.self_attn.q_proj.weight": None},
+            [4, 4, 2],
+            "is in model A (org/a) but not in model B (org/bad)",
+        ),
+    ],
+    ids=["shape-mismatch", "missing-tensor"],
+)
+def test_preflight_rejects_incompatible_models_without_downloading_weights(
+    seeded: Seeded,
+    tmp_path: Path,
+    change: dict[str, torch.Tensor | None],
+    shards: list[int],
+    expected: str,
+) -> None:
+    bad = tiny_llama(tmp_path / "bad", seed=2, shards=shards, **change)
+    seeded.hub.add_repo("org/bad", folder_files(bad))
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/bad")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 2, done.stderr
+    [tensor] = change
+    assert tensor in one_line_error(done) and expected in done.stderr
+    assert_no_shard_body_sent(seeded.hub)
+    assert seeded.hub.requests("GET", "*.safetensors")  # the headers were read
+    assert not out.exists() and list(tmp_path.glob(".*")) == []
+
+
+def test_typo_in_repo_id_fails_before_any_download(seeded: Seeded, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/bb@dev")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 2
+    assert one_line_error(done) == (
+        "error: cannot resolve revision 'dev' of org/bb: repository not found "
+        "(if it is private, set HF_TOKEN or run `hf auth login`)"
+    )
+    assert_no_shard_body_sent(seeded.hub)
+    assert [r.path for r in seeded.hub.requests(path="*org/bb*")] == [
+        "/api/models/org/bb/revision/dev"
+    ]
+    assert not out.exists()
+
+
+# -- 3. streaming ------------------------------------------------------------------------------
+
+
+def test_stream_keeps_about_one_shard_per_model_on_disk(
+    seeded: Seeded, local: Locals, tmp_path: Path, isolated_hf_home: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", f"org/b@{seeded.sha_b}")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+
+    done = run_cli("run", recipe, "--out", out, "--stream", "--quiet", env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"streamed inputs: at most ([\d,]+) input bytes on disk", done.stderr)
+    assert match, done.stderr
+    peak = int(match.group(1).replace(",", ""))
+    sizes_a = [p.stat().st_size for p in shard_files(local.a)]
+    sizes_b = [p.stat().st_size for p in shard_files(local.b)]
+    one_shard_each = max(sizes_a) + max(sizes_b)
+    total = sum(sizes_a) + sum(sizes_b)
+    print(
+        f"stream peak {peak:,} B; largest shard of a + of b {one_shard_each:,} B; total {total:,} B"
+    )
+    assert max(sizes_a) <= peak <= one_shard_each * 1.1
+    assert peak < total / 2
+    assert_same_merge(out, local.merged)
+    # The scratch downloads are gone, and the user's HF cache never held a shard.
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    shard_digests = {
+        hashlib.sha256(p.read_bytes()).digest() for p in shard_files(local.a) + shard_files(local.b)
+    }
+    cached = [p for p in (isolated_hf_home / "hub").rglob("*") if p.is_file()]
+    assert cached  # config and index files were read through the cache
+    assert not [p for p in cached if hashlib.sha256(p.read_bytes()).digest() in shard_digests]
+    for shard in shard_files(local.a):  # downloaded once each, just in time
+        assert (
+            len([r for r in seeded.hub.requests("GET", f"/org/a/*/{shard.name}") if not r.range])
+            == 1
+        )
+
+
+def test_stream_keeps_a_shard_until_its_last_tensor_is_read(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    """Shards of b interleaved: every one is needed to the end, so none may go early."""
+    mixed = tiny_llama(tmp_path / "mixed", seed=2, shards=3)
+    seeded.hub.add_repo("org/mixed", folder_files(mixed))
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/mixed")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+
+    done = run_cli("run", recipe, "--out", out, "--stream", "--quiet", env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    assert_same_merge(out, local.merged)  # the same tensors, however b is sharded
+    for shard in shard_files(mixed):
+        bodies = [
+            r for r in seeded.hub.requests("GET", f"/org/mixed/*/{shard.name}") if not r.range
+        ]
+        assert len(bodies) == 1, shard.name
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+# -- 4. push -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flags", "recipe"])
+def test_push_uploads_the_output_in_one_private_commit(
+    seeded: Seeded, tmp_path: Path, how: str
+) -> None:
+    hub_keys = "hub: {push_to: me/merged, private: true}\n" if how == "recipe" else ""
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@v1", hub_keys)
+    out = tmp_path / "out"
+    flags = ["--push-to-hub", "me/merged", "--private"] if how == "flags" else []
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", *flags, env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    hub = seeded.hub
+    assert hub.files("me/merged") == folder_files(out)
+    assert {"config.json", "tokenizer.json", INDEX, "README.md"} <= set(folder_files(out))
+    assert hub.created == [{"name": "merged", "organization": "me", "visibility": "private"}]
+    assert hub.repos["me/merged"].private
+    [commit] = hub.commits
+    assert commit["summary"] == "SLERP merge of org/a and org/b (shardmerge)"
+    assert commit["paths"] == sorted(folder_files(out))
+    assert f"pushed to {hub.url}/me/merged (commit {commit['sha']})" in done.stdout
+    assert TOKEN not in done.stdout + done.stderr
+    front = front_matter(hub.files("me/merged")["README.md"].decode())
+    assert front["base_model"] == ["org/a", "org/b"]
+    assert "merge" in front["tags"] and front["library_name"] == "transformers"
+
+
+def test_push_dry_run_lists_the_upload_and_writes_nothing(seeded: Seeded, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+
+    done = run_cli(
+        "run",
+        recipe,
+        "--out",
+        out,
+        "--quiet",
+        "--push-to-hub",
+        "me/merged",
+        "--dry-run",
+        env=seeded.env,
+    )
+
+    assert done.returncode == 0, done.stderr
+    files = folder_files(out)
+    for name, data in files.items():
+        assert re.search(rf"^\s*{re.escape(name)}\s+{len(data):,} bytes$", done.stdout, re.M), name
+    total = sum(len(data) for data in files.values())
+    assert (
+        f"would push {len(files)} files, {total:,} bytes in one commit to "
+        f"{seeded.hub.url}/me/merged (public):"
+    ) in done.stdout
+    assert not seeded.hub.requests("POST") and not seeded.hub.requests("PUT")
+    assert "me/merged" not in seeded.hub.repos
+
+
+# -- 5. Hub failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "b_ref", "expected"),
+    [
+        (
+            {"status": 401, "repo": "org/a", "path": "/org/a/resolve/*"},
+            "org/b@dev",
+            "error: cannot read org/a: not authorised (401): the token is missing or invalid, "
+            "or cannot access this repo; set HF_TOKEN or run `hf auth login`",
+        ),
+        (
+            {"status": 403, "error_code": "GatedRepo", "repo": "org/b", "path": "/org/b/resolve/*"},
+            "org/b@dev",
+            "error: cannot read org/b: the model is gated: request access on {url}/org/b, "
+            "then retry with that account's token (set HF_TOKEN or run `hf auth login`)",
+        ),
+        (
+            {"status": 404, "error_code": "RepoNotFound", "repo": "org/b"},
+            "org/b@dev",
+            "error: cannot resolve revision 'dev' of org/b: repository not found "
+            "(if it is private, set HF_TOKEN or run `hf auth login`)",
+        ),
+        (
+            None,
+            "org/b@no-such-branch",
+            "error: cannot resolve revision 'no-such-branch' of org/b: revision not found "
+            "(use a branch, tag or full sha)",
+        ),
+    ],
+    ids=["401", "gated", "repo-not-found", "revision-not-found"],
+)
+def test_input_errors_exit_2_with_one_line_and_no_output(
+    seeded: Seeded, tmp_path: Path, fault: dict | None, b_ref: str, expected: str
+) -> None:
+    if fault is not None:
+        seeded.hub.fail(**fault)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", b_ref)
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == expected.format(url=seeded.hub.url)
+    assert not out.exists() and list(tmp_path.glob(".*")) == []
+    assert_no_shard_body_sent(seeded.hub)
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "expected"),
+    [
+        ({"status": 401, "path": "/api/repos/create"}, 2, "not authorised (401)"),
+        ({"status": 403, "path": "/api/models/me/merged/commit/*"}, 2, "forbidden (403)"),
+        ({"status": 500, "path": "/api/models/me/merged/commit/*"}, 1, "answered 500; retry later"),
+    ],
+    ids=["401-create", "403-commit", "500-commit"],
+)
+def test_failed_push_keeps_the_output_and_says_how_to_retry(
+    fake_hub: FakeHub,
+    hub_env: dict[str, str],
+    local: Locals,
+    tmp_path: Path,
+    fault: dict,
+    code: int,
+    expected: str,
+) -> None:
+    fake_hub.fail(**fault)
+    out = tmp_path / "out"
+
+    done = run_cli(
+        "run", local.recipe, "--out", out, "--quiet", "--push-to-hub", "me/merged", env=hub_env
+    )
+
+    assert done.returncode == code, done.stderr
+    line = one_line_error(done)
+    assert "cannot push to me/merged" in line and expected in line
+    message = f"SLERP merge of {local.a} and {local.b} (shardmerge)"
+    upload = ["hf", "upload", "me/merged", str(out), ".", "--commit-message", message]
+    retry = f"the local output is complete at {out}; to retry, upload it with: "
+    assert line.endswith(f"({retry}{shlex.join(upload)})")
+    # The folder is exactly what the same run without --push-to-hub writes.
+    assert folder_state(out) == folder_state(local.merged)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert not fake_hub.commits
+    if code == 1:  # the Hub is back: the suggested command uploads the finished folder
+        fake_hub.faults.clear()
+        hf = Path(sys.executable).with_name("hf")
+        retried = subprocess.run(
+            [str(hf), *upload[1:]], env=hub_env, capture_output=True, text=True, timeout=60
+        )
+        assert retried.returncode == 0, retried.stderr
+        assert fake_hub.files("me/merged") == folder_files(out)
+        assert [c["summary"] for c in fake_hub.commits] == [message]
+
+
+# -- 6. offline --------------------------------------------------------------------------------
+
+
+def test_offline_run_from_a_hand_built_cache(
+    local: Locals, tmp_path: Path, isolated_hf_home: Path
+) -> None:
+    """No server at all: a branch via refs/ and a full sha resolve from the cache."""
+    cache = isolated_hf_home / "hub"
+    sha_a, sha_b = "a1" * 20, "b2" * 20
+    make_hf_cache_repo(cache, "org/a", folder_files(local.a), sha_a, ref="release")
+    make_hf_cache_repo(cache, "org/b", folder_files(local.b), sha_b, ref=None)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a@release", f"org/b@{sha_b}")
+    out = tmp_path / "out"
+    before = folder_state(cache)
+
+    done = run_cli(
+        "run", recipe, "--out", out, "--quiet", env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert_same_merge(out, local.merged)
+    card = (out / "README.md").read_text()
+    assert f"`{sha_a}`" in card and f"`{sha_b}`" in card
+    assert folder_state(cache) == before  # the cache is an input: read, never changed
