@@ -78,25 +78,24 @@ class _Reader:
         self.bytes_read = 0
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
+        # Only the reader thread opens files, so fetching (maybe a download) happens outside the
+        # lock: the main thread can close and release finished files meanwhile.
         with self._lock:
             entry = self._open.get(info.file)
-            if entry is None:
-                path = self.source.fetch(info.file)
-                start, tensors = read_header(path, info.file, f"{self.label}: {info.file}")
-                actual = tensors.get(info.name)
-                if actual is None or (actual.dtype, actual.shape, actual.begin, actual.end) != (
-                    info.dtype,
-                    info.shape,
-                    info.begin,
-                    info.end,
-                ):
-                    raise CheckpointError(
-                        f"{self.label}: {info.file} changed since it was planned "
-                        f"(tensor {info.name!r})"
-                    )
-                entry = (os.open(path, os.O_RDONLY), start)
-                self._open[info.file] = entry
+        if entry is not None:
             return entry
+        path = self.source.fetch(info.file)
+        start, tensors = read_header(path, info.file, f"{self.label}: {info.file}")
+        actual = tensors.get(info.name)
+        planned = (info.dtype, info.shape, info.begin, info.end)
+        if actual is None or (actual.dtype, actual.shape, actual.begin, actual.end) != planned:
+            raise CheckpointError(
+                f"{self.label}: {info.file} changed since it was planned (tensor {info.name!r})"
+            )
+        entry = (os.open(path, os.O_RDONLY), start)
+        with self._lock:
+            self._open[info.file] = entry
+        return entry
 
     def read_into(self, info: TensorInfo, byte_start: int, buf: memoryview) -> None:
         fd, data_start = self._fd(info)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardmerge import faults
+from shardmerge import __version__, faults
 from shardmerge.errors import InputError, OutputError, ShardmergeError
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
@@ -180,11 +180,15 @@ def merge_shards(
     dev = resolve_device(device)
     if dev == "cpu" and only_shards is None:
         torch.set_num_threads(int(os.environ.get("SM_THREADS", os.cpu_count() or 1)))
-    done = _resumable_shards(work, prepared) if resume else {}
     wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
+    done = _resumable_shards(work, prepared, wanted) if resume else {}
     skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)
     record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
-    record: dict[str, Any] = {"fingerprint": prepared.fingerprint, "shards": {}}
+    record: dict[str, Any] = {
+        "fingerprint": prepared.fingerprint,
+        "inputs": {m.key: m.pin for m in (prepared.model_a, prepared.model_b)},
+        "shards": {},
+    }
     record["shards"].update({k: v for k, v in done.items()})
     write_json(record_path, record)
 
@@ -294,7 +298,11 @@ def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_
     )
     (work / "README.md").write_text(card)
     faults.reached("before-index")
-    (work / INDEX_NAME).write_text(plan.index_json())
+    # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
+    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in (a, b)}
+    (work / INDEX_NAME).write_text(
+        plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
+    )
 
 
 def _dominant_out_dtype(plan: MergePlan) -> str | None:
@@ -311,8 +319,10 @@ def _disk_needed(plan: MergePlan) -> int:
     return sum(s.file_bytes for s in plan.shards)
 
 
-def _resumable_shards(work: Path, prepared: PreparedMerge) -> dict[str, dict[str, Any]]:
-    """Shards of an interrupted run that are complete and unchanged (checked by sha256)."""
+def _resumable_shards(
+    work: Path, prepared: PreparedMerge, wanted: set[int]
+) -> dict[str, dict[str, Any]]:
+    """Shards (of ``wanted``) an interrupted run completed, still unchanged (by sha256)."""
     recorded: dict[str, Any] = {}
     for path in sorted(work.glob(PROGRESS_NAME + "*")):
         try:
@@ -328,7 +338,9 @@ def _resumable_shards(work: Path, prepared: PreparedMerge) -> dict[str, dict[str
         if isinstance(shards, dict):
             recorded.update(shards)
     valid = {}
-    for shard in prepared.plan.shards:
+    for index, shard in enumerate(prepared.plan.shards):
+        if index not in wanted:
+            continue  # another rank's shard: that rank checks it
         entry = recorded.get(shard.filename)
         file = work / shard.filename
         if (

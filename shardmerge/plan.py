@@ -96,9 +96,10 @@ class MergePlan:
     def input_bytes(self) -> int:
         return sum(t.a.nbytes + t.b.nbytes for t in self.tasks)
 
-    def index_json(self) -> str:
+    def index_json(self, extra_metadata: Mapping[str, object] | None = None) -> str:
         weight_map = {t.name: s.filename for s in self.shards for t in s.tasks}
-        body = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        metadata = {"total_size": self.total_size, **(extra_metadata or {})}
+        body = {"metadata": metadata, "weight_map": weight_map}
         return json.dumps(body, indent=2) + "\n"
 
 

@@ -126,7 +126,12 @@ def _launch(
             )
             for rank in range(n)
         ]
-        outputs = [p.communicate(timeout=120) for p in procs]
+        try:
+            outputs = [p.communicate(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         code = max(abs(p.returncode) for p in procs)
         return subprocess.CompletedProcess(
             run, code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
