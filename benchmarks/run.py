@@ -37,6 +37,11 @@ DEFAULT_MERGEKIT = REPO / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-ya
 GNU_TIME = "/usr/bin/time"
 # CPU busy fraction (all cores) on an idle machine stays near 0; above this, others are running.
 BUSY_WARNING = 0.1
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+# A run is flagged when others used more than this fraction of one CPU, on average, during it.
+OTHERS_CPU_WARNING = 0.1
+# ... plus this much, for clock-tick rounding and the kernel's own writeback work.
+OTHERS_CPU_SLACK_S = 0.5
 READ_BUFFER_BYTES = 16 << 20
 # Every tool runs offline: the inputs are local, and a hub lookup would only add DNS timeouts.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -53,6 +58,8 @@ class ToolRuns:
     peak_rss_bytes: list[int] = field(default_factory=list)
     # Busy fraction of all CPUs in the second before each run: above ~0.1 something else ran.
     cpu_busy_before: list[float] = field(default_factory=list)
+    # CPU seconds spent on anything else during each run (others' work, kernel writeback).
+    others_cpu_s: list[float] = field(default_factory=list)
     failed: str | None = None
 
 
@@ -178,39 +185,73 @@ class RunResult:
     peak_rss_bytes: int
     returncode: int
     cpu_busy_before: float
+    others_cpu_s: float
 
 
-def time_once(tool: ToolRuns, out_dir: Path, log_path: Path) -> RunResult:
+def time_once(tool: ToolRuns, out_dir: Path, log_path: Path, quiet_wait_s: float) -> RunResult:
     """Run the tool once under /usr/bin/time -v, from an empty output and a flushed disk."""
     shutil.rmtree(out_dir, ignore_errors=True)
     # Flush the previous run's dirty pages so that its writeback does not land in this run.
     subprocess.run(["sync"], check=True)
-    cpu_busy_before = cpu_busy_fraction()
+    cpu_busy_before = wait_for_quiet(quiet_wait_s)
     stats_path = log_path.with_suffix(".time")
     command = [GNU_TIME, "-v", "-o", str(stats_path), *tool.command]
+    busy_start, _ = _cpu_jiffies()
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_tool_env())
         wall_s = time.perf_counter() - start
+    busy_end, _ = _cpu_jiffies()
     stats = stats_path.read_text()
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats)
-    peak_rss_bytes = int(match.group(1)) * 1024 if match else -1
-    return RunResult(wall_s, peak_rss_bytes, rc.returncode, cpu_busy_before)
+    peak_rss_kib = _time_v_field(stats, "Maximum resident set size (kbytes)")
+    own_cpu_s = _time_v_field(stats, "User time (seconds)") + _time_v_field(
+        stats, "System time (seconds)"
+    )
+    # CPU time the machine spent on anything but this command (others' work, writeback threads).
+    others_cpu_s = max(0.0, (busy_end - busy_start) / CLOCK_TICKS_PER_S - own_cpu_s)
+    return RunResult(
+        wall_s=wall_s,
+        peak_rss_bytes=int(peak_rss_kib * 1024),
+        returncode=rc.returncode,
+        cpu_busy_before=cpu_busy_before,
+        others_cpu_s=round(others_cpu_s, 2),
+    )
 
 
-def _cpu_times() -> tuple[int, int]:
+def _time_v_field(stats: str, label: str) -> float:
+    match = re.search(re.escape(label) + r": ([\d.]+)", stats)
+    return float(match.group(1)) if match else float("nan")
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
+        # user nice system idle iowait irq softirq steal (guest time is already in user).
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float:
     """Fraction of all CPUs' time spent busy over the next `seconds` (others' work shows here)."""
-    busy0, total0 = _cpu_times()
+    busy0, total0 = _cpu_jiffies()
     time.sleep(seconds)
-    busy1, total1 = _cpu_times()
+    busy1, total1 = _cpu_jiffies()
     return round((busy1 - busy0) / max(1, total1 - total0), 3)
+
+
+def wait_for_quiet(max_wait_s: float, quiet_seconds: int = 3) -> float:
+    """Wait until the CPUs have been idle for quiet_seconds in a row, or max_wait_s passed.
+
+    Returns the busy fraction of the last second; above BUSY_WARNING means it gave up waiting.
+    """
+    deadline = time.monotonic() + max_wait_s
+    quiet = 0
+    while True:
+        busy = cpu_busy_fraction()
+        quiet = quiet + 1 if busy <= BUSY_WARNING else 0
+        if quiet >= quiet_seconds or time.monotonic() > deadline:
+            return busy
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -299,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mergekit-bin", default=str(DEFAULT_MERGEKIT))
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--json", type=Path, help="default DATA_DIR/results-SIZE.json")
+    parser.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120,
+        help="before each run, wait up to this long for 3 idle seconds (default 120)",
+    )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged models")
     return parser
 
@@ -344,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             if tool.failed:
                 continue
             log_path = logs / f"{tool.name}-{repeat + 1}.log"
-            run = time_once(tool, work / f"out-{tool.name}", log_path)
+            run = time_once(tool, work / f"out-{tool.name}", log_path, args.quiet_wait_s)
             if run.returncode != 0:
                 tool.failed = f"exit {run.returncode} in repeat {repeat + 1}, log {log_path}"
                 print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)
@@ -352,10 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             tool.walls_s.append(run.wall_s)
             tool.peak_rss_bytes.append(run.peak_rss_bytes)
             tool.cpu_busy_before.append(run.cpu_busy_before)
+            tool.others_cpu_s.append(run.others_cpu_s)
             print(
                 f"repeat {repeat + 1}/{args.repeats} {tool.name}: {run.wall_s:.2f} s, "
-                f"peak RSS {run.peak_rss_bytes / 1e9:.2f} GB "
-                f"(CPU busy the second before: {run.cpu_busy_before:.0%})",
+                f"peak RSS {run.peak_rss_bytes / 1e9:.2f} GB (CPU busy before: "
+                f"{run.cpu_busy_before:.0%}, others' CPU during: {run.others_cpu_s:.1f} s)",
                 file=sys.stderr,
             )
 
@@ -376,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for t in tools:
         print(f"\n- {t.name}: {t.version or '?'}" + (f" - FAILED: {t.failed}" if t.failed else ""))
-    noisy = sum(b > BUSY_WARNING for t in tools for b in t.cpu_busy_before)
-    if noisy:
-        print(
-            f"\nWARNING: other processes kept the CPUs busy before {noisy} run(s): noisy timings."
+    noisy = [
+        f"{t.name} #{i + 1}"
+        for t in tools
+        for i, (before, others, wall) in enumerate(
+            zip(t.cpu_busy_before, t.others_cpu_s, t.walls_s, strict=True)
         )
+        if before > BUSY_WARNING or others > OTHERS_CPU_WARNING * wall + OTHERS_CPU_SLACK_S
+    ]
+    if noisy:
+        print(f"\nWARNING: other processes used the CPUs in runs {', '.join(noisy)}: noisy.")
     if comparison is not None:
         print("\n```\n" + format_comparison(comparison, "shardmerge", "mergekit") + "\n```")
 

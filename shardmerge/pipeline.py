@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,9 +132,15 @@ def run_merge(
 ) -> RunResult:
     """Execute a prepared merge into ``out``, atomically: the folder appears only when complete."""
     out = out.expanduser().absolute()
-    prepare_output(prepared, out, overwrite=overwrite, resume=resume)
-    merged = merge_shards(prepared, out, device=device, quiet=quiet, resume=resume, stream=stream)
-    finish_output(prepared, out)
+    work = prepare_output(prepared, out, overwrite=overwrite, resume=resume)
+    # Config, tokenizer files and card need no tensor: write them while the shards merge.
+    with ThreadPoolExecutor(1, thread_name_prefix="shardmerge-meta") as pool:
+        side_files = pool.submit(write_side_files, prepared, work)
+        merged = merge_shards(
+            prepared, out, device=device, quiet=quiet, resume=resume, stream=stream
+        )
+        side_files.result()
+    finish_output(prepared, out, side_files_written=True)
     return RunResult(
         out,
         prepared.plan,
@@ -170,7 +177,7 @@ def merge_shards(
     rank: int = 0,
 ) -> MergedShards:
     """Write the plan's shards (or ``only_shards``) into the working folder, recording each
-    finished shard with its sha256 so ``--resume`` can skip it."""
+    finished shard with its digest so ``--resume`` can skip it."""
     import torch
 
     from shardmerge.engine import execute_plan
@@ -193,7 +200,7 @@ def merge_shards(
     write_json(record_path, record)
 
     def shard_done(_: int, result: Any) -> None:
-        record["shards"][result.filename] = {"sha256": result.sha256, "size": result.size}
+        record["shards"][result.filename] = {"digest": result.digest, "size": result.size}
         write_json(record_path, record)
 
     needed = _input_files(plan, skip)
@@ -231,11 +238,19 @@ def merge_shards(
     return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
 
 
-def finish_output(prepared: PreparedMerge, out: Path) -> RunResult:
-    """Metadata files and the index into the working folder, then move it into place."""
+def finish_output(
+    prepared: PreparedMerge, out: Path, *, side_files_written: bool = False
+) -> RunResult:
+    """Metadata files (unless already written) and the index last, then move into place."""
     work = partial_dir(out)
-    _write_metadata(
-        prepared, work, small_files_folder(prepared.model_a), small_files_folder(prepared.model_b)
+    if not side_files_written:
+        write_side_files(prepared, work)
+    faults.reached("before-index")
+    # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
+    models = (prepared.model_a, prepared.model_b)
+    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in models}
+    (work / INDEX_NAME).write_text(
+        prepared.plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
     )
     for record in work.glob(PROGRESS_NAME + "*"):
         record.unlink()
@@ -264,12 +279,13 @@ def push_output(
     return hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
 
 
-def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_b: Path) -> None:
-    """config, tokenizer and other small files, the card, and the index last."""
+def write_side_files(prepared: PreparedMerge, work: Path) -> None:
+    """config, tokenizer and other small files, and the card (everything but shards and index)."""
     from shardmerge.card import CardModel, render_card
 
     plan = prepared.plan
     a, b = prepared.model_a, prepared.model_b
+    folder_a, folder_b = small_files_folder(a), small_files_folder(b)
     tok_from_b = prepared.recipe.tokenizer_source == "b"
     copy_files(
         folder_a,
@@ -297,12 +313,6 @@ def _write_metadata(prepared: PreparedMerge, work: Path, folder_a: Path, folder_
         num_shards=len(plan.shards),
     )
     (work / "README.md").write_text(card)
-    faults.reached("before-index")
-    # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
-    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in (a, b)}
-    (work / INDEX_NAME).write_text(
-        plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
-    )
 
 
 def _dominant_out_dtype(plan: MergePlan) -> str | None:
@@ -322,7 +332,9 @@ def _disk_needed(plan: MergePlan) -> int:
 def _resumable_shards(
     work: Path, prepared: PreparedMerge, wanted: set[int]
 ) -> dict[str, dict[str, Any]]:
-    """Shards (of ``wanted``) an interrupted run completed, still unchanged (by sha256)."""
+    """Shards (of ``wanted``) an interrupted run completed, still unchanged (by digest)."""
+    from shardmerge.engine import file_digest
+
     recorded: dict[str, Any] = {}
     for path in sorted(work.glob(PROGRESS_NAME + "*")):
         try:
@@ -347,18 +359,10 @@ def _resumable_shards(
             isinstance(entry, dict)
             and file.is_file()
             and file.stat().st_size == entry.get("size")
-            and _sha256(file) == entry.get("sha256")
+            and file_digest(file) == entry.get("digest")
         ):
             valid[shard.filename] = entry
     return valid
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Bar:

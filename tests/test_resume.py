@@ -211,7 +211,7 @@ def test_corrupted_finished_shard_is_redone(models, reference, resume, tmp_path)
 
     rc, err, skipped = resume(models.recipe, out)
     assert rc == 0, err
-    assert skipped == 1  # shard 2 only; shard 1 failed its sha256 and was redone
+    assert skipped == 1  # shard 2 only; shard 1 failed its digest and was redone
     assert _folder_bytes(out) == reference
 
 
