@@ -188,11 +188,16 @@ class RunResult:
     others_cpu_s: float
 
 
-def time_once(tool: ToolRuns, out_dir: Path, log_path: Path, quiet_wait_s: float) -> RunResult:
-    """Run the tool once under /usr/bin/time -v, from an empty output and a flushed disk."""
+def time_once(
+    tool: ToolRuns, out_dir: Path, log_path: Path, inputs: list[Path], quiet_wait_s: float
+) -> RunResult:
+    """Run the tool once under /usr/bin/time -v: empty output, flushed disk, warm inputs."""
     shutil.rmtree(out_dir, ignore_errors=True)
     # Flush the previous run's dirty pages so that its writeback does not land in this run.
     subprocess.run(["sync"], check=True)
+    # Re-read the inputs: the kernel may have evicted them since the last run (proactive
+    # reclaim pages out page cache left untouched for about a minute on these VMs).
+    warm_cache(inputs)
     cpu_busy_before = wait_for_quiet(quiet_wait_s)
     stats_path = log_path.with_suffix(".time")
     command = [GNU_TIME, "-v", "-o", str(stats_path), *tool.command]
@@ -382,7 +387,6 @@ def main(argv: list[str] | None = None) -> int:
             "something else is running, timings will be noisy",
             file=sys.stderr,
         )
-    warm_cache(inputs)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -391,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             if tool.failed:
                 continue
             log_path = logs / f"{tool.name}-{repeat + 1}.log"
-            run = time_once(tool, work / f"out-{tool.name}", log_path, args.quiet_wait_s)
+            out_dir = work / f"out-{tool.name}"
+            run = time_once(tool, out_dir, log_path, inputs, args.quiet_wait_s)
             if run.returncode != 0:
                 tool.failed = f"exit {run.returncode} in repeat {repeat + 1}, log {log_path}"
                 print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)

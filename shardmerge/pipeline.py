@@ -186,7 +186,7 @@ def merge_shards(
     work = partial_dir(out)
     dev = resolve_device(device)
     if dev == "cpu" and only_shards is None:
-        torch.set_num_threads(int(os.environ.get("SM_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(os.cpu_count() or 1)
     wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
     done = _resumable_shards(work, prepared, wanted) if resume else {}
     skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)

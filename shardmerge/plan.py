@@ -23,10 +23,10 @@ from shardmerge.schedule import LayerPos, ScheduleError, layer_positions, resolv
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-# Engine working set: elements per float32 chunk, and chunks in flight (read ahead / compute /
-# write behind). Kept here so `plan` can estimate memory without importing torch.
+# Engine working set: elements per chunk, and the memory for chunk buffers in flight. Kept here
+# so `plan` can estimate memory without importing torch.
 CHUNK_NUMEL = 1 << 22
-CHUNKS_IN_FLIGHT = 3
+SLOT_BUDGET_BYTES = 160 * 1024 * 1024
 # Tensors up to this many elements stay resident as float32 pairs (128 MiB) between their sums
 # and their output, saving a second read; larger ones (embeddings) are read twice.
 RESIDENT_NUMEL = 1 << 24
@@ -107,16 +107,41 @@ class MergePlan:
 RUNTIME_BYTES = 250_000_000
 
 
-def estimate_peak_bytes(plan: MergePlan) -> int:
-    """The engine's working set: per chunk in flight the raw bytes of both inputs and of the
-    output, two float32 work buffers, and the runtime. Independent of the model's size."""
+@dataclass(frozen=True)
+class ChunkBuffers:
+    """The engine's fixed buffers for a plan: per chunk slot, raw bytes of both inputs and of
+    the output; ``slots`` of them are in flight (read ahead, computing, written behind)."""
+
+    in_itemsize: int  # the widest input dtype, bytes per element
+    out_itemsize: int
+    slots: int
+    resident_numel: int  # elements held as float32 pairs between sums and output
+
+    @property
+    def slot_bytes(self) -> int:
+        return CHUNK_NUMEL * (2 * self.in_itemsize + self.out_itemsize)
+
+
+def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
     tasks = plan.tasks
-    in_a = max((DTYPE_SIZES[t.a.dtype] for t in tasks), default=4)
-    in_b = max((DTYPE_SIZES[t.b.dtype] for t in tasks), default=4)
-    out = max((DTYPE_SIZES[t.out_dtype] for t in tasks), default=4)
-    per_chunk = CHUNK_NUMEL * (max(in_a, in_b) * 2 + out)
-    resident = min(RESIDENT_NUMEL, max((t.a.numel for t in tasks), default=0))
-    return CHUNKS_IN_FLIGHT * per_chunk + max(resident, CHUNK_NUMEL) * 8 + RUNTIME_BYTES
+    in_itemsize = max(
+        (max(DTYPE_SIZES[t.a.dtype], DTYPE_SIZES[t.b.dtype]) for t in tasks), default=4
+    )
+    out_itemsize = max((DTYPE_SIZES[t.out_dtype] for t in tasks), default=4)
+    slot_bytes = CHUNK_NUMEL * (2 * in_itemsize + out_itemsize)
+    # More slots smooth out a slow write or read; as many as fit the budget, 3 to 8.
+    slots = min(8, max(3, SLOT_BUDGET_BYTES // slot_bytes))
+    resident = max(
+        (t.a.numel for t in tasks if t.is_float and t.a.numel <= RESIDENT_NUMEL), default=0
+    )
+    return ChunkBuffers(in_itemsize, out_itemsize, slots, max(resident, CHUNK_NUMEL))
+
+
+def estimate_peak_bytes(plan: MergePlan) -> int:
+    """The engine's working set: the chunk slots, the float32 pair buffer (two float32 values
+    per resident element) and the runtime. Independent of the model's size."""
+    buffers = chunk_buffers(plan)
+    return buffers.slots * buffers.slot_bytes + buffers.resident_numel * 8 + RUNTIME_BYTES
 
 
 def plan_merge(
