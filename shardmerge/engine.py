@@ -20,7 +20,6 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -237,111 +236,71 @@ _STAGE_BYTES = 8 << 20
 class _ShardFile:
     """One output shard, written front to back.
 
-    Where the filesystem allows it, the file is opened with O_DIRECT and written through two
-    aligned staging buffers, one filling while the other is written out in the background:
-    bytes go from our memory to the disk without taking page-cache pages (which would evict the
-    inputs still being read, and which cost a fresh page per 4 KiB on virtual machines).
-    Elsewhere (tmpfs, macOS) it is plain buffered writes.
+    Where the filesystem allows it, the file is opened with O_DIRECT and written through an
+    aligned staging buffer: bytes go from our memory to the disk without taking page-cache pages
+    (which would evict the inputs still being read, and which cost a fresh page per 4 KiB on
+    virtual machines). Elsewhere (tmpfs, macOS) it is plain buffered writes.
     """
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
-        self.pos = 0  # file offset of the next byte to write (or of the filling stage's start)
+        self.pos = 0  # file offset of the next byte to write (or of the staging buffer's start)
         self.fill = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
-        self.stages: list[mmap.mmap] = []
-        self.pending: tuple[Future[None], mmap.mmap, int, int] | None = None
-        self.pool: ThreadPoolExecutor | None = None
+        self.stage: mmap.mmap | None = None
         if direct and size >= _STAGE_BYTES:  # small files are not worth the staging copy
             try:
                 self.fd = os.open(path, flags | direct, 0o644)
-                # Page-aligned anonymous memory, as O_DIRECT needs.
-                self.stages = [mmap.mmap(-1, _STAGE_BYTES), mmap.mmap(-1, _STAGE_BYTES)]
-                self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardmerge-flush")
+                self.stage = mmap.mmap(-1, _STAGE_BYTES)  # page-aligned anonymous memory
             except OSError:
-                self.stages = []
-        if not self.stages:
+                self.stage = None
+        if self.stage is None:
             self.fd = os.open(path, flags, 0o644)
 
     def write(self, view: memoryview) -> None:
-        if not self.stages:
+        if self.stage is None:
             _pwrite_all(self.fd, view, self.pos)
             self.pos += len(view)
             return
         while len(view):
             n = min(len(view), _STAGE_BYTES - self.fill)
-            self.stages[0][self.fill : self.fill + n] = view[:n]
+            self.stage[self.fill : self.fill + n] = view[:n]
             self.fill += n
             view = view[n:]
             if self.fill == _STAGE_BYTES:
-                self._flush_in_background()
-                if not self.stages:  # fell back to buffered writes
-                    self.write(view)
-                    return
+                self._flush()
 
-    def _flush_in_background(self) -> None:
-        self._wait()
-        if not self.stages:  # fell back to buffered writes: _wait wrote everything so far
-            return
-        assert self.pool is not None
-        stage, pos, fill = self.stages[0], self.pos, self.fill
-        self.pending = (self.pool.submit(self._write_stage, stage, pos, fill), stage, pos, fill)
-        self.stages.reverse()  # fill the other stage meanwhile
-        self.pos += fill
-        self.fill = 0
-
-    def _write_stage(self, stage: mmap.mmap, pos: int, fill: int) -> None:
-        length = -(-fill // _ALIGN) * _ALIGN  # the last block is padded, then truncated
-        _pwrite_all(self.fd, memoryview(stage)[:length], pos)
-
-    def _wait(self) -> None:
-        """Finish the background write; if the filesystem refused O_DIRECT writes (it took the
-        flag at open), rewrite that stage and go on with buffered writes."""
-        if self.pending is None:
-            return
-        future, stage, pos, fill = self.pending
-        self.pending = None
+    def _flush(self) -> None:
+        assert self.stage is not None
+        length = -(-self.fill // _ALIGN) * _ALIGN  # the last block is padded, then truncated
         try:
-            future.result()
+            _pwrite_all(self.fd, memoryview(self.stage)[:length], self.pos)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
+            # The filesystem took O_DIRECT at open but refuses it for writes: go on buffered.
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_WRONLY)
-            _pwrite_all(self.fd, memoryview(stage)[:fill], pos)
-            current = self.stages[0]
-            _pwrite_all(self.fd, memoryview(current)[: self.fill], self.pos)
-            self.pos += self.fill
-            self.fill = 0
-            self._release_stages()
-
-    def _release_stages(self) -> None:
-        for stage in self.stages:
-            stage.close()
-        self.stages = []
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+            _pwrite_all(self.fd, memoryview(self.stage)[: self.fill], self.pos)
+            self.stage.close()
+            self.stage = None
+        self.pos += self.fill
+        self.fill = 0
 
     def close(self) -> None:
-        self._wait()
-        if self.stages and self.fill:
-            self._write_stage(self.stages[0], self.pos, self.fill)
-            self.pos += self.fill
-            self.fill = 0
-        self._release_stages()
+        if self.stage is not None:
+            if self.fill:
+                self._flush()
+            self.stage.close()
+            self.stage = None
         os.ftruncate(self.fd, self.size)
         os.close(self.fd)
 
     def abort(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
-        for stage in self.stages:
-            stage.close()
-        self.stages = []
+        if self.stage is not None:
+            self.stage.close()
         os.close(self.fd)
 
 
