@@ -271,12 +271,18 @@ class _ShardFile:
             view = view[n:]
             if self.fill == _STAGE_BYTES:
                 self._flush()
+                if self.stage is None:  # fell back to buffered writes
+                    self.write(view)
+                    return
+
+    def _write_stage(self, stage: mmap.mmap, pos: int, fill: int) -> None:
+        length = -(-fill // _ALIGN) * _ALIGN  # the last block is padded, then truncated
+        _pwrite_all(self.fd, memoryview(stage)[:length], pos)
 
     def _flush(self) -> None:
         assert self.stage is not None
-        length = -(-self.fill // _ALIGN) * _ALIGN  # the last block is padded, then truncated
         try:
-            _pwrite_all(self.fd, memoryview(self.stage)[:length], self.pos)
+            self._write_stage(self.stage, self.pos, self.fill)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise

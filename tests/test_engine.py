@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -264,9 +265,20 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
         real_init(self, path, size)
         opened.append(self.stage is not None)
 
+    real_write_stage = engine._ShardFile._write_stage
+
+    def refuse_direct(self, stage, pos, fill):
+        # Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL).
+        raise OSError(errno.EINVAL, "Invalid argument")
+
     outputs = {}
-    for mode, stage in (("buffered", 1 << 40), ("direct", 8192)):
+    for mode, stage in (("buffered", 1 << 40), ("direct", 8192), ("refused", 8192)):
         monkeypatch.setattr(engine, "_STAGE_BYTES", stage)
+        monkeypatch.setattr(
+            engine._ShardFile,
+            "_write_stage",
+            refuse_direct if mode == "refused" else real_write_stage,
+        )
         monkeypatch.setattr(engine._ShardFile, "__init__", spy)
         opened.clear()
         out = tmp_path / mode
@@ -278,3 +290,4 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
         elif not any(opened):
             pytest.skip("this filesystem refuses O_DIRECT")
     assert outputs["direct"] == outputs["buffered"]
+    assert outputs["refused"] == outputs["buffered"]
