@@ -8,6 +8,8 @@ commands that need them.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,5 +207,26 @@ def _print_warnings(warnings: Sequence[str]) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+def entry() -> None:
+    """The ``shardmerge`` command: :func:`main`, then exit.
+
+    Once torch is loaded, the exit skips the interpreter's teardown of its modules, which took
+    0.45 s here (a sixth of a 1.3 GB merge). The atexit handlers still run first (ours remove
+    ``--allow-pickle``'s converted copies), every file of ours is closed by then and every thread
+    joined; only the standard streams need flushing.
+    """
+    code = main()
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if "torch" not in sys.modules or run_exit_handlers is None:
+        sys.exit(code)
+    run_exit_handlers()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # e.g. a closed pipe: let the normal exit deal with it
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

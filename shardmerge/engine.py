@@ -1,11 +1,17 @@
 """Execute a MergePlan: read input chunks, SLERP them, write them at their planned offsets.
 
-Three stages overlap in threads (pread, torch kernels and pwrite all release the GIL):
-a reader fills buffers from a small fixed pool, the main thread converts and computes, a writer
-puts results at their precomputed offsets in the output shards. Every buffer comes from the pool
+Four stages overlap in threads (pread, torch kernels and pwrite all release the GIL):
+a reader fills buffers from a small fixed pool, the main thread adds up each tensor's sums, a
+combiner computes the output chunks, a writer puts them at their precomputed offsets in the
+output shards. Every buffer comes from the pool
 and is reused, so the working set is a few chunks whatever the model size; input
 bytes are read with ``os.preadv`` rather than mapped, so pages of finished shards never pile up
 in the process's resident memory.
+
+The math converts to float32 a cache-sized piece at a time (``slerp.SUB_NUMEL``) straight from
+the raw input bytes, so the only float32 memory is a 2 MiB scratch pair. A tensor of at most
+``RESIDENT_NUMEL`` elements keeps its raw chunks in their slots between its sums and its output
+(read once); a larger one is read twice (sums, then output).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import math
 import mmap
 import os
@@ -129,9 +136,10 @@ class _Reader:
             os.close(self._open.pop(file)[0])
 
 
-# copy_a / copy_b: t is 0 or 1, bytes pass through. load + emit: the tensor fits the resident
-# pair buffer, so it is read once. stats + combine: a larger tensor is read twice (sums, then
-# output) so no float32 copy of it is ever whole. int: integer/bool tensors, read whole.
+# copy_a / copy_b: t is 0 or 1, bytes pass through. load + emit: the tensor is resident: its
+# load steps read its chunks and add up the sums, each emit step computes the output of the
+# matching load step's slot. stats + combine: a larger tensor is read twice (sums, then output).
+# int: integer/bool tensors, read whole.
 Kind = Literal["copy_a", "copy_b", "load", "emit", "stats", "combine", "int"]
 
 
@@ -157,12 +165,12 @@ class _Step:
     whole_b: bytearray | None = None
 
 
-def _steps(plan: MergePlan, skip_shards: frozenset[int]) -> Iterator[_Step]:
+def _steps(plan: MergePlan, skip_shards: frozenset[int], resident: int) -> Iterator[_Step]:
     for index, shard in enumerate(plan.shards):
         if index in skip_shards:
             continue
         for task in shard.tasks:
-            yield from _task_steps(task, index)
+            yield from _task_steps(task, index, resident)
 
 
 def _chunk_numel() -> int:
@@ -171,7 +179,12 @@ def _chunk_numel() -> int:
     return max(slerp.BLOCK, CHUNK_NUMEL - CHUNK_NUMEL % slerp.BLOCK)
 
 
-def _task_steps(task: TensorTask, shard: int) -> Iterator[_Step]:
+def _resident_numel(slots: int) -> int:
+    # A resident tensor holds all its chunks' slots at once: never more chunks than slots.
+    return min(RESIDENT_NUMEL, slots * _chunk_numel())
+
+
+def _task_steps(task: TensorTask, shard: int, resident: int) -> Iterator[_Step]:
     n = task.a.numel
     step = _chunk_numel()
     spans = [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
@@ -184,7 +197,7 @@ def _task_steps(task: TensorTask, shard: int) -> Iterator[_Step]:
         for i, (s, e) in enumerate(spans):
             yield _Step(task, shard, kind, s, e, i == len(spans) - 1)
         return
-    if n <= RESIDENT_NUMEL:
+    if n <= resident:
         for s, e in spans:
             yield _Step(task, shard, "load", s, e, False)
         for i, (s, e) in enumerate(spans):
@@ -365,11 +378,17 @@ def execute_plan(
     stop = threading.Event()
 
     def read_loop() -> None:
+        held: list[_Slot] = []  # a resident tensor's slots, from its load to its emit steps
         try:
-            for step in _steps(plan, skip_shards):
+            for step in _steps(plan, skip_shards, _resident_numel(buffers.slots)):
                 if stop.is_set():
                     return
-                _read_step(step, reader_a, reader_b, free, stop)
+                if step.kind == "emit":
+                    step.slot = held.pop(0)
+                else:
+                    _read_step(step, reader_a, reader_b, free, stop)
+                if step.kind == "load" and step.slot is not None:
+                    held.append(step.slot)
                 if step.slot is None and step.kind != "int":
                     return  # stopped while waiting for a buffer
                 ready.put(step)
@@ -417,12 +436,52 @@ def execute_plan(
             while to_write.get() is not _STOP:
                 pass
 
+    sub = slerp.sub_numel(dev)
+    # Sums and outputs are computed in two threads: while one thread writes tensor T's output,
+    # the main thread adds up the sums of T+1. Each takes half of torch's CPU threads (on 2
+    # cores: one each, which also keeps OpenMP's idle workers from spinning on the cores the
+    # reader and writer need).
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, threads // 2))
+    to_combine: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
+
+    def combine_loop() -> None:
+        scratch = slerp.pair_buffer(sub or chunk, dev)
+        try:
+            while True:
+                item = to_combine.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, tuple)
+                step, stats = item
+                if step.shard not in outputs:
+                    outputs[step.shard] = _open_output(
+                        out_dir, plan.shards[step.shard], to_write, step.shard
+                    )
+                data, nbytes = _compute(step, stats, scratch, sub, dev)
+                offset = len(plan.shards[step.shard].header) + step.task.out_begin
+                offset += step.start * DTYPE_SIZES[step.task.out_dtype]
+                to_write.put((step.shard, offset, data, step.slot))
+                if on_progress is not None:
+                    on_progress(nbytes)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+            stop.set()
+            while to_combine.get() is not _STOP:  # keep the main thread from blocking
+                pass
+
     reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
+    combiner = threading.Thread(target=combine_loop, name="shardmerge-combine", daemon=True)
     writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
-    reader.start()
-    writer.start()
-    x_buf = slerp.pair_buffer(max(buffers.resident_numel, chunk), dev)
-    stats: slerp.SlerpStats | None = None
+    for thread in (reader, combiner, writer):
+        thread.start()
+    scratch = slerp.pair_buffer(sub or chunk, dev)
+    stats = slerp.SlerpStats()
+    # Nothing in the loop makes reference cycles; a collection walking torch's many objects
+    # only stalls the thread that feeds the others.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         while True:
             item = ready.get()
@@ -430,23 +489,17 @@ def execute_plan(
                 break
             assert isinstance(item, _Step)
             step = item
-            if step.shard not in outputs:
-                outputs[step.shard] = _open_output(
-                    out_dir, plan.shards[step.shard], to_write, step.shard
-                )
-            if step.kind in ("stats", "load") and step.start == 0:
-                stats = slerp.SlerpStats()
-            data, nbytes = _compute(step, stats, x_buf, dev)
             if step.kind in ("stats", "load"):
-                assert step.slot is not None
-                free.put(step.slot)
+                if step.start == 0:
+                    stats = slerp.SlerpStats()  # the previous one stays with its combine steps
+                _compute(step, stats, scratch, sub, dev)
+                if step.kind == "stats":
+                    assert step.slot is not None
+                    free.put(step.slot)  # a "load" slot waits for the matching emit step
             else:
-                offset = len(plan.shards[step.shard].header) + step.task.out_begin
-                offset += step.start * DTYPE_SIZES[step.task.out_dtype]
-                to_write.put((step.shard, offset, data, step.slot))
-                if on_progress is not None:
-                    on_progress(nbytes)
+                to_combine.put((step, stats))
             if step.last:
+                # Every byte of the task is in memory now: its inputs can be let go.
                 for side, reader_, info in (
                     ("a", reader_a, step.task.a),
                     ("b", reader_b, step.task.b),
@@ -457,13 +510,18 @@ def execute_plan(
     except BaseException as exc:
         errors.append(exc)
     finally:
+        if gc_was_enabled:
+            gc.enable()
         stop.set()
-        # Unblock the reader if it waits on a full queue, then stop the writer.
+        # Unblock the reader if it waits on a full queue, then stop the combiner and the writer.
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)
+        to_combine.put(_STOP)
+        combiner.join()
         to_write.put(_STOP)
         writer.join()
+        torch.set_num_threads(threads)
         reader_a.close_all()
         reader_b.close_all()
         for out in outputs.values():
@@ -536,8 +594,6 @@ def _read_step(
     if step.slot is None:
         return
     count = step.end - step.start
-    if step.kind == "emit":
-        return  # computed from the resident pair buffer: only an output buffer is needed
     if step.kind != "copy_b":
         size = DTYPE_SIZES[task.a.dtype]
         view = bytes_view(step.slot.raw_a)[: count * size]
@@ -548,24 +604,25 @@ def _read_step(
         reader_b.read_into(task.b, step.start * size, view)
 
 
-def _load(
-    slot: _Slot, task: TensorTask, count: int, x: torch.Tensor, dev: torch.device
-) -> torch.Tensor:
-    """The chunk's raw bytes of both inputs -> the float32 pair buffer on ``dev``."""
+def _inputs(
+    slot: _Slot, task: TensorTask, count: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's raw bytes of both inputs as typed flat tensors on ``dev``."""
     typed = []
     for raw, info in ((slot.raw_a, task.a), (slot.raw_b, task.b)):
         tensor = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
         if dev.type != "cpu":
             tensor = tensor.to(dev, non_blocking=True)
-        if task.input_dtype is not None and task.input_dtype != info.dtype:
-            # mergekit's `dtype`: inputs are rounded to it before the math.
-            tensor = tensor.to(TORCH_DTYPES[task.input_dtype])
         typed.append(tensor)
-    return slerp.load_pair(x, typed[0], typed[1])
+    return typed[0], typed[1]
 
 
 def _compute(
-    step: _Step, stats: slerp.SlerpStats | None, x_buf: torch.Tensor, dev: torch.device
+    step: _Step,
+    stats: slerp.SlerpStats | None,
+    scratch: torch.Tensor,
+    sub: int,
+    dev: torch.device,
 ) -> tuple[object, int]:
     """Run one step; returns (bytes-like or uint8 tensor to write, output byte count)."""
     task = step.task
@@ -586,29 +643,27 @@ def _compute(
     if step.kind in ("copy_a", "copy_b"):
         raw = slot.raw_a if step.kind == "copy_a" else slot.raw_b
         info = task.a if step.kind == "copy_a" else task.b
+        if info.dtype == out_code:
+            return raw[:nbytes], nbytes  # the bytes pass through untouched
         src = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
         out_raw.view(TORCH_DTYPES[out_code]).copy_(src)
         return out_raw, nbytes
-    # Resident tensors keep every chunk at its own rows of the pair buffer; others reuse row 0.
-    row = step.start // slerp.BLOCK if step.kind in ("load", "emit") else 0
-    if step.kind == "emit":
-        rows = -(-count // slerp.BLOCK)
-        x = x_buf[:, row : row + rows]
-    else:
-        x = _load(slot, task, count, x_buf[:, row:], dev)
+    a, b = _inputs(slot, task, count, dev)
+    round_to = None if task.input_dtype is None else TORCH_DTYPES[task.input_dtype]
     if step.kind in ("stats", "load"):
         assert stats is not None
-        slerp.accumulate_pair(stats, x)
+        slerp.accumulate_chunk(stats, a, b, scratch, sub=sub, round_to=round_to)
         return None, 0
     assert stats is not None
     _check_finite(stats, task)
     s0, s1 = slerp.coefficients(stats, task.t)
     typed_out = out_raw.view(TORCH_DTYPES[out_code])
     if dev.type == "cpu":
-        slerp.combine_pair(typed_out, x, s0, s1)
+        slerp.combine_chunk(typed_out, a, b, s0, s1, scratch, sub=sub, round_to=round_to)
     else:
         result = torch.empty(count, dtype=TORCH_DTYPES[out_code], device=dev)
-        typed_out.copy_(slerp.combine_pair(result, x, s0, s1))
+        slerp.combine_chunk(result, a, b, s0, s1, scratch, sub=sub, round_to=round_to)
+        typed_out.copy_(result)
     return out_raw, nbytes
 
 

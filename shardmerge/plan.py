@@ -26,10 +26,12 @@ _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"
 # Engine working set: elements per chunk, and the memory for chunk buffers in flight. Kept here
 # so `plan` can estimate memory without importing torch.
 CHUNK_NUMEL = 1 << 22
-SLOT_BUDGET_BYTES = 160 * 1024 * 1024
-# Tensors up to this many elements stay resident as float32 pairs (128 MiB) between their sums
-# and their output, saving a second read; larger ones (embeddings) are read twice.
-RESIDENT_NUMEL = 1 << 24
+SLOT_BUDGET_BYTES = 192 * 1024 * 1024
+MIN_SLOTS = 4
+# Tensors up to this many elements (at most MIN_SLOTS chunks) keep their raw chunks in their slots
+# between their sums and their output, saving a second read; larger ones (embeddings) are read
+# twice.
+RESIDENT_NUMEL = MIN_SLOTS * CHUNK_NUMEL
 _MAX_LISTED = 20
 
 
@@ -110,12 +112,12 @@ RUNTIME_BYTES = 250_000_000
 @dataclass(frozen=True)
 class ChunkBuffers:
     """The engine's fixed buffers for a plan: per chunk slot, raw bytes of both inputs and of
-    the output; ``slots`` of them are in flight (read ahead, computing, written behind)."""
+    the output; ``slots`` of them are in flight (read ahead, held by a resident tensor between
+    its sums and its output, computing, written behind)."""
 
     in_itemsize: int  # the widest input dtype, bytes per element
     out_itemsize: int
     slots: int
-    resident_numel: int  # elements held as float32 pairs between sums and output
 
     @property
     def slot_bytes(self) -> int:
@@ -129,19 +131,17 @@ def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
     )
     out_itemsize = max((DTYPE_SIZES[t.out_dtype] for t in tasks), default=4)
     slot_bytes = CHUNK_NUMEL * (2 * in_itemsize + out_itemsize)
-    # More slots smooth out a slow write or read; as many as fit the budget, 3 to 8.
-    slots = min(8, max(3, SLOT_BUDGET_BYTES // slot_bytes))
-    resident = max(
-        (t.a.numel for t in tasks if t.is_float and t.a.numel <= RESIDENT_NUMEL), default=0
-    )
-    return ChunkBuffers(in_itemsize, out_itemsize, slots, max(resident, CHUNK_NUMEL))
+    # More slots smooth out a slow write or read; as many as fit the budget, 4 (a resident
+    # tensor's chunks) to 8.
+    slots = min(8, max(MIN_SLOTS, SLOT_BUDGET_BYTES // slot_bytes))
+    return ChunkBuffers(in_itemsize, out_itemsize, slots)
 
 
 def estimate_peak_bytes(plan: MergePlan) -> int:
-    """The engine's working set: the chunk slots, the float32 pair buffer (two float32 values
-    per resident element) and the runtime. Independent of the model's size."""
+    """The engine's working set: the chunk slots and the runtime (the float32 scratch is 2 MiB).
+    Independent of the model's size."""
     buffers = chunk_buffers(plan)
-    return buffers.slots * buffers.slot_bytes + buffers.resident_numel * 8 + RUNTIME_BYTES
+    return buffers.slots * buffers.slot_bytes + RUNTIME_BYTES
 
 
 def plan_merge(

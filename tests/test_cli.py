@@ -126,6 +126,43 @@ def test_help_and_validate_do_not_import_torch(tmp_path):
     assert done.stdout.strip().endswith("[]")
 
 
+def test_command_exit_after_torch_keeps_code_output_and_exit_handlers(tmp_path):
+    """The console script skips the interpreter's teardown once torch is loaded: the exit code,
+    buffered output on pipes and atexit handlers must survive that."""
+    g = torch.Generator().manual_seed(1)
+    a = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=g)}
+    b = {"model.layers.0.mlp.up_proj.weight": torch.full((8, 4), float("nan"))}
+    write_checkpoint(tmp_path / "a", a, [list(a)], {"model_type": "llama"})
+    write_checkpoint(tmp_path / "b", b, [list(b)], {"model_type": "llama"})
+    recipe = _recipe(tmp_path, f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nt: 0.5\n")
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, pathlib, sys; from shardmerge.cli import entry; "
+        f"atexit.register(pathlib.Path({str(marker)!r}).touch); sys.argv[1:] = {{args}}; entry()"
+    )
+    runs = {
+        "fails": ["run", str(recipe), "--out", str(tmp_path / "bad"), "--quiet"],
+        "works": ["plan", str(recipe)],
+    }
+    for name, args in runs.items():
+        marker.unlink(missing_ok=True)
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(args=args)],
+            capture_output=True, text=True, env=_env(),
+        )  # fmt: skip
+        if name == "fails":  # torch was loaded: the fast exit
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.strip() == (
+                "error: tensor 'model.layers.0.mlp.up_proj.weight' in model B contains NaN or "
+                "Inf values"
+            )
+            assert not (tmp_path / "bad").exists()
+        else:  # no torch: the ordinary exit
+            assert done.returncode == 0, done.stderr
+            assert "input bytes read: 256" in done.stdout
+        assert marker.exists(), name
+
+
 def test_demo_command_from_readme(tmp_path):
     """The README's second set-up command, run as a user would (console script, repo root)."""
     exe = Path(sys.executable).with_name("shardmerge")
