@@ -130,6 +130,49 @@ def test_engine_matches_reference(tmp_path, monkeypatch, chunk, dtype):
             assert value.item() == round(a[name].item() * (1 - t) + b[name].item() * t)
 
 
+def test_resident_tensor_may_hold_every_slot(tmp_path, monkeypatch):
+    """A resident tensor keeps all its chunks' slots until its output is written. With as many
+    chunks as slots the engine must still finish (emit steps need no new slot), with the
+    reference result."""
+    import threading
+
+    from shardmerge import plan as plan_module
+
+    chunk = 4096
+    monkeypatch.setattr(engine, "CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(engine, "RESIDENT_NUMEL", 1 << 40)  # capped by the slots, 2 chunks
+    monkeypatch.setattr(engine, "chunk_buffers", lambda p: plan_module.ChunkBuffers(2, 2, slots=2))
+    assert engine._resident_numel(2) == 2 * chunk
+    a, b = _tensors(0), _tensors(1)
+    g = torch.Generator().manual_seed(2)
+    for side in (a, b):  # 6400 elements: two chunks, resident, holding both slots
+        side["model.layers.0.mlp.down_proj.weight"] = torch.randn(16, 400, generator=g).bfloat16()
+    config = {"model_type": "llama", "tie_word_embeddings": False}
+    path_a, path_b = tmp_path / "a", tmp_path / "b"
+    write_checkpoint(path_a, a, None, config)
+    write_checkpoint(path_b, b, None, config)
+    out = tmp_path / "out"
+    prepared = prepare(parse_recipe(RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")))
+    done = threading.Event()
+
+    def merge() -> None:
+        run_merge(prepared, out=out, quiet=True, device="cpu")
+        done.set()
+
+    worker = threading.Thread(target=merge, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done.is_set(), "the engine deadlocked"
+    merged = _read_output(out)
+    two_chunk = [
+        n for n, v in a.items() if chunk < v.numel() <= 2 * chunk and v.is_floating_point()
+    ]
+    assert two_chunk, "the fixture needs tensors that fill both slots"
+    for name in two_chunk:
+        expected = slerp(a[name], b[name], _expected_t(name), chunk_numel=chunk)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=0, msg=name)
+
+
 def test_output_layout_index_and_files(tmp_path):
     path_a, path_b, a, _ = _pair(tmp_path)
     out = tmp_path / "out"
