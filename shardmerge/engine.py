@@ -152,6 +152,25 @@ class _Slot:
     raw_out: torch.Tensor
 
 
+class _Sums:
+    """A float tensor's a.b, a.a and b.b, one part per chunk: the parts may be computed by either
+    compute thread, in any order, and are added up in chunk order, so the result never depends
+    on which thread did what."""
+
+    def __init__(self, chunks: int) -> None:
+        self.parts: list[slerp.SlerpStats | None] = [None] * chunks
+        self._total: slerp.SlerpStats | None = None
+
+    def total(self) -> slerp.SlerpStats:
+        if self._total is None:
+            total = slerp.SlerpStats()
+            for part in self.parts:
+                assert part is not None, "a chunk's sums are missing"
+                total.add(part)
+            self._total = total
+        return self._total
+
+
 @dataclass
 class _Step:
     task: TensorTask
@@ -160,6 +179,7 @@ class _Step:
     start: int  # element range
     end: int
     last: bool  # the task's final step
+    sums: _Sums | None = None  # float tensors that are computed (not copied)
     slot: _Slot | None = None
     whole_a: bytearray | None = None  # integer tensors are read whole (they are tiny)
     whole_b: bytearray | None = None
@@ -197,16 +217,13 @@ def _task_steps(task: TensorTask, shard: int, resident: int) -> Iterator[_Step]:
         for i, (s, e) in enumerate(spans):
             yield _Step(task, shard, kind, s, e, i == len(spans) - 1)
         return
-    if n <= resident:
-        for s, e in spans:
-            yield _Step(task, shard, "load", s, e, False)
-        for i, (s, e) in enumerate(spans):
-            yield _Step(task, shard, "emit", s, e, i == len(spans) - 1)
-        return
+    sums = _Sums(len(spans))
+    first: Kind = "load" if n <= resident else "stats"
+    second: Kind = "emit" if n <= resident else "combine"
     for s, e in spans:
-        yield _Step(task, shard, "stats", s, e, False)
+        yield _Step(task, shard, first, s, e, False, sums)
     for i, (s, e) in enumerate(spans):
-        yield _Step(task, shard, "combine", s, e, i == len(spans) - 1)
+        yield _Step(task, shard, second, s, e, i == len(spans) - 1, sums)
 
 
 # Digest of each finished shard, recorded for --resume. xxh3-128 rather than sha256: it only has
@@ -453,13 +470,19 @@ def execute_plan(
                 item = to_combine.get()
                 if item is _STOP:
                     return
-                assert isinstance(item, tuple)
-                step, stats = item
+                assert isinstance(item, _Step)
+                step = item
+                if step.kind in ("stats", "load"):  # lent by the main thread while we were idle
+                    _compute(step, scratch, sub, dev)
+                    if step.kind == "stats":
+                        assert step.slot is not None
+                        free.put(step.slot)
+                    continue
                 if step.shard not in outputs:
                     outputs[step.shard] = _open_output(
                         out_dir, plan.shards[step.shard], to_write, step.shard
                     )
-                data, nbytes = _compute(step, stats, scratch, sub, dev)
+                data, nbytes = _compute(step, scratch, sub, dev)
                 offset = len(plan.shards[step.shard].header) + step.task.out_begin
                 offset += step.start * DTYPE_SIZES[step.task.out_dtype]
                 to_write.put((step.shard, offset, data, step.slot))
@@ -477,7 +500,6 @@ def execute_plan(
     for thread in (reader, combiner, writer):
         thread.start()
     scratch = slerp.pair_buffer(sub or chunk, dev)
-    stats = slerp.SlerpStats()
     # Nothing in the loop makes reference cycles; a collection walking torch's many objects
     # only stalls the thread that feeds the others.
     gc_was_enabled = gc.isenabled()
@@ -489,15 +511,16 @@ def execute_plan(
                 break
             assert isinstance(item, _Step)
             step = item
-            if step.kind in ("stats", "load"):
-                if step.start == 0:
-                    stats = slerp.SlerpStats()  # the previous one stays with its combine steps
-                _compute(step, stats, scratch, sub, dev)
+            if step.kind in ("stats", "load") and not to_combine.empty():
+                _compute(step, scratch, sub, dev)
                 if step.kind == "stats":
                     assert step.slot is not None
                     free.put(step.slot)  # a "load" slot waits for the matching emit step
             else:
-                to_combine.put((step, stats))
+                # Output steps, and sums when the combiner has nothing queued (at the start, and
+                # at big tensors whose sums must be complete before any output): the combiner
+                # takes them in order, so a tensor's sums are all in before its output.
+                to_combine.put(step)
             if step.last:
                 # Every byte of the task is in memory now: its inputs can be let go.
                 for side, reader_, info in (
@@ -619,7 +642,6 @@ def _inputs(
 
 def _compute(
     step: _Step,
-    stats: slerp.SlerpStats | None,
     scratch: torch.Tensor,
     sub: int,
     dev: torch.device,
@@ -650,11 +672,13 @@ def _compute(
         return out_raw, nbytes
     a, b = _inputs(slot, task, count, dev)
     round_to = None if task.input_dtype is None else TORCH_DTYPES[task.input_dtype]
+    assert step.sums is not None
     if step.kind in ("stats", "load"):
-        assert stats is not None
-        slerp.accumulate_chunk(stats, a, b, scratch, sub=sub, round_to=round_to)
+        part = slerp.SlerpStats()
+        slerp.accumulate_chunk(part, a, b, scratch, sub=sub, round_to=round_to)
+        step.sums.parts[step.start // _chunk_numel()] = part
         return None, 0
-    assert stats is not None
+    stats = step.sums.total()
     _check_finite(stats, task)
     s0, s1 = slerp.coefficients(stats, task.t)
     typed_out = out_raw.view(TORCH_DTYPES[out_code])

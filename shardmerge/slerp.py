@@ -63,6 +63,11 @@ class SlerpStats:
     def is_finite(self) -> bool:
         return math.isfinite(self.dot) and math.isfinite(self.sq_a) and math.isfinite(self.sq_b)
 
+    def add(self, other: SlerpStats) -> None:
+        self.dot += other.dot
+        self.sq_a += other.sq_a
+        self.sq_b += other.sq_b
+
 
 def pair_buffer(numel: int, device: torch.device | str | None = None) -> torch.Tensor:
     """A float32 pair buffer able to hold ``numel`` elements of each input."""
@@ -247,13 +252,15 @@ def slerp(
     n = flat_a.numel()
     step = max(BLOCK, chunk_numel - chunk_numel % BLOCK)
     spans = [(s, min(s + step, n)) for s in range(0, n, step)]
-    # The engine's partition: chunks, then pieces of ``sub`` within each chunk, so its sums are
-    # bit for bit these.
+    # The engine's partition and order: each chunk's sums over its pieces of ``sub`` elements,
+    # then the chunks' sums in order, so its sums are bit for bit these.
     sub = sub_numel(a.device)
     scratch = pair_buffer(min(sub or step, step, max(n, 1)), a.device)
     stats = SlerpStats()
     for s, e in spans:
-        accumulate_chunk(stats, flat_a[s:e], flat_b[s:e], scratch, sub=sub)
+        part = SlerpStats()
+        accumulate_chunk(part, flat_a[s:e], flat_b[s:e], scratch, sub=sub)
+        stats.add(part)
     s0, s1 = coefficients(stats, t)
     out = torch.empty(n, dtype=out_dtype, device=a.device)
     for s, e in spans:
