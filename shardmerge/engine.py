@@ -2,8 +2,8 @@
 
 Four stages overlap in threads (pread, torch kernels and pwrite all release the GIL):
 a reader fills buffers from a small fixed pool, the main thread adds up each tensor's sums, a
-combiner computes the output chunks, a writer puts them at their precomputed offsets in the
-output shards. Every buffer comes from the pool
+combiner computes the output chunks (and takes sums too when it has nothing else to do), a
+writer puts them at their precomputed offsets in the output shards. Every buffer comes from the pool
 and is reused, so the working set is a few chunks whatever the model size; input
 bytes are read with ``os.preadv`` rather than mapped, so pages of finished shards never pile up
 in the process's resident memory.
@@ -454,10 +454,11 @@ def execute_plan(
                 pass
 
     sub = slerp.sub_numel(dev)
-    # Sums and outputs are computed in two threads: while one thread writes tensor T's output,
-    # the main thread adds up the sums of T+1. Each takes half of torch's CPU threads (on 2
-    # cores: one each, which also keeps OpenMP's idle workers from spinning on the cores the
-    # reader and writer need).
+    # Sums and outputs are computed in two threads: while the combiner computes tensor T's
+    # output, the main thread adds up the sums of T+1 (and lends sums steps to the combiner when
+    # it has nothing queued). Each takes half of torch's CPU threads (on 2 cores: one each,
+    # which also keeps OpenMP's idle workers from spinning on the cores the reader and writer
+    # need).
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(max(1, threads // 2))
