@@ -7,6 +7,9 @@ Importing the package is cheap (no torch); ``SLERPModelMerger`` loads torch on f
 
 from __future__ import annotations
 
+import gc
+import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -14,6 +17,24 @@ __all__ = ["SLERPModelMerger", "__version__"]
 
 if TYPE_CHECKING:
     from shardmerge.merger import SLERPModelMerger
+
+
+def import_torch() -> ModuleType:
+    """``import torch`` with the cyclic garbage collector paused (the CLI's first torch import).
+
+    Importing torch creates a few hundred thousand objects, and the full collections they set off
+    walk all of them again and again: 0.96-1.01 s with the collector, 0.85-0.92 s without, here.
+    """
+    if "torch" in sys.modules:
+        return sys.modules["torch"]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch
+    finally:
+        if enabled:
+            gc.enable()
+    return torch
 
 
 def __getattr__(name: str) -> Any:

@@ -220,9 +220,9 @@ class _Run:
         self, device: str, threads: int, *, quiet: bool, resume: bool, stream: bool
     ) -> tuple[int, int]:
         """This rank's shards; returns (shards skipped by --resume, input bytes read)."""
-        import torch
+        from shardmerge import import_torch, pipeline
 
-        from shardmerge import pipeline
+        torch = import_torch()
 
         if self.rank == 0:
             _marker(self.work).unlink(missing_ok=True)  # every rank has seen it
@@ -372,7 +372,9 @@ def _env_int(name: str, default: int) -> int:
 
 def _device_for(requested: str, local_rank: int) -> str:
     """``auto`` and ``cuda`` mean this machine's GPU number LOCAL_RANK (shared round-robin)."""
-    import torch
+    from shardmerge import import_torch
+
+    torch = import_torch()
 
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local_rank % torch.cuda.device_count()}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardmerge import __version__, faults
+from shardmerge import __version__, faults, import_torch
 from shardmerge.errors import InputError, OutputError, ShardmergeError
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
@@ -111,7 +111,7 @@ def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
 
 
 def resolve_device(requested: str) -> str:
-    import torch
+    torch = import_torch()
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,8 +178,7 @@ def merge_shards(
 ) -> MergedShards:
     """Write the plan's shards (or ``only_shards``) into the working folder, recording each
     finished shard with its digest so ``--resume`` can skip it."""
-    import torch
-
+    torch = import_torch()
     from shardmerge.engine import execute_plan
 
     plan = prepared.plan
