@@ -364,6 +364,7 @@ def execute_plan(
     skip_shards: frozenset[int] = frozenset(),
     on_progress: Callable[[int], None] | None = None,
     on_shard_done: Callable[[int, ShardResult], None] | None = None,
+    host_memory: mmap.mmap | None = None,
 ) -> ExecuteResult:
     """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir``.
 
@@ -371,6 +372,7 @@ def execute_plan(
         device: "cpu" or a CUDA device; the math runs there, I/O stays on the host.
         on_progress: called with output bytes produced, for progress bars.
         on_shard_done: called as each shard is complete and flushed, e.g. to record resume state.
+        host_memory: memory to carve the chunk slots from (CPU only; too small: allocated here).
     """
     reader_a = _Reader(source_a, "model A")
     reader_b = _Reader(source_b, "model B")
@@ -381,14 +383,20 @@ def execute_plan(
     chunk = _chunk_numel()
     pin = dev.type == "cuda"
     free: queue.Queue[_Slot] = queue.Queue()
+    sizes = (chunk * buffers.in_itemsize,) * 2 + (chunk * buffers.out_itemsize,)
+    pool = None
+    if host_memory is not None and not pin and len(host_memory) >= buffers.slots * sum(sizes):
+        pool = torch.frombuffer(host_memory, dtype=torch.uint8)
+    start = 0
     for _ in range(buffers.slots):
-        free.put(
-            _Slot(
-                torch.empty(chunk * buffers.in_itemsize, dtype=torch.uint8, pin_memory=pin),
-                torch.empty(chunk * buffers.in_itemsize, dtype=torch.uint8, pin_memory=pin),
-                torch.empty(chunk * buffers.out_itemsize, dtype=torch.uint8, pin_memory=pin),
-            )
-        )
+        raw = []
+        for size in sizes:
+            if pool is not None:
+                raw.append(pool[start : start + size])
+                start += size
+            else:
+                raw.append(torch.empty(size, dtype=torch.uint8, pin_memory=pin))
+        free.put(_Slot(*raw))
     ready: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
     to_write: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
     errors: list[BaseException] = []

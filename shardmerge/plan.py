@@ -123,6 +123,10 @@ class ChunkBuffers:
     def slot_bytes(self) -> int:
         return CHUNK_NUMEL * (2 * self.in_itemsize + self.out_itemsize)
 
+    @property
+    def total_bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
 
 def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
     tasks = plan.tasks
@@ -141,7 +145,7 @@ def estimate_peak_bytes(plan: MergePlan) -> int:
     """The engine's working set: the chunk slots and the runtime (the float32 scratch is 2 MiB).
     Independent of the model's size."""
     buffers = chunk_buffers(plan)
-    return buffers.slots * buffers.slot_bytes + RUNTIME_BYTES
+    return buffers.total_bytes + RUNTIME_BYTES
 
 
 def plan_merge(

@@ -173,6 +173,31 @@ def test_resident_tensor_may_hold_every_slot(tmp_path, monkeypatch):
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=0, msg=name)
 
 
+def test_slots_carved_from_given_memory_give_the_same_files(tmp_path):
+    """The CPU merge can take its chunk slots from memory mapped (and faulted in) beforehand."""
+    import mmap
+
+    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.plan import chunk_buffers
+
+    path_a, path_b, _, _ = _pair(tmp_path)
+    text = RECIPE.format(a=path_a, b=path_b, out=tmp_path / "unused", shard="20KB")
+    plan = prepare(parse_recipe(text)).plan
+    files = {}
+    for mode in ("allocated", "given"):
+        out = tmp_path / mode
+        out.mkdir()
+        memory = mmap.mmap(-1, chunk_buffers(plan).total_bytes) if mode == "given" else None
+        execute_plan(
+            plan, LocalSource(path_a, "model A"), LocalSource(path_b, "model B"), out,
+            host_memory=memory,
+        )  # fmt: skip
+        files[mode] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        if memory is not None:
+            assert memory.find(files[mode][plan.shards[0].filename][-64:]) >= 0  # used
+    assert files["given"] == files["allocated"]
+
+
 def test_output_layout_index_and_files(tmp_path):
     path_a, path_b, a, _ = _pair(tmp_path)
     out = tmp_path / "out"
