@@ -427,10 +427,7 @@ def execute_plan(
 
     def write_loop() -> None:
         try:
-            while True:
-                item = to_write.get()
-                if item is _STOP:
-                    return
+            for item in _until_stop(to_write):
                 assert isinstance(item, tuple)
                 shard_index, offset, data, slot = item
                 out = outputs[shard_index]
@@ -472,20 +469,19 @@ def execute_plan(
         torch.set_num_threads(max(1, threads // 2))
     to_combine: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
 
+    def add_sums(step: _Step, scratch: torch.Tensor) -> None:
+        _compute(step, scratch, sub, dev)
+        if step.kind == "stats":
+            assert step.slot is not None
+            free.put(step.slot)  # a "load" slot waits for the matching emit step
+
     def combine_loop() -> None:
         scratch = slerp.pair_buffer(sub or chunk, dev)
         try:
-            while True:
-                item = to_combine.get()
-                if item is _STOP:
-                    return
-                assert isinstance(item, _Step)
-                step = item
+            for step in _until_stop(to_combine):
+                assert isinstance(step, _Step)
                 if step.kind in ("stats", "load"):  # lent by the main thread while we were idle
-                    _compute(step, scratch, sub, dev)
-                    if step.kind == "stats":
-                        assert step.slot is not None
-                        free.put(step.slot)
+                    add_sums(step, scratch)
                     continue
                 if step.shard not in outputs:
                     outputs[step.shard] = _open_output(
@@ -521,10 +517,7 @@ def execute_plan(
             assert isinstance(item, _Step)
             step = item
             if step.kind in ("stats", "load") and not to_combine.empty():
-                _compute(step, scratch, sub, dev)
-                if step.kind == "stats":
-                    assert step.slot is not None
-                    free.put(step.slot)  # a "load" slot waits for the matching emit step
+                add_sums(step, scratch)
             else:
                 # Output steps, and sums when the combiner has nothing queued (at the start, and
                 # at big tensors whose sums must be complete before any output): the combiner
@@ -563,6 +556,11 @@ def execute_plan(
     return ExecuteResult(
         sorted(results, key=lambda r: r.filename), reader_a.bytes_read + reader_b.bytes_read
     )
+
+
+def _until_stop(items: queue.Queue[object]) -> Iterator[object]:
+    while (item := items.get()) is not _STOP:
+        yield item
 
 
 def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[str, str]]:
