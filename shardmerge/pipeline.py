@@ -194,7 +194,10 @@ def merge_shards(
 
     work = partial_dir(out)
     dev = resolve_device(device)
-    host_memory = slots_memory() if slots_memory is not None and dev == "cpu" else None
+    host_memory = slots_memory() if slots_memory is not None else None
+    if host_memory is not None and dev != "cpu":  # "auto" found a GPU: pinned slots instead
+        host_memory.close()
+        host_memory = None
     if dev == "cpu" and only_shards is None:
         torch.set_num_threads(os.cpu_count() or 1)
     wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
