@@ -96,6 +96,9 @@ def run_distributed(
         InputError: the process group variables are missing or wrong.
         ShardmergeError: any rank failed (raised on every rank); nothing is finalised.
     """
+    from shardmerge import import_torch
+
+    import_torch()  # this rank's first torch import
     import torch.distributed as dist
 
     rank, local_rank, local_world = _join()
@@ -220,9 +223,9 @@ class _Run:
         self, device: str, threads: int, *, quiet: bool, resume: bool, stream: bool
     ) -> tuple[int, int]:
         """This rank's shards; returns (shards skipped by --resume, input bytes read)."""
-        from shardmerge import import_torch, pipeline
+        import torch
 
-        torch = import_torch()
+        from shardmerge import pipeline
 
         if self.rank == 0:
             _marker(self.work).unlink(missing_ok=True)  # every rank has seen it
@@ -372,9 +375,7 @@ def _env_int(name: str, default: int) -> int:
 
 def _device_for(requested: str, local_rank: int) -> str:
     """``auto`` and ``cuda`` mean this machine's GPU number LOCAL_RANK (shared round-robin)."""
-    from shardmerge import import_torch
-
-    torch = import_torch()
+    import torch
 
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local_rank % torch.cuda.device_count()}"

@@ -9,7 +9,8 @@ bytes are read with ``os.preadv`` rather than mapped, so pages of finished shard
 in the process's resident memory.
 
 The math converts to float32 a cache-sized piece at a time (``slerp.SUB_NUMEL``) straight from
-the raw input bytes, so the only float32 memory is a 2 MiB scratch pair. A tensor of at most
+the raw input bytes, so the only float32 memory is a 4 MiB scratch pair per compute thread.
+A tensor of at most
 ``RESIDENT_NUMEL`` elements keeps its raw chunks in their slots between its sums and its output
 (read once); a larger one is read twice (sums, then output).
 """

@@ -142,8 +142,8 @@ def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
 
 
 def estimate_peak_bytes(plan: MergePlan) -> int:
-    """The engine's working set: the chunk slots and the runtime (the float32 scratch is 2 MiB).
-    Independent of the model's size."""
+    """The engine's working set: the chunk slots and the runtime (the float32 scratch pairs are
+    4 MiB per compute thread). Independent of the model's size."""
     buffers = chunk_buffers(plan)
     return buffers.total_bytes + RUNTIME_BYTES
 

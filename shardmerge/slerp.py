@@ -27,6 +27,7 @@ main memory and no float32 copy of a whole large tensor is ever made.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -116,9 +117,20 @@ def sub_numel(device: torch.device | str | None) -> int:
     return 0 if device is not None and torch.device(device).type == "cuda" else SUB_NUMEL
 
 
-def _pieces(n: int, sub: int) -> list[tuple[int, int]]:
+def _loaded_pieces(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scratch: torch.Tensor,
+    sub: int,
+    round_to: torch.dtype | None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, float32 pair) for each piece of ``sub`` elements (0: one piece), loaded into
+    ``scratch`` one after the other."""
+    n = a.numel()
     step = n if sub <= 0 else max(BLOCK, sub - sub % BLOCK)
-    return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
+    for s in range(0, n, max(step, 1)):
+        e = min(s + step, n)
+        yield s, e, load_pair(scratch, _rounded(a[s:e], round_to), _rounded(b[s:e], round_to))
 
 
 def _rounded(x: torch.Tensor, round_to: torch.dtype | None) -> torch.Tensor:
@@ -138,8 +150,7 @@ def accumulate_chunk(
     """Add a chunk pair (flat, on ``scratch``'s device, any float dtype) to the running sums,
     converting ``sub`` elements at a time into ``scratch`` (a :func:`pair_buffer` that large;
     ``sub`` 0 = the whole chunk at once)."""
-    for s, e in _pieces(a.numel(), sub):
-        x = load_pair(scratch, _rounded(a[s:e], round_to), _rounded(b[s:e], round_to))
+    for _, _, x in _loaded_pieces(a, b, scratch, sub, round_to):
         accumulate_pair(stats, x)
 
 
@@ -156,8 +167,7 @@ def combine_chunk(
 ) -> torch.Tensor:
     """out = s0*a + s1*b for a chunk pair, in float32 pieces of ``sub`` elements (see
     :func:`accumulate_chunk`), each cast into ``out`` (flat, same length, any float dtype)."""
-    for s, e in _pieces(a.numel(), sub):
-        x = load_pair(scratch, _rounded(a[s:e], round_to), _rounded(b[s:e], round_to))
+    for s, e, x in _loaded_pieces(a, b, scratch, sub, round_to):
         combine_pair(out[s:e], x, s0, s1)
     return out
 
