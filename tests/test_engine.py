@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -323,9 +324,19 @@ def test_transformers_loads_merged_llama(tmp_path):
 
 
 def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
-    """Shards big enough for O_DIRECT (forced here with an 8 KiB staging buffer) are byte for
-    byte the files the buffered writer makes, padding and truncation included."""
+    """Shards big enough for O_DIRECT (forced here with an 8 KiB staging buffer and 8 KiB chunks)
+    are byte for byte the files the buffered writer makes, padding and truncation included, both
+    where chunks go to the disk straight from their slots and where O_DIRECT is refused."""
+    import mmap
+
+    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.plan import chunk_buffers
+
     path_a, path_b, _, _ = _pair(tmp_path)
+    text = RECIPE.format(a=path_a, b=path_b, out=tmp_path / "unused", shard="30KB")
+    plan = prepare(parse_recipe(text)).plan
+    monkeypatch.setattr(engine, "CHUNK_NUMEL", 4096)  # 8 KiB of bf16 per chunk
+    monkeypatch.setattr(engine, "_DIRECT_MIN", 4096)
     opened = []
     real_init = engine._ShardFile.__init__
 
@@ -333,9 +344,14 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
         real_init(self, path, size)
         opened.append(self.stage is not None)
 
-    real_write_stage = engine._ShardFile._write_stage
+    real_pwrite = engine._ShardFile._pwrite_direct
+    from_slots = []
 
-    def refuse_direct(self, stage, pos, fill):
+    def record(self, view, pos):
+        from_slots.append(not isinstance(view.obj, mmap.mmap))  # not the staging buffer
+        real_pwrite(self, view, pos)
+
+    def refuse(self, view, pos):
         # Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL).
         raise OSError(errno.EINVAL, "Invalid argument")
 
@@ -343,19 +359,24 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     for mode, stage in (("buffered", 1 << 40), ("direct", 8192), ("refused", 8192)):
         monkeypatch.setattr(engine, "_STAGE_BYTES", stage)
         monkeypatch.setattr(
-            engine._ShardFile,
-            "_write_stage",
-            refuse_direct if mode == "refused" else real_write_stage,
+            engine._ShardFile, "_pwrite_direct", refuse if mode == "refused" else record
         )
         monkeypatch.setattr(engine._ShardFile, "__init__", spy)
         opened.clear()
         out = tmp_path / mode
-        text = RECIPE.format(a=path_a, b=path_b, out=out, shard="30KB")
-        run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+        out.mkdir()
+        memory = mmap.mmap(-1, chunk_buffers(plan).total_bytes)  # page-aligned slots
+        sources = LocalSource(path_a, "model A"), LocalSource(path_b, "model B")
+        execute_plan(plan, *sources, out, host_memory=memory)
         outputs[mode] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
         if mode == "buffered":
             assert opened and not any(opened)
         elif not any(opened):
             pytest.skip("this filesystem refuses O_DIRECT")
+    assert any(from_slots), "no chunk was written straight from its slot"
+    assert not all(from_slots), "the staging buffer was never written"
     assert outputs["direct"] == outputs["buffered"]
     assert outputs["refused"] == outputs["buffered"]
+    for data in outputs["direct"].values():
+        (header_len,) = struct.unpack("<Q", data[:8])
+        assert (8 + header_len) % 4096 == 0  # the data section starts on a block boundary
