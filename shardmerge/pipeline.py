@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
@@ -137,13 +136,16 @@ def run_merge(
     """Execute a prepared merge into ``out``, atomically: the folder appears only when complete."""
     out = out.expanduser().absolute()
     work = prepare_output(prepared, out, overwrite=overwrite, resume=resume)
-    # Config, tokenizer files and card need no tensor: write them while the shards merge.
-    with ThreadPoolExecutor(1, thread_name_prefix="shardmerge-meta") as pool:
-        side_files = pool.submit(write_side_files, prepared, work)
-        merged = merge_shards(
-            prepared, out, device=device, quiet=quiet, resume=resume, stream=stream
-        )
-        side_files.result()
+    # Config, tokenizer files and card need no tensor: they are written while the shards merge.
+    merged = merge_shards(
+        prepared,
+        out,
+        device=device,
+        quiet=quiet,
+        resume=resume,
+        stream=stream,
+        alongside=lambda: write_side_files(prepared, work),
+    )
     finish_output(prepared, out, side_files_written=True)
     return RunResult(
         out,
@@ -179,9 +181,11 @@ def merge_shards(
     stream: bool,
     only_shards: frozenset[int] | None = None,
     rank: int = 0,
+    alongside: Callable[[], None] | None = None,
 ) -> MergedShards:
     """Write the plan's shards (or ``only_shards``) into the working folder, recording each
-    finished shard with its digest so ``--resume`` can skip it."""
+    finished shard with its digest so ``--resume`` can skip it. ``alongside`` runs on a thread
+    meanwhile; it is waited for (and what it raises, raised) once the shards are written."""
     plan = prepared.plan
     # The chunk slots' memory is faulted in by the kernel while torch imports (a CPU merge's
     # slots are plain memory; CUDA ones are pinned by torch instead).
@@ -191,6 +195,10 @@ def merge_shards(
     slots_memory = _fault_in(slots_bytes) if wanted_early else None
     torch = import_torch()
     from shardmerge.engine import execute_plan
+
+    # Started now rather than before: it and torch's import are both Python code (they would
+    # share the GIL), and torch's import waited for modules they both import (filelock).
+    wait_alongside = _in_background(alongside, "shardmerge-meta") if alongside else None
 
     work = partial_dir(out)
     dev = resolve_device(device)
@@ -247,6 +255,8 @@ def merge_shards(
             if bar:
                 bar.close()
         peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
+    if wait_alongside is not None:
+        wait_alongside()
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
     streamed = [p for p in peaks if p is not None]
     return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
@@ -272,23 +282,46 @@ def finish_output(
     return RunResult(out, prepared.plan, 0, 0, None)
 
 
+def _in_background(task: Callable[[], None], name: str) -> Callable[[], None]:
+    """Start ``task`` on a thread; the returned call waits for it and raises what it raised."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(task)
+    pool.shutdown(wait=False)  # its thread ends with the task
+    return future.result
+
+
+# Linux >= 5.14: fault a range of pages in now, as writes would (older kernels: EINVAL, no harm).
+_MADV_POPULATE_WRITE = 23
+
+
 def _fault_in(nbytes: int) -> Callable[[], mmap.mmap | None]:
-    """Start mapping ``nbytes`` of memory with every page faulted in (MAP_POPULATE, in the kernel,
-    without the GIL) on a thread; the returned call waits for it. First-touch faults on the 192 MB
-    of chunk slots cost ~0.05 s here, otherwise paid as the merge starts."""
-    box: list[mmap.mmap] = []
+    """Map ``nbytes`` of memory and fault its pages in on a thread; the returned call waits.
 
-    def populate() -> None:
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        with contextlib.suppress(OSError, ValueError):  # no memory now: the engine allocates later
-            box.append(mmap.mmap(-1, nbytes, flags=flags))
+    First-touch faults on the 192 MB of chunk slots cost ~0.05-0.1 s, otherwise paid as the
+    merge starts. The faulting is ``madvise(MADV_POPULATE_WRITE)`` called through ctypes, which
+    releases the GIL (Python's mmap with MAP_POPULATE holds it throughout: that stalled torch's
+    import by 0.07 s).
+    """
+    try:
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # nothing touched yet
+    except OSError:  # no memory now: the engine allocates later
+        return lambda: None
+    if sys.platform != "linux":
+        return lambda: memory  # faulted in on first use
+    import ctypes
 
-    thread = threading.Thread(target=populate, name="shardmerge-prefault", daemon=True)
+    anchor = ctypes.c_char.from_buffer(memory)
+    address = ctypes.addressof(anchor)
+    del anchor  # holds an export of the mmap, which would keep it from closing
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    args = (address, nbytes, _MADV_POPULATE_WRITE)
+    thread = threading.Thread(target=madvise, args=args, name="shardmerge-prefault", daemon=True)
     thread.start()
 
-    def result() -> mmap.mmap | None:
+    def result() -> mmap.mmap:
         thread.join()
-        return box[0] if box else None
+        return memory
 
     return result
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import re
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,43 @@ def test_slots_carved_from_given_memory_give_the_same_files(tmp_path):
         if memory is not None:
             assert memory.find(files[mode][plan.shards[0].filename][-64:]) >= 0  # used
     assert files["given"] == files["allocated"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_slot_memory_is_faulted_in_before_use():
+    """The slots' memory is resident when handed over (populated on a thread during torch's
+    import), not faulted in page by page as the merge starts."""
+    from shardmerge.pipeline import _fault_in
+
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    size = 64 << 20
+
+    def resident_bytes() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident_bytes()
+    memory = _fault_in(size)()
+    assert memory is not None and len(memory) == size
+    assert resident_bytes() - before >= 0.9 * size
+    memory.close()  # nothing else holds it
+
+
+def test_side_file_failure_fails_the_run(tmp_path, monkeypatch):
+    """Config, tokenizer and card are written on a thread during the merge; what goes wrong there
+    fails the run, and no output folder appears."""
+    from shardmerge import pipeline
+
+    def broken(prepared, work):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_side_files", broken)
+    path_a, path_b, _, _ = _pair(tmp_path)
+    out = tmp_path / "out"
+    text = RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")
+    with pytest.raises(OSError, match="No space left"):
+        run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    assert not out.exists()
 
 
 def test_output_layout_index_and_files(tmp_path):
