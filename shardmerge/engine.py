@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import torch
 import xxhash
@@ -46,6 +46,8 @@ from shardmerge.plan import (
     TensorTask,
     chunk_buffers,
 )
+
+_T = TypeVar("_T")
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -146,11 +148,12 @@ Kind = Literal["copy_a", "copy_b", "load", "emit", "stats", "combine", "int"]
 
 @dataclass
 class _Slot:
-    """One chunk's buffers; raw input bytes and raw output bytes."""
+    """One chunk's raw input bytes, both models. A chunk's output has a buffer of its own (from
+    another pool): the inputs' slot is free as soon as the output is computed, while the output
+    may wait a few milliseconds for the disk (it is written straight from its buffer)."""
 
     raw_a: torch.Tensor
     raw_b: torch.Tensor
-    raw_out: torch.Tensor
 
 
 class _Sums:
@@ -160,16 +163,35 @@ class _Sums:
 
     def __init__(self, chunks: int) -> None:
         self.parts: list[slerp.SlerpStats | None] = [None] * chunks
+        self._missing = chunks
+        self._lock = threading.Lock()
+        self._complete = threading.Event()
         self._total: slerp.SlerpStats | None = None
 
+    def put(self, chunk: int, part: slerp.SlerpStats) -> None:
+        self.parts[chunk] = part
+        with self._lock:
+            self._missing -= 1
+            if self._missing == 0:
+                self._complete.set()
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Wait for every chunk's part (the other compute thread may be adding the last ones);
+        False if the merge stops meanwhile."""
+        while not self._complete.wait(0.05):
+            if stop.is_set():
+                return False
+        return True
+
     def total(self) -> slerp.SlerpStats:
-        if self._total is None:
-            total = slerp.SlerpStats()
-            for part in self.parts:
-                assert part is not None, "a chunk's sums are missing"
-                total.add(part)
-            self._total = total
-        return self._total
+        with self._lock:
+            if self._total is None:
+                total = slerp.SlerpStats()
+                for part in self.parts:
+                    assert part is not None, "a chunk's sums are missing"
+                    total.add(part)
+                self._total = total
+            return self._total
 
 
 @dataclass
@@ -182,16 +204,37 @@ class _Step:
     last: bool  # the task's final step
     sums: _Sums | None = None  # float tensors that are computed (not copied)
     slot: _Slot | None = None
+    out: torch.Tensor | None = None  # output steps that compute: raw output bytes
     whole_a: bytearray | None = None  # integer tensors are read whole (they are tiny)
     whole_b: bytearray | None = None
+    seq: int = -1  # output steps' place in the order of writing
 
 
-def _steps(plan: MergePlan, skip_shards: frozenset[int], resident: int) -> Iterator[_Step]:
+def _steps(plan: MergePlan, skip_shards: frozenset[int], slots: int) -> Iterator[_Step]:
+    """The steps in the reader's order: each task's sums steps, then its output steps; but a
+    resident tensor's output steps wait behind the next task's sums steps when both tasks'
+    resident chunks fit in the slots together. A compute thread then has sums to add while the
+    other adds a tensor's last ones, instead of waiting for them before it can start that
+    tensor's output. Output steps keep the file order; input files are read in task order
+    still (the held-back steps read nothing), as streaming from the Hub expects."""
+    resident = _resident_numel(slots)
+    held_back: list[_Step] = []  # the previous task's output steps
+    held_slots = 0  # the slots its resident chunks keep until then (0: not resident)
     for index, shard in enumerate(plan.shards):
         if index in skip_shards:
             continue
         for task in shard.tasks:
-            yield from _task_steps(task, index, resident)
+            steps = list(_task_steps(task, index, resident))
+            sums = [s for s in steps if s.kind in ("load", "stats")]
+            loads = sum(1 for s in sums if s.kind == "load")
+            if sums and held_slots and held_slots + loads <= slots:
+                yield from sums
+                yield from held_back
+            else:
+                yield from held_back
+                yield from sums
+            held_back, held_slots = steps[len(sums) :], loads
+    yield from held_back
 
 
 def _chunk_numel() -> int:
@@ -425,6 +468,7 @@ def execute_plan(
     chunk = _chunk_numel()
     pin = dev.type == "cuda"
     free: queue.Queue[_Slot] = queue.Queue()
+    free_out: queue.Queue[torch.Tensor] = queue.Queue()
     sizes = (chunk * buffers.in_itemsize,) * 2 + (chunk * buffers.out_itemsize,)
     pool = None
     if host_memory is not None and not pin and len(host_memory) >= buffers.slots * sum(sizes):
@@ -438,16 +482,24 @@ def execute_plan(
                 start += size
             else:
                 raw.append(torch.empty(size, dtype=torch.uint8, pin_memory=pin))
-        free.put(_Slot(*raw))
+        free.put(_Slot(raw[0], raw[1]))
+        free_out.put(raw[2])
     ready: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
     to_write: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
     errors: list[BaseException] = []
     stop = threading.Event()
 
+    def release_inputs(task: TensorTask) -> None:
+        for side, reader, info in (("a", reader_a, task.a), ("b", reader_b, task.b)):
+            remaining[side, info.file] -= 1
+            if remaining[side, info.file] == 0:
+                reader.close(info.file)
+
     def read_loop() -> None:
         held: list[_Slot] = []  # a resident tensor's slots, from its load to its emit steps
+        seq = 0
         try:
-            for step in _steps(plan, skip_shards, _resident_numel(buffers.slots)):
+            for step in _steps(plan, skip_shards, buffers.slots):
                 if stop.is_set():
                     return
                 if step.kind == "emit":
@@ -458,6 +510,17 @@ def execute_plan(
                     held.append(step.slot)
                 if step.slot is None and step.kind != "int":
                     return  # stopped while waiting for a buffer
+                if _computes_output(step):
+                    # Taken here, in the order of writing, so the writer always gets the next
+                    # chunk it needs (taken by the compute threads, out of order, the buffers
+                    # could all wait behind a chunk that has none).
+                    step.out = _take(free_out, stop)
+                    if step.out is None:
+                        return
+                if step.kind not in ("load", "stats"):
+                    step.seq, seq = seq, seq + 1
+                if step.last:
+                    release_inputs(step.task)  # every byte of the task is in memory now
                 ready.put(step)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
@@ -467,126 +530,134 @@ def execute_plan(
     outputs: dict[int, _Output] = {}
     results: list[ShardResult] = []
 
+    def write(
+        shard_index: int,
+        offset: int,
+        data: object,
+        slot: _Slot | None,
+        out_buffer: torch.Tensor | None,
+        tensor_data: bool = True,
+    ) -> None:
+        out = outputs.get(shard_index)
+        if out is None:
+            shard = plan.shards[shard_index]
+            out = outputs[shard_index] = _Output(
+                out_dir / shard.filename,
+                shard,
+                _ShardFile(out_dir / shard.filename, shard.file_bytes),
+            )
+            write(shard_index, 0, memoryview(shard.header), None, None, tensor_data=False)
+        tensor = data if isinstance(data, torch.Tensor) else None
+        view = bytes_view(tensor) if tensor is not None else data
+        assert isinstance(view, memoryview)
+        assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
+        out.file.write(view, tensor)
+        out.hasher.update(view)
+        out.written += len(view)
+        faults.reached("chunk-written")
+        if slot is not None:
+            free.put(slot)
+        if out_buffer is not None:
+            free_out.put(out_buffer)
+        if on_progress is not None and tensor_data:
+            on_progress(len(view))
+        if out.written == out.shard.file_bytes:
+            # No fsync: resume re-hashes every recorded shard, so a shard lost to a power cut is
+            # redone, and a killed process loses nothing the kernel holds.
+            out.file.close()
+            result = ShardResult(
+                out.shard.filename, f"{DIGEST_NAME}:{out.hasher.hexdigest()}", out.written
+            )
+            results.append(result)
+            del outputs[shard_index]
+            if on_shard_done is not None:
+                on_shard_done(shard_index, result)
+            faults.reached("shard-done")
+
     def write_loop() -> None:
+        # Output steps arrive from two compute threads, a little out of order: they are put
+        # back in order here (at most one per slot waits).
+        waiting: dict[int, tuple[int, int, object, _Slot | None, torch.Tensor | None]] = {}
+        next_seq = 0
         try:
             for item in _until_stop(to_write):
                 assert isinstance(item, tuple)
-                shard_index, offset, data, slot = item
-                out = outputs[shard_index]
-                tensor = data if isinstance(data, torch.Tensor) else None
-                view = bytes_view(data) if tensor is not None else data
-                assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
-                out.file.write(view, tensor)
-                out.hasher.update(view)
-                out.written += len(view)
-                faults.reached("chunk-written")
-                if slot is not None:
-                    free.put(slot)
-                if out.written == out.shard.file_bytes:
-                    # No fsync: resume re-hashes every recorded shard, so a shard lost to a power
-                    # cut is redone, and a killed process loses nothing the kernel holds.
-                    out.file.close()
-                    result = ShardResult(
-                        out.shard.filename, f"{DIGEST_NAME}:{out.hasher.hexdigest()}", out.written
-                    )
-                    results.append(result)
-                    del outputs[shard_index]
-                    if on_shard_done is not None:
-                        on_shard_done(shard_index, result)
-                    faults.reached("shard-done")
+                waiting[item[0]] = item[1:]
+                while next_seq in waiting:
+                    write(*waiting.pop(next_seq))
+                    next_seq += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
             stop.set()
-            # Keep draining so the main thread never blocks on a full queue.
+            # Keep draining so the compute threads never block on a full queue.
             while to_write.get() is not _STOP:
                 pass
 
     sub = slerp.sub_numel(dev)
-    # Sums and outputs are computed in two threads: while the combiner computes tensor T's
-    # output, the main thread adds up the sums of T+1 (and lends sums steps to the combiner when
-    # it has nothing queued). Each takes half of torch's CPU threads (on 2 cores: one each,
-    # which also keeps OpenMP's idle workers from spinning on the cores the reader and writer
-    # need).
+    # Two compute threads take the steps in order, whatever their kind: sums (any chunk, any
+    # thread: _Sums adds them up in chunk order) and outputs (once the tensor's sums are all in).
+    # Each takes half of torch's CPU threads (on 2 cores: one each, which also keeps OpenMP's
+    # idle workers from spinning on the cores the reader and writer need).
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(max(1, threads // 2))
-    to_combine: queue.Queue[object] = queue.Queue(maxsize=buffers.slots)
 
-    def add_sums(step: _Step, scratch: torch.Tensor) -> None:
-        _compute(step, scratch, sub, dev)
-        if step.kind == "stats":
-            assert step.slot is not None
-            free.put(step.slot)  # a "load" slot waits for the matching emit step
-
-    def combine_loop() -> None:
+    def compute_loop() -> None:
         scratch = slerp.pair_buffer(sub or chunk, dev)
         try:
-            for step in _until_stop(to_combine):
-                assert isinstance(step, _Step)
-                if step.kind in ("stats", "load"):  # lent by the main thread while we were idle
-                    add_sums(step, scratch)
+            while (item := ready.get()) is not _STOP and not stop.is_set():
+                assert isinstance(item, _Step)
+                step = item
+                if step.kind in ("stats", "load"):
+                    _compute(step, scratch, sub, dev)
+                    if step.kind == "stats":
+                        assert step.slot is not None
+                        free.put(step.slot)  # a "load" slot waits for the matching emit step
                     continue
-                if step.shard not in outputs:
-                    outputs[step.shard] = _open_output(
-                        out_dir, plan.shards[step.shard], to_write, step.shard
-                    )
-                data, nbytes = _compute(step, scratch, sub, dev)
+                if step.sums is not None and not step.sums.wait(stop):
+                    break
+                data, _ = _compute(step, scratch, sub, dev)
                 offset = len(plan.shards[step.shard].header) + step.task.out_begin
                 offset += step.start * DTYPE_SIZES[step.task.out_dtype]
-                to_write.put((step.shard, offset, data, step.slot))
-                if on_progress is not None:
-                    on_progress(nbytes)
+                inputs = step.slot
+                if step.out is not None and inputs is not None:
+                    free.put(inputs)  # the output is in its own buffer
+                    inputs = None
+                to_write.put((step.seq, step.shard, offset, data, inputs, step.out))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
             stop.set()
-            while to_combine.get() is not _STOP:  # keep the main thread from blocking
-                pass
+        finally:
+            # For the other compute thread, should it wait for a step. Never blocking: a full
+            # queue (the merge stopped early) has steps for it, and it sees the stop anyway.
+            with contextlib.suppress(queue.Full):
+                ready.put_nowait(_STOP)
 
     reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
-    combiner = threading.Thread(target=combine_loop, name="shardmerge-combine", daemon=True)
+    computer = threading.Thread(target=compute_loop, name="shardmerge-compute", daemon=True)
     writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
-    for thread in (reader, combiner, writer):
+    for thread in (reader, computer, writer):
         thread.start()
-    scratch = slerp.pair_buffer(sub or chunk, dev)
     # Nothing in the loop makes reference cycles; a collection walking torch's many objects
     # only stalls the thread that feeds the others.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        while True:
-            item = ready.get()
-            if item is _STOP or errors:
-                break
-            assert isinstance(item, _Step)
-            step = item
-            if step.kind in ("stats", "load") and not to_combine.empty():
-                add_sums(step, scratch)
-            else:
-                # Output steps, and sums when the combiner has nothing queued (at the start, and
-                # at big tensors whose sums must be complete before any output): the combiner
-                # takes them in order, so a tensor's sums are all in before its output.
-                to_combine.put(step)
-            if step.last:
-                # Every byte of the task is in memory now: its inputs can be let go.
-                for side, reader_, info in (
-                    ("a", reader_a, step.task.a),
-                    ("b", reader_b, step.task.b),
-                ):
-                    remaining[side, info.file] -= 1
-                    if remaining[side, info.file] == 0:
-                        reader_.close(info.file)
-    except BaseException as exc:
-        errors.append(exc)
+        compute_loop()
     finally:
         if gc_was_enabled:
             gc.enable()
         stop.set()
-        # Unblock the reader if it waits on a full queue, then stop the combiner and the writer.
+        # Unblock the reader if it waits on a full queue, then stop the other compute thread
+        # (it may wait for a step) and the writer.
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)
-        to_combine.put(_STOP)
-        combiner.join()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                ready.get_nowait()
+        ready.put(_STOP)
+        computer.join()
         to_write.put(_STOP)
         writer.join()
         torch.set_num_threads(threads)
@@ -615,16 +686,6 @@ def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[str,
                 counts["a", task.a.file] += 1
                 counts["b", task.b.file] += 1
     return counts
-
-
-def _open_output(
-    out_dir: Path, shard: OutputShard, to_write: queue.Queue[object], index: int
-) -> _Output:
-    path = out_dir / shard.filename
-    out = _Output(path, shard, _ShardFile(path, shard.file_bytes))
-    # The header goes through the writer like any chunk so hashing stays in file order.
-    to_write.put((index, 0, memoryview(shard.header), None))
-    return out
 
 
 def bytes_view(tensor: torch.Tensor) -> memoryview:
@@ -658,12 +719,7 @@ def _read_step(
         reader_a.read_into(task.a, 0, memoryview(step.whole_a))
         reader_b.read_into(task.b, 0, memoryview(step.whole_b))
         return
-    while not stop.is_set():
-        try:
-            step.slot = free.get(timeout=0.1)
-            break
-        except queue.Empty:
-            continue
+    step.slot = _take(free, stop)
     if step.slot is None:
         return
     count = step.end - step.start
@@ -675,6 +731,23 @@ def _read_step(
         size = DTYPE_SIZES[task.b.dtype]
         view = bytes_view(step.slot.raw_b)[: count * size]
         reader_b.read_into(task.b, step.start * size, view)
+
+
+def _take(pool: queue.Queue[_T], stop: threading.Event) -> _T | None:
+    """A buffer from ``pool`` once one is free; None if the merge stops meanwhile."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Empty):
+            return pool.get(timeout=0.1)
+    return None
+
+
+def _computes_output(step: _Step) -> bool:
+    """Whether the step's output is computed into a buffer of its own (a copy of the same dtype
+    is written from its input slot; integer tensors are tiny and get a fresh tensor)."""
+    if step.kind in ("emit", "combine"):
+        return True
+    info = step.task.a if step.kind == "copy_a" else step.task.b
+    return step.kind in ("copy_a", "copy_b") and info.dtype != step.task.out_dtype
 
 
 def _inputs(
@@ -711,23 +784,25 @@ def _compute(
     slot = step.slot
     assert slot is not None
     nbytes = count * out_size
-    out_raw = slot.raw_out[:nbytes]
     if step.kind in ("copy_a", "copy_b"):
         raw = slot.raw_a if step.kind == "copy_a" else slot.raw_b
         info = task.a if step.kind == "copy_a" else task.b
         if info.dtype == out_code:
             return raw[:nbytes], nbytes  # the bytes pass through untouched
+        assert step.out is not None
         src = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
-        out_raw.view(TORCH_DTYPES[out_code]).copy_(src)
-        return out_raw, nbytes
+        step.out[:nbytes].view(TORCH_DTYPES[out_code]).copy_(src)
+        return step.out[:nbytes], nbytes
     a, b = _inputs(slot, task, count, dev)
     round_to = None if task.input_dtype is None else TORCH_DTYPES[task.input_dtype]
     assert step.sums is not None
     if step.kind in ("stats", "load"):
         part = slerp.SlerpStats()
         slerp.accumulate_chunk(part, a, b, scratch, sub=sub, round_to=round_to)
-        step.sums.parts[step.start // _chunk_numel()] = part
+        step.sums.put(step.start // _chunk_numel(), part)
         return None, 0
+    assert step.out is not None
+    out_raw = step.out[:nbytes]
     stats = step.sums.total()
     _check_finite(stats, task)
     s0, s1 = slerp.coefficients(stats, task.t)

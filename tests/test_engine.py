@@ -9,6 +9,7 @@ import os
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,94 @@ def test_resident_tensor_may_hold_every_slot(tmp_path, monkeypatch):
     for name in two_chunk:
         expected = slerp(a[name], b[name], _expected_t(name), chunk_numel=chunk)
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=0, msg=name)
+
+
+def test_failing_step_stops_the_engine_whatever_thread_meets_it(tmp_path, monkeypatch):
+    """A chunk that fails (NaN in model B) stops the merge with its error and never hangs it,
+    whichever compute thread meets it, also with the queue of read steps full (slow sums, and
+    integer steps behind that need no slot). Repeated: which thread takes which step varies."""
+    import threading
+
+    from shardmerge.errors import ShardmergeError
+
+    monkeypatch.setattr(engine, "CHUNK_NUMEL", 4096)
+    real_sums = engine.slerp.accumulate_chunk
+
+    def slow_sums(*args, **kwargs):  # the reader fills the queue meanwhile
+        time.sleep(0.005)
+        real_sums(*args, **kwargs)
+
+    monkeypatch.setattr(engine.slerp, "accumulate_chunk", slow_sums)
+    g = torch.Generator().manual_seed(0)
+    a = {"model.norm.weight": torch.randn(8000, generator=g).bfloat16()}  # two chunks
+    b = {"model.norm.weight": torch.randn(8000, generator=g).bfloat16()}
+    b["model.norm.weight"][5] = float("nan")
+    for i in range(40):  # integer steps take no slot: the reader fills the queue with them
+        a[f"steps.{i}"] = b[f"steps.{i}"] = torch.tensor([i], dtype=torch.int8)  # stored last
+    config = {"model_type": "llama", "tie_word_embeddings": False}
+    path_a, path_b = tmp_path / "a", tmp_path / "b"
+    write_checkpoint(path_a, a, None, config)
+    write_checkpoint(path_b, b, None, config)
+    for attempt in range(12):
+        out = tmp_path / f"out{attempt}"
+        prepared = prepare(parse_recipe(RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")))
+        assert prepared.plan.tasks[0].name == "model.norm.weight"
+        raised: list[BaseException] = []
+
+        def merge(prepared=prepared, out=out, raised=raised) -> None:
+            try:
+                run_merge(prepared, out=out, quiet=True, device="cpu")
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                raised.append(exc)
+
+        worker = threading.Thread(target=merge, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), f"the engine hung (attempt {attempt})"
+        assert len(raised) == 1 and isinstance(raised[0], ShardmergeError)
+        assert "model.norm.weight" in str(raised[0]) and "NaN" in str(raised[0])
+        assert not out.exists()
+
+
+def test_step_order_moves_only_sums_and_keeps_reads_in_task_order(tmp_path, monkeypatch):
+    """A resident tensor's output steps wait behind the next task's sums steps (so a compute
+    thread has work while the other finishes a tensor's sums); outputs stay in file order and
+    inputs are read in task order (streaming deletes a file once the tasks using it are read)."""
+    monkeypatch.setattr(engine, "CHUNK_NUMEL", 4096)
+    path_a, path_b, _, _ = _pair(tmp_path)
+    plan = prepare(
+        parse_recipe(RECIPE.format(a=path_a, b=path_b, out=tmp_path / "o", shard="20KB"))
+    ).plan
+    slots = 8
+    steps = list(engine._steps(plan, frozenset(), slots))
+    plain = [
+        s
+        for i, shard in enumerate(plan.shards)
+        for t in shard.tasks
+        for s in engine._task_steps(t, i, engine._resident_numel(slots))
+    ]
+    key = [(s.task.name, s.kind, s.start) for s in steps]
+    assert sorted(key) == sorted((s.task.name, s.kind, s.start) for s in plain)
+    outputs = [k for k in key if k[1] not in ("load", "stats")]
+    assert outputs == [
+        (s.task.name, s.kind, s.start) for s in plain if s.kind not in ("load", "stats")
+    ]
+    reads = [k for k in key if k[1] != "emit"]  # every other step reads its chunk
+    assert reads == [(s.task.name, s.kind, s.start) for s in plain if s.kind != "emit"]
+    order = {t.name: i for i, t in enumerate(plan.tasks)}
+    moved = [
+        (s.task.name, later.task.name)
+        for i, s in enumerate(steps)
+        if s.kind == "emit"
+        for later in steps[:i]
+        if later.kind == "load" and order[later.task.name] > order[s.task.name]
+    ]
+    assert moved, "no sums step moved ahead of a previous tensor's output"
+    held = 0  # resident chunks whose slots are held: never more than the slots
+    for step in steps:
+        held += step.kind == "load"
+        held -= step.kind == "emit"
+        assert held <= slots
 
 
 def test_slots_carved_from_given_memory_give_the_same_files(tmp_path):
