@@ -1,18 +1,19 @@
 """Execute a MergePlan: read input chunks, SLERP them, write them at their planned offsets.
 
-Four stages overlap in threads (pread, torch kernels and pwrite all release the GIL):
-a reader fills buffers from a small fixed pool, the main thread adds up each tensor's sums, a
-combiner computes the output chunks (and takes sums too when it has nothing else to do), a
-writer puts them at their precomputed offsets in the output shards. Every buffer comes from the pool
-and is reused, so the working set is a few chunks whatever the model size; input
+Four threads overlap (pread, torch kernels, xxhash and pwrite all release the GIL): a reader
+fills input slots from a small fixed pool, in the plan's order; two compute threads (the main
+thread and one more) take the steps in that order, whatever their kind: a chunk's share of a
+tensor's sums, or, once a tensor's sums are all in, a chunk of its output, computed into an
+output buffer from a second pool; a writer puts the output chunks back in file order and writes
+them at their precomputed offsets, straight from their buffers (O_DIRECT). Every buffer comes
+from a pool and is reused, so the working set is a few chunks whatever the model size; input
 bytes are read with ``os.preadv`` rather than mapped, so pages of finished shards never pile up
 in the process's resident memory.
 
 The math converts to float32 a cache-sized piece at a time (``slerp.SUB_NUMEL``) straight from
 the raw input bytes, so the only float32 memory is a 4 MiB scratch pair per compute thread.
-A tensor of at most
-``RESIDENT_NUMEL`` elements keeps its raw chunks in their slots between its sums and its output
-(read once); a larger one is read twice (sums, then output).
+A tensor of at most ``RESIDENT_NUMEL`` elements keeps its raw chunks in their slots between its
+sums and its output (read once); a larger one is read twice (sums, then output).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ class _Reader:
         self.bytes_read = 0
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
-        # Only the reader thread opens files, so fetching (maybe a download) happens outside the
-        # lock: the main thread can close and release finished files meanwhile.
+        # Only the reader thread opens (and releases) files, so fetching (maybe a download)
+        # happens outside the lock; the lock guards the table against close_all at the end.
         with self._lock:
             entry = self._open.get(info.file)
         if entry is not None:
