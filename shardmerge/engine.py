@@ -345,10 +345,15 @@ class _ShardFile:
                 os.close(self.fd)
             self.fd = os.open(path, flags, 0o644)
 
-    def write(self, view: memoryview, tensor: torch.Tensor | None = None) -> None:
-        """Append ``view``; ``tensor``: the same bytes as a CPU uint8 tensor, where they are one."""
+    def write(
+        self, view: memoryview, tensor: torch.Tensor | None = None, *, in_place: bool = False
+    ) -> None:
+        """Append ``view``; ``tensor``: the same bytes as a CPU uint8 tensor, where they are one.
+        ``in_place``: they are plain memory of ours (not, say, CUDA-pinned pages, which the
+        kernel may refuse to pin for O_DIRECT), so they may go to the disk from where they are."""
         if (
             self.stage is not None
+            and in_place
             and tensor is not None
             and len(view) >= _DIRECT_MIN
             and self.fill % _ALIGN == 0
@@ -474,6 +479,7 @@ def execute_plan(
     pool = None
     if host_memory is not None and not pin and len(host_memory) >= buffers.slots * sum(sizes):
         pool = torch.frombuffer(host_memory, dtype=torch.uint8)
+    own_memory = pool is not None  # slots and buffers carved from memory we mapped
     start = 0
     for _ in range(buffers.slots):
         raw = []
@@ -552,7 +558,7 @@ def execute_plan(
         view = bytes_view(tensor) if tensor is not None else data
         assert isinstance(view, memoryview)
         assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
-        out.file.write(view, tensor)
+        out.file.write(view, tensor, in_place=own_memory)
         out.hasher.update(view)
         out.written += len(view)
         faults.reached("chunk-written")
