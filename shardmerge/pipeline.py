@@ -313,7 +313,10 @@ def _fault_in(nbytes: int) -> Callable[[], mmap.mmap | None]:
     anchor = ctypes.c_char.from_buffer(memory)
     address = ctypes.addressof(anchor)
     del anchor  # holds an export of the mmap, which would keep it from closing
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):  # an unusual libc: faulted in on first use
+        return lambda: memory
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     args = (address, nbytes, _MADV_POPULATE_WRITE)
     thread = threading.Thread(target=madvise, args=args, name="shardmerge-prefault", daemon=True)
