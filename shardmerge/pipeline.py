@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -199,62 +200,69 @@ def merge_shards(
     # Started now rather than before: it and torch's import are both Python code (they would
     # share the GIL), and torch's import waited for modules they both import (filelock).
     wait_alongside = _in_background(alongside, "shardmerge-meta") if alongside else None
-
-    work = partial_dir(out)
-    dev = resolve_device(device)
-    host_memory = slots_memory() if slots_memory is not None else None
-    if host_memory is not None and dev != "cpu":  # "auto" found a GPU: pinned slots instead
-        host_memory.close()
-        host_memory = None
-    if dev == "cpu" and only_shards is None:
-        torch.set_num_threads(os.cpu_count() or 1)
-    wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
-    done = _resumable_shards(work, prepared, wanted) if resume else {}
-    skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)
-    record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
-    record: dict[str, Any] = {
-        "fingerprint": prepared.fingerprint,
-        "inputs": {m.key: m.pin for m in (prepared.model_a, prepared.model_b)},
-        "shards": {},
-    }
-    record["shards"].update({k: v for k, v in done.items()})
-    write_json(record_path, record)
-
-    def shard_done(_: int, result: Any) -> None:
-        record["shards"][result.filename] = {"digest": result.digest, "size": result.size}
+    try:
+        work = partial_dir(out)
+        dev = resolve_device(device)
+        host_memory = slots_memory() if slots_memory is not None else None
+        if host_memory is not None and dev != "cpu":  # "auto" found a GPU: pinned slots instead
+            host_memory.close()
+            host_memory = None
+        if dev == "cpu" and only_shards is None:
+            torch.set_num_threads(os.cpu_count() or 1)
+        wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
+        done = _resumable_shards(work, prepared, wanted) if resume else {}
+        skip = frozenset(
+            i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done
+        )
+        record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
+        record: dict[str, Any] = {
+            "fingerprint": prepared.fingerprint,
+            "inputs": {m.key: m.pin for m in (prepared.model_a, prepared.model_b)},
+            "shards": {},
+        }
+        record["shards"].update({k: v for k, v in done.items()})
         write_json(record_path, record)
 
-    needed = _input_files(plan, skip)
-    with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
-        source_a = open_source(
-            prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
-        )
-        source_b = open_source(
-            prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1]
-        )
-        todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
-        bar = _progress_bar(todo, quiet)
-        try:
-            result = execute_plan(
-                plan,
-                source_a,
-                source_b,
-                work,
-                device=dev,
-                skip_shards=skip,
-                on_progress=bar.update if bar else None,
-                on_shard_done=shard_done,
-                host_memory=host_memory,
+        def shard_done(_: int, result: Any) -> None:
+            record["shards"][result.filename] = {"digest": result.digest, "size": result.size}
+            write_json(record_path, record)
+
+        needed = _input_files(plan, skip)
+        with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
+            source_a = open_source(
+                prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
             )
-        except OSError as exc:
-            raise ShardmergeError(
-                f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
-                "rerun the same command with --resume"
-            ) from None
-        finally:
-            if bar:
-                bar.close()
-        peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
+            source_b = open_source(
+                prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1]
+            )
+            todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
+            bar = _progress_bar(todo, quiet)
+            try:
+                result = execute_plan(
+                    plan,
+                    source_a,
+                    source_b,
+                    work,
+                    device=dev,
+                    skip_shards=skip,
+                    on_progress=bar.update if bar else None,
+                    on_shard_done=shard_done,
+                    host_memory=host_memory,
+                )
+            except OSError as exc:
+                raise ShardmergeError(
+                    f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
+                    "rerun the same command with --resume"
+                ) from None
+            finally:
+                if bar:
+                    bar.close()
+            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
+    except BaseException:
+        if wait_alongside is not None:  # it writes into the working folder: let it finish
+            with contextlib.suppress(Exception):
+                wait_alongside()
+        raise
     if wait_alongside is not None:
         wait_alongside()
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)

@@ -311,6 +311,34 @@ def test_slot_memory_is_faulted_in_before_use():
     memory.close()  # nothing else holds it
 
 
+def test_failed_merge_waits_for_the_side_files(tmp_path, monkeypatch):
+    """When the merge fails, the side files (written on a thread into the working folder) are
+    finished before the error propagates: nothing keeps writing there while the caller goes on
+    (a resume right after a refused one raced with it)."""
+    from shardmerge import pipeline
+    from shardmerge.errors import ShardmergeError
+
+    real = pipeline.write_side_files
+    finished = []
+
+    def slow(prepared, work):
+        time.sleep(0.5)
+        real(prepared, work)
+        finished.append(True)
+
+    monkeypatch.setattr(pipeline, "write_side_files", slow)
+    a, b = _tensors(0), _tensors(1)
+    b["model.norm.weight"][0] = float("nan")
+    config = {"model_type": "llama", "tie_word_embeddings": False}
+    write_checkpoint(tmp_path / "a", a, None, config)
+    write_checkpoint(tmp_path / "b", b, None, config)
+    out = tmp_path / "out"
+    text = RECIPE.format(a=tmp_path / "a", b=tmp_path / "b", out=out, shard="20KB")
+    with pytest.raises(ShardmergeError, match="NaN"):
+        run_merge(prepare(parse_recipe(text)), out=out, quiet=True, device="cpu")
+    assert finished, "the error came back while the side files were still being written"
+
+
 def test_side_file_failure_fails_the_run(tmp_path, monkeypatch):
     """Config, tokenizer and card are written on a thread during the merge; what goes wrong there
     fails the run, and no output folder appears."""
