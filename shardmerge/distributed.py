@@ -231,10 +231,9 @@ class _Run:
             _marker(self.work).unlink(missing_ok=True)  # every rank has seen it
         plan = self.prepared.plan
         size = sum(plan.shards[i].file_bytes for i in self.mine)
-        print(
+        _report(
             f"rank {self.rank}: merging {len(self.mine)} of {len(plan.shards)} shard(s), "
-            f"{size:,} bytes, on {device}: {self._shard_names()}",
-            file=sys.stderr,
+            f"{size:,} bytes, on {device}: {self._shard_names()}"
         )
         if device == "cpu":
             torch.set_num_threads(threads)  # the machine's cores shared among its ranks
@@ -248,7 +247,7 @@ class _Run:
             only_shards=frozenset(self.mine),
             rank=self.rank,
         )
-        print(f"rank {self.rank}: read {merged.bytes_read} input bytes", file=sys.stderr)
+        _report(f"rank {self.rank}: read {merged.bytes_read} input bytes")
         return merged.skipped_shards, merged.bytes_read
 
     def _finish(self) -> None:
@@ -439,3 +438,10 @@ def _pack(sizes: Sequence[int], cap: int, spread_over: int = 0) -> list[list[int
         groups[-1].append(i)
         load += size
     return groups
+
+
+def _report(line: str) -> None:
+    """One line to stderr in a single write: the ranks share it, and print()'s separate write of
+    the newline let two ranks' lines run together ("...bytesrank 1: ...")."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -252,7 +252,7 @@ def test_ranks_split_the_work_and_match_one_process(pair, tmp_path, launcher, n)
     plan = pair.prepared.plan
     split = distributed.split_shards(plan, n)
     assert all(split)
-    assert read == {rank: _input_bytes(plan, ids) for rank, ids in enumerate(split)}
+    assert read == {rank: _input_bytes(plan, ids) for rank, ids in enumerate(split)}, proc.stderr
     assert sum(read.values()) == pair.bytes_read == plan.input_bytes
     assert proc.stdout.count("merged ") == 1  # only rank 0 reports
 
@@ -300,3 +300,21 @@ def test_killed_rank_fails_the_run_and_resume_completes_it(pair, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert folder_files(out) == pair.reference
     assert 0 <= sum(_bytes_per_rank(resumed.stderr).values()) < pair.bytes_read
+
+
+def test_rank_report_lines_are_single_writes(monkeypatch):
+    """Ranks share stderr: a line written in two pieces (text, then the newline, as print does
+    unbuffered) can run into another rank's line, and then neither parses."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    distributed._report("rank 1: read 13520 input bytes")
+    assert writes == ["rank 1: read 13520 input bytes\n"]
