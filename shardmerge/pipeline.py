@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +186,7 @@ def merge_shards(
 ) -> MergedShards:
     """Write the plan's shards (or ``only_shards``) into the working folder, recording each
     finished shard with its digest so ``--resume`` can skip it. ``alongside`` runs on a thread
-    meanwhile; it is waited for (and what it raises, raised) once the shards are written."""
+    meanwhile; it is waited for, also when the merge fails, and what it raises is raised."""
     plan = prepared.plan
     # The chunk slots' memory is faulted in by the kernel while torch imports (a CPU merge's
     # slots are plain memory; CUDA ones are pinned by torch instead).
@@ -199,8 +199,7 @@ def merge_shards(
 
     # Started now rather than before: it and torch's import are both Python code (they would
     # share the GIL), and torch's import waited for modules they both import (filelock).
-    wait_alongside = _in_background(alongside, "shardmerge-meta") if alongside else None
-    try:
+    with _in_background(alongside, "shardmerge-meta"):
         work = partial_dir(out)
         dev = resolve_device(device)
         host_memory = slots_memory() if slots_memory is not None else None
@@ -258,13 +257,6 @@ def merge_shards(
                 if bar:
                     bar.close()
             peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
-    except BaseException:
-        if wait_alongside is not None:  # it writes into the working folder: let it finish
-            with contextlib.suppress(Exception):
-                wait_alongside()
-        raise
-    if wait_alongside is not None:
-        wait_alongside()
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
     streamed = [p for p in peaks if p is not None]
     return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
@@ -290,12 +282,23 @@ def finish_output(
     return RunResult(out, prepared.plan, 0, 0, None)
 
 
-def _in_background(task: Callable[[], None], name: str) -> Callable[[], None]:
-    """Start ``task`` on a thread; the returned call waits for it and raises what it raised."""
+@contextlib.contextmanager
+def _in_background(task: Callable[[], None] | None, name: str) -> Iterator[None]:
+    """Run ``task`` on a thread while the block runs; leaving the block waits for it (it may
+    write where the block does), then raises its error, unless the block raised its own."""
+    if task is None:
+        yield
+        return
     pool = ThreadPoolExecutor(1, thread_name_prefix=name)
     future = pool.submit(task)
     pool.shutdown(wait=False)  # its thread ends with the task
-    return future.result
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            future.result()
+        raise
+    future.result()
 
 
 # Linux >= 5.14: fault a range of pages in now, as writes would (older kernels: EINVAL, no harm).
