@@ -58,6 +58,7 @@ class Tool:
     walls_s: list[float] = field(default_factory=list)
     peak_rss_bytes: list[int] = field(default_factory=list)
     peak_gpu_bytes: list[int] = field(default_factory=list)
+    process_stats: list[dict[str, Any]] = field(default_factory=list)  # gpu_probe's, per run
     failed: str | None = None
 
 
@@ -96,7 +97,9 @@ def time_once(tool: Tool, out_dir: Path, inputs: list[Path], log_path: Path) -> 
     tool.walls_s.append(run["wall_s"])
     tool.peak_rss_bytes.append(run["peak_rss_bytes"])
     if tool.stats_path is not None:
-        memory = json.loads(tool.stats_path.read_text()).get("gpu_memory")
+        process = json.loads(tool.stats_path.read_text())
+        tool.process_stats.append(process | {"wall_s": run["wall_s"]})
+        memory = process.get("gpu_memory")
         if memory:
             tool.peak_gpu_bytes.append(memory["max_memory_allocated"])
 
@@ -156,7 +159,9 @@ def torch_uint8() -> Any:
 
 def run_gpu_tests(python: str, results: Path) -> dict[str, Any]:
     log = results / "pytest-gpu.log"
-    command = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
+    # A module that fails to import is an error, but must not hide the GPU tests of the others.
+    command = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors", "tests"]  # fmt: skip
     print(f"$ {' '.join(command)}", file=sys.stderr)
     with open(log, "wb") as fh:
         start = time.perf_counter()
@@ -372,6 +377,49 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def phases_text(per_size: list[dict[str, Any]]) -> str:
+    """Where each shardmerge run's wall time goes, medians over its repeats, and its memory."""
+    lines = [
+        "| size | run | wall | start-up | import torch | prepare | merge | of it CUDA start "
+        "| finish | peak RSS | of it anon / file at exit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in per_size:
+        for name, tool in result["tools"].items():
+            runs = tool.get("process_stats") or []
+            if not runs:
+                continue
+
+            def med(get: Any, runs: list[dict[str, Any]] = runs) -> float:
+                return statistics.median(get(r) for r in runs)
+
+            def phase(r: dict[str, Any], key: str) -> float:
+                return float(r.get("phases_s", {}).get(key, 0.0))
+
+            wall = med(lambda r: r["wall_s"])
+            startup = med(lambda r: r["wall_s"] - r["wall_in_process_s"])
+            torch_s = med(lambda r: phase(r, "import_torch"))
+            merge = med(lambda r: phase(r, "merge_shards") - phase(r, "import_torch"))
+            memory = runs[-1].get("memory", {})
+            anon, file = memory.get("RssAnon"), memory.get("RssFile")
+            split = "-" if anon is None or file is None else f"{anon / 1e9:.2f} / {file / 1e9:.2f}"
+            hwm = memory.get("VmHWM")
+            lines.append(
+                f"| {result['size']} | {name} | {wall:.2f} | {startup:.2f} | {torch_s:.2f} "
+                f"| {med(lambda r: phase(r, 'prepare')):.2f} | {merge:.2f} "
+                f"| {med(lambda r: phase(r, 'cuda_start')):.2f} "
+                f"| {med(lambda r: phase(r, 'finish_output')):.2f} "
+                f"| {'-' if hwm is None else f'{hwm / 1e9:.2f}'} | {split} |"
+            )
+    lines.append(
+        "\n(seconds, medians; start-up: the interpreter and imports before the CLI runs; merge: "
+        "the merge_shards phase without torch's import, i.e. buffers, CUDA's start, the engine; "
+        "CUDA start: registering the slots, the first CUDA call (it creates the context); "
+        "RSS in GB as the process saw it at its exit, VmHWM and its anonymous and file pages)"
+    )
+    return "\n".join(lines)
+
+
 def profile_text(size: str, device: str, profile: dict[str, Any] | None) -> str:
     if not profile:
         return f"{size}: no profile"
@@ -529,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             report.append(
                 f"- {r['size']}, cuda vs cpu:\n\n```\n{r['checks']['cuda_vs_cpu_text']}\n```"
             )
+    report += ["", "Phases of the timed runs:", "", phases_text(per_size)]
     report += [
         "",
         "Profile:",

@@ -183,6 +183,65 @@ def cuda_trace(enabled: bool, trace_path: Path | None) -> Iterator[list[tuple[st
         raw.unlink()
 
 
+# The pipeline's phases, timed in every run (plain wrappers, no cost worth naming): where the
+# seconds outside the engine go (torch's import, CUDA's start, the output's metadata).
+PHASES = ("import_torch", "prepare", "merge_shards", "finish_output", "resolve_device")
+
+
+def install_phase_timers(seconds: dict[str, float]) -> None:
+    from shardmerge import pipeline
+
+    for name in PHASES:
+        fn = getattr(pipeline, name)
+
+        def timed(*args: Any, _fn: Callable[..., Any] = fn, _name: str = name, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _fn(*args, **kw)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(pipeline, name, timed)
+    real_import = pipeline.import_torch
+
+    def import_then_time_cuda_start(*args: Any, **kw: Any) -> Any:
+        # Once torch is in, the engine can be imported too (the merge imports it next anyway):
+        # time its first CUDA call, the slots' registration, which creates the CUDA context.
+        torch = real_import(*args, **kw)
+        from shardmerge import engine
+
+        register = engine._register_pinned
+        if not getattr(register, "_timed", False):
+
+            def timed_register(pool: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return register(pool)
+                finally:
+                    seconds["cuda_start"] = time.perf_counter() - start
+
+            timed_register._timed = True  # type: ignore[attr-defined]
+            engine._register_pinned = timed_register
+        return torch
+
+    pipeline.import_torch = import_then_time_cuda_start
+
+
+def _memory_status() -> dict[str, int]:
+    """Peak and current resident memory by kind (Linux): anonymous memory is ours; file pages
+    are mostly shared libraries (torch's CUDA libraries are several hundred MB of them)."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
 def _gpu_memory() -> dict[str, int] | None:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -210,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from shardmerge import cli
 
+    phases: dict[str, float] = {}
+    install_phase_timers(phases)
     timers = HostTimers() if args.profile else None
     on_cuda = False
     if timers is not None:
@@ -223,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     stats: dict[str, Any] = {"exit_code": code, "wall_in_process_s": round(wall, 3)}
     stats["gpu_memory"] = _gpu_memory()
+    stats["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+    stats["memory"] = _memory_status()
     args.stats.write_text(json.dumps(stats, indent=2))
     if timers is not None and args.profile is not None:
         profile: dict[str, Any] = {"host": timers.summary(), "device": None}

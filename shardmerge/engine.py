@@ -392,12 +392,15 @@ class _ShardFile:
     def _write_blocks(self, view: memoryview, nbytes: int) -> bool:
         """Write the first ``nbytes`` of ``view`` at ``pos`` with O_DIRECT (all of ``view``: its
         whole blocks). Returns True when the filesystem refused it (EINVAL, though it took
-        O_DIRECT at open): they are written buffered, and so is the rest of the file."""
+        O_DIRECT at open, or could not pin the memory): they are written buffered, and so is the
+        rest of the file."""
         try:
             self._pwrite_direct(view, self.pos)
             return False
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            # EFAULT: the kernel would not pin the pages for direct I/O (memory another driver
+            # pinned, say); the same bytes go through the page cache instead.
+            if exc.errno not in (errno.EINVAL, errno.EFAULT):
                 raise
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY)
@@ -472,14 +475,22 @@ def execute_plan(
 
     buffers = chunk_buffers(plan)
     chunk = _chunk_numel()
-    pin = dev.type == "cuda"
     free: queue.Queue[_Slot] = queue.Queue()
     free_out: queue.Queue[torch.Tensor] = queue.Queue()
     sizes = (chunk * buffers.in_itemsize,) * 2 + (chunk * buffers.out_itemsize,)
     pool = None
-    if host_memory is not None and not pin and len(host_memory) >= buffers.slots * sum(sizes):
+    registered = None
+    if host_memory is not None and len(host_memory) >= buffers.slots * sum(sizes):
         pool = torch.frombuffer(host_memory, dtype=torch.uint8)
-    own_memory = pool is not None  # slots and buffers carved from memory we mapped
+        if dev.type == "cuda":
+            registered = _register_pinned(pool)
+            if registered is None:  # CUDA would not pin it: torch's own pinned memory instead
+                pool = None
+    # Slots carved from memory we mapped are plain pages (pinned for CUDA by registration), so
+    # they may go to the disk straight from where they are (O_DIRECT); torch's own pinned
+    # allocations may not (the kernel may refuse to pin such pages for direct I/O).
+    own_memory = pool is not None
+    pin = dev.type == "cuda" and pool is None
     start = 0
     for _ in range(buffers.slots):
         raw = []
@@ -610,6 +621,13 @@ def execute_plan(
         torch.set_num_threads(max(1, threads // 2))
 
     def compute_loop() -> None:
+        # On a GPU each compute thread has a stream of its own: one thread's copies to the device
+        # run while the other's kernels and copies back do (on one stream they would take turns).
+        # Each thread waits only for its own stream (the sums it reads, the output it writes).
+        with _own_stream(dev):
+            _compute_steps()
+
+    def _compute_steps() -> None:
         scratch = slerp.pair_buffer(sub or chunk, dev)
         try:
             while (item := ready.get()) is not _STOP and not stop.is_set():
@@ -672,11 +690,39 @@ def execute_plan(
         reader_b.close_all()
         for out in outputs.values():
             out.file.abort()
+        if registered is not None:
+            registered()  # every copy from or into the slots is done: the threads are joined
     if errors:
         raise errors[0]
     return ExecuteResult(
         sorted(results, key=lambda r: r.filename), reader_a.bytes_read + reader_b.bytes_read
     )
+
+
+def _own_stream(dev: torch.device) -> contextlib.AbstractContextManager[object]:
+    """A new CUDA stream as the calling thread's current stream (CPU: nothing)."""
+    if dev.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(dev))
+
+
+def _register_pinned(pool: torch.Tensor) -> Callable[[], None] | None:
+    """Pin ``pool`` (memory we mapped) for CUDA copies with cudaHostRegister; returns the call
+    that unregisters it, or None where CUDA refuses (then the caller allocates pinned memory).
+
+    Registered pages stay ordinary anonymous memory, so output chunks are written to the disk
+    straight from them (O_DIRECT), as on the CPU; the slots also need no second allocation."""
+    cudart = torch.cuda.cudart()
+    address, size = pool.data_ptr(), pool.numel()
+    success = cudart.cudaError.success
+    if cudart.cudaHostRegister(address, size, 0) != success:
+        return None
+
+    def unregister() -> None:
+        torch.cuda.synchronize()
+        cudart.cudaHostUnregister(address)
+
+    return unregister
 
 
 def _until_stop(items: queue.Queue[object]) -> Iterator[object]:

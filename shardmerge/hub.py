@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -38,6 +37,13 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.hf_api import RepoFile
+
+# huggingface_hub's HTTP client: httpx2 from its 2.x releases, httpx in 1.x (the GPU machine's).
+# Only its error classes are used here, to tell a transport failure from an HTTP answer.
+try:
+    import httpx2 as http_client
+except ImportError:  # huggingface_hub 1.x
+    import httpx as http_client  # type: ignore[no-redef]
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from shardmerge.errors import CheckpointError, InputError, ShardmergeError
@@ -70,7 +76,7 @@ _FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
 # What huggingface_hub raises for network, HTTP, cache and validation problems.
 _HUB_ERRORS = (
     OSError,
-    httpx2.HTTPError,
+    http_client.HTTPError,
     EntryNotFoundError,
     RevisionResolutionError,
     HFValidationError,
@@ -411,7 +417,7 @@ def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeErr
             return InputError(f"{where}: the Hub refused the request ({status}): {detail}")
         if isinstance(err, OfflineModeIsEnabled):
             return InputError(f"{where}: {_OFFLINE_HINT}")
-        if isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(err, (http_client.TransportError, ConnectionError, TimeoutError)):
             return ShardmergeError(
                 f"{where}: cannot reach the Hub at {constants.ENDPOINT} "
                 f"({type(err).__name__}); check the network and retry"

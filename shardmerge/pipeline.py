@@ -188,11 +188,11 @@ def merge_shards(
     finished shard with its digest so ``--resume`` can skip it. ``alongside`` runs on a thread
     meanwhile; it is waited for, also when the merge fails, and what it raises is raised."""
     plan = prepared.plan
-    # The chunk slots' memory is faulted in by the kernel while torch imports (a CPU merge's
-    # slots are plain memory; CUDA ones are pinned by torch instead).
+    # The chunk slots' memory is faulted in by the kernel while torch imports (on a GPU, the
+    # engine then registers it with CUDA as pinned memory).
     slots_bytes = chunk_buffers(plan).total_bytes
     # Small merges never touch most of the slots: leave their pages to be faulted in on use.
-    wanted_early = not device.startswith("cuda") and plan.input_bytes >= slots_bytes
+    wanted_early = plan.input_bytes >= slots_bytes
     slots_memory = _fault_in(slots_bytes) if wanted_early else None
     torch = import_torch()
     from shardmerge.engine import execute_plan
@@ -203,9 +203,6 @@ def merge_shards(
         work = partial_dir(out)
         dev = resolve_device(device)
         host_memory = slots_memory() if slots_memory is not None else None
-        if host_memory is not None and dev != "cpu":  # "auto" found a GPU: pinned slots instead
-            host_memory.close()
-            host_memory = None
         if dev == "cpu" and only_shards is None:
             torch.set_num_threads(os.cpu_count() or 1)
         wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)

@@ -512,12 +512,17 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
         # Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL).
         raise OSError(errno.EINVAL, "Invalid argument")
 
+    def cannot_pin(self, view, pos):
+        # The kernel may not pin pages that another driver pinned for direct I/O (EFAULT).
+        raise OSError(errno.EFAULT, "Bad address")
+
     outputs = {}
-    for mode, stage in (("buffered", 1 << 40), ("direct", 8192), ("refused", 8192)):
+    writers = {"refused": refuse, "efault": cannot_pin}
+    for mode, stage in (
+        ("buffered", 1 << 40), ("direct", 8192), ("refused", 8192), ("efault", 8192)
+    ):  # fmt: skip
         monkeypatch.setattr(engine, "_STAGE_BYTES", stage)
-        monkeypatch.setattr(
-            engine._ShardFile, "_pwrite_direct", refuse if mode == "refused" else record
-        )
+        monkeypatch.setattr(engine._ShardFile, "_pwrite_direct", writers.get(mode, record))
         monkeypatch.setattr(engine._ShardFile, "__init__", spy)
         opened.clear()
         out = tmp_path / mode
@@ -534,6 +539,7 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     assert not all(from_slots), "the staging buffer was never written"
     assert outputs["direct"] == outputs["buffered"]
     assert outputs["refused"] == outputs["buffered"]
+    assert outputs["efault"] == outputs["buffered"]
     for data in outputs["direct"].values():
         (header_len,) = struct.unpack("<Q", data[:8])
         assert (8 + header_len) % 4096 == 0  # the data section starts on a block boundary
