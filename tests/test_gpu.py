@@ -25,6 +25,24 @@ def _one_bf16_step(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag)) - 7)
 
 
+def _assert_within_one_step(cpu: torch.Tensor, gpu: torch.Tensor, name: str) -> None:
+    """CPU and CUDA results agree within one bf16 step of the result, except where the two
+    models nearly cancel: there the result is tiny next to the weights, and float32 rounding of
+    the two terms (CUDA fuses the multiply-add, the CPU rounds twice) is more than the tiny
+    result's own step; such elements agree within 2^-16 of the tensor's RMS (1/256 of a bf16
+    step at the weights' scale). benchmarks/compare.py uses the same rule."""
+    x, y = cpu.float(), gpu.float()
+    diff = (x - y).abs()
+    allowed = torch.maximum(_one_bf16_step(cpu), 2**-16 * x.pow(2).mean().sqrt())
+    over = diff > allowed
+    if over.any():
+        worst = int(torch.argmax(diff - allowed))
+        raise AssertionError(
+            f"{name}: {int(over.sum())} of {x.numel()} elements beyond the bound; e.g. "
+            f"cpu {x.view(-1)[worst].item():.6g}, cuda {y.view(-1)[worst].item():.6g}"
+        )
+
+
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
 def test_slerp_cuda_matches_cpu(t):
     g = torch.Generator().manual_seed(0)
@@ -62,7 +80,7 @@ def test_engine_cuda_matches_cpu(tmp_path):
                 outputs[device][name] = f.get_tensor(name)
     for name in names:
         cpu, gpu = outputs["cpu"][name], outputs["cuda"][name]
-        assert ((cpu.float() - gpu.float()).abs() <= _one_bf16_step(cpu)).all(), name
+        _assert_within_one_step(cpu, gpu, name)
     # layer 0 has t = 0 and layer 3 has t = 1: exact on both devices
     assert torch.equal(outputs["cuda"][names[0]], a[names[0]])
     assert torch.equal(outputs["cuda"][names[3]], b[names[3]])
@@ -118,4 +136,4 @@ def test_registered_slots_write_straight_from_memory_and_match_pinned(tmp_path, 
             safe_open(tmp_path / "cpu" / file, "pt") as cpu_file,
         ):
             gpu, cpu = gpu_file.get_tensor(name), cpu_file.get_tensor(name)
-        assert ((cpu.float() - gpu.float()).abs() <= _one_bf16_step(cpu)).all(), name
+        _assert_within_one_step(cpu, gpu, name)
