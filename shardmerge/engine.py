@@ -27,6 +27,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from typing import Literal, Protocol, TypeVar
 import torch
 import xxhash
 
-from shardmerge import faults, slerp
+from shardmerge import faults, readahead, slerp
 from shardmerge.errors import CheckpointError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
 from shardmerge.plan import (
@@ -80,6 +81,12 @@ class LocalSource:
         pass
 
 
+# A read of at least this many bytes slower than this rate waited for the disk (copies from the
+# page cache run at several GB/s, a disk at one or two): the read-ahead hints start then.
+_SLOW_READ_MIN_BYTES = 1 << 22
+_SLOW_READ_RATE = 1.5e9
+
+
 class _Reader:
     """Open shard files of one model, checked against the plan's header view."""
 
@@ -89,6 +96,10 @@ class _Reader:
         self._open: dict[str, tuple[int, int]] = {}  # file -> (fd, data start)
         self._lock = threading.Lock()
         self.bytes_read = 0
+        # Consumed ranges leave the page cache (inputs larger than the memory: readahead.py).
+        self.drop_consumed = False
+        # Called when a read waits for the disk rather than copying from memory.
+        self.on_slow_read: Callable[[], None] | None = None
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
         # Only the reader thread opens (and releases) files, so fetching (maybe a download)
@@ -110,10 +121,15 @@ class _Reader:
             self._open[info.file] = entry
         return entry
 
-    def read_into(self, info: TensorInfo, byte_start: int, buf: memoryview) -> None:
+    def read_into(
+        self, info: TensorInfo, byte_start: int, buf: memoryview, *, last: bool = True
+    ) -> None:
+        """Fill ``buf`` from the tensor's bytes at ``byte_start``; ``last``: the merge reads
+        these bytes no more (a large tensor's sums pass reads them again for its output)."""
         fd, data_start = self._fd(info)
         offset = data_start + info.begin + byte_start
         done = 0
+        started = time.perf_counter()
         while done < len(buf):
             try:
                 n = os.preadv(fd, [buf[done:]], offset + done)
@@ -127,6 +143,11 @@ class _Reader:
                 )
             done += n
         self.bytes_read += done
+        slow = done < _SLOW_READ_RATE * (time.perf_counter() - started)
+        if self.on_slow_read is not None and done >= _SLOW_READ_MIN_BYTES and slow:
+            self.on_slow_read()
+        if last and self.drop_consumed:
+            readahead.drop(fd, offset, done)
 
     def close(self, file: str) -> None:
         with self._lock:
@@ -513,6 +534,13 @@ def execute_plan(
             if remaining[side, info.file] == 0:
                 reader.close(info.file)
 
+    # Read-ahead hints for the same reads, started when a read waits for the disk.
+    hints = readahead.ReadAhead(_read_spans(plan, skip_shards, buffers.slots, (source_a, source_b)))
+    drop_consumed = readahead.should_drop(plan.input_bytes, readahead.available_memory())
+    for model_reader in (reader_a, reader_b):
+        model_reader.on_slow_read = hints.start
+        model_reader.drop_consumed = drop_consumed
+
     def read_loop() -> None:
         held: list[_Slot] = []  # a resident tensor's slots, from its load to its emit steps
         seq = 0
@@ -523,7 +551,7 @@ def execute_plan(
                 if step.kind == "emit":
                     step.slot = held.pop(0)
                 else:
-                    _read_step(step, reader_a, reader_b, free, stop)
+                    hints.advance(_read_step(step, reader_a, reader_b, free, stop))
                 if step.kind == "load" and step.slot is not None:
                     held.append(step.slot)
                 if step.slot is None and step.kind != "int":
@@ -686,6 +714,7 @@ def execute_plan(
         to_write.put(_STOP)
         writer.join()
         torch.set_num_threads(threads)
+        hints.close()
         reader_a.close_all()
         reader_b.close_all()
         for out in outputs.values():
@@ -764,26 +793,69 @@ def _read_step(
     reader_b: _Reader,
     free: queue.Queue[_Slot],
     stop: threading.Event,
-) -> None:
+) -> int:
+    """Read the step's input bytes (into a free slot); returns how many (0: stopped)."""
     task = step.task
     if step.kind == "int":
         step.whole_a = bytearray(task.a.nbytes)
         step.whole_b = bytearray(task.b.nbytes)
         reader_a.read_into(task.a, 0, memoryview(step.whole_a))
         reader_b.read_into(task.b, 0, memoryview(step.whole_b))
-        return
+        return task.a.nbytes + task.b.nbytes
     step.slot = _take(free, stop)
     if step.slot is None:
-        return
+        return 0
     count = step.end - step.start
+    last = step.kind != "stats"  # a large tensor's sums: its output reads the bytes again
+    nbytes = 0
     if step.kind != "copy_b":
         size = DTYPE_SIZES[task.a.dtype]
         view = bytes_view(step.slot.raw_a)[: count * size]
-        reader_a.read_into(task.a, step.start * size, view)
+        reader_a.read_into(task.a, step.start * size, view, last=last)
+        nbytes += len(view)
     if step.kind != "copy_a":
         size = DTYPE_SIZES[task.b.dtype]
         view = bytes_view(step.slot.raw_b)[: count * size]
-        reader_b.read_into(task.b, step.start * size, view)
+        reader_b.read_into(task.b, step.start * size, view, last=last)
+        nbytes += len(view)
+    return nbytes
+
+
+def _read_spans(
+    plan: MergePlan, skip: frozenset[int], slots: int, sources: tuple[ShardSource, ShardSource]
+) -> Iterator[list[readahead.Span]]:
+    """The byte ranges of every reading step, in the reader's order (for the read-ahead hints).
+    Only local files get hints: a streamed shard may not be on the disk yet."""
+    paths: dict[tuple[int, str], str | None] = {}
+
+    def path(side: int, file: str) -> str | None:
+        if (side, file) not in paths:
+            source = sources[side]
+            local = isinstance(source, LocalSource)
+            try:
+                paths[side, file] = str(source.fetch(file)) if local else None
+            except ShardmergeError:
+                paths[side, file] = None  # the reader reports it
+        return paths[side, file]
+
+    for step in _steps(plan, skip, slots):
+        if step.kind == "emit":  # its chunks are in their slots already
+            continue
+        spans = []
+        task = step.task
+        for side, info, wanted in (
+            (0, task.a, step.kind != "copy_b"),
+            (1, task.b, step.kind != "copy_a"),
+        ):
+            if not wanted:
+                continue
+            size = DTYPE_SIZES[info.dtype]
+            if step.kind == "int":
+                begin, length = info.begin, info.nbytes
+            else:
+                begin, length = info.begin + step.start * size, (step.end - step.start) * size
+            spans.append(readahead.Span(path(side, info.file), begin, length))
+        yield spans
 
 
 def _take(pool: queue.Queue[_T], stop: threading.Event) -> _T | None:
