@@ -87,6 +87,18 @@ PRESETS = {
         shard_size_a_bytes=5_000_000_000,
         shard_size_b_bytes=5_000_000_000,
     ),
+    # Llama-2-7B's shapes at full depth, 13.5 GB per model: inputs that do not fit in the page
+    # cache of a 24 GiB machine (run.py --cold). A in ~5 GB shards, B in ~10 GB shards.
+    "7b": PairSpec(
+        hidden=4096,
+        intermediate=11008,
+        layers=32,
+        vocab=32000,
+        heads=32,
+        kv_heads=32,
+        shard_size_a_bytes=5_000_000_000,
+        shard_size_b_bytes=10_000_000_000,
+    ),
 }
 
 

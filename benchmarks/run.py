@@ -22,16 +22,19 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import compare_checkpoints, format_comparison  # noqa: E402
-from make_pair import DATA_DIR, PRESETS, PairSpec, ensure_pair  # noqa: E402
+from make_pair import DATA_DIR, PRESETS, PairSpec, ensure_pair, tensor_shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ("shardmerge", "mergekit", "floor")
+TOOLS = ("shardmerge", "mergekit", "floor", "read", "write")
+DEFAULT_TOOLS = ("shardmerge", "mergekit", "floor")
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 DEFAULT_SHARDMERGE = REPO / ".venv" / "bin" / "shardmerge"
 DEFAULT_MERGEKIT = REPO / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-yaml"
 GNU_TIME = "/usr/bin/time"
@@ -60,6 +63,8 @@ class ToolRuns:
     cpu_busy_before: list[float] = field(default_factory=list)
     # CPU seconds spent on anything else during each run (others' work, kernel writeback).
     others_cpu_s: list[float] = field(default_factory=list)
+    # --cold: the disk during each run (DiskSampler.summary)
+    disk: list[dict[str, float] | None] = field(default_factory=list)
     failed: str | None = None
 
 
@@ -85,6 +90,16 @@ dtype: bfloat16
 """
 
 
+def _model_bytes(spec: PairSpec) -> int:
+    total = 0
+    for _, shape in tensor_shapes(spec):
+        n = 2  # bf16
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
@@ -101,6 +116,114 @@ dd if=/dev/zero of={shlex.quote(str(out_dir / "floor.bin"))} bs=16M count={out_b
 iflag=count_bytes status=none
 """
     return ["bash", "-c", script]
+
+
+def concurrent_read_command(models: list[list[Path]]) -> list[str]:
+    """Read every input once, one `cat` per model at the same time (the disk's best case for
+    the reads: two streams in flight, no arithmetic)."""
+    jobs = "\n".join(
+        "cat " + " ".join(shlex.quote(str(p)) for p in files) + " > /dev/null & pids+=($!)"
+        for files in models
+    )
+    # `wait PID` for each, so a failed read fails the command (plain `wait` returns 0).
+    return ["bash", "-c", f'set -e\npids=()\n{jobs}\nfor p in "${{pids[@]}}"; do wait "$p"; done']
+
+
+def direct_write_command(out_dir: Path, out_bytes: int) -> list[str]:
+    """Write as many bytes as the merged model, with O_DIRECT (as shardmerge writes)."""
+    out = shlex.quote(str(out_dir / "write.bin"))
+    script = f"""set -e
+mkdir -p {shlex.quote(str(out_dir))}
+dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct status=none
+"""
+    return ["bash", "-c", script]
+
+
+def with_sync(command: list[str]) -> list[str]:
+    """The command, then `sync`: a cold run counts the time until its output is on the disk."""
+    return ["bash", "-c", '"$@" && sync', "with-sync", *command]
+
+
+def drop_caches() -> None:
+    """Flush dirty pages and empty the page cache, so the next run reads from the disk."""
+    subprocess.run(["sync"], check=True)
+    DROP_CACHES.write_text("3\n")
+
+
+def can_drop_caches() -> str | None:
+    """None if the page cache can be dropped here, else why not."""
+    try:
+        with DROP_CACHES.open("w") as fh:
+            fh.write("1\n")  # the cheapest drop: clean page cache only
+    except OSError as exc:
+        return f"cannot write {DROP_CACHES} ({exc.strerror}; --cold needs root on Linux)"
+    return None
+
+
+class DiskSampler:
+    """Samples /proc/diskstats for one device while a run lasts: how long the disk had no
+    request in flight, the mean number in flight, and read / write throughput."""
+
+    def __init__(self, device: str | None, interval_s: float = 0.05) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int, int, int]] = []  # time, in flight, rd, wr sectors
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/diskstats") as fh:
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 11 and fields[2] == self.device:
+                        return int(fields[11]), int(fields[5]), int(fields[9])
+        except OSError:
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sample = self._read()
+            if sample is not None:
+                self.samples.append((time.perf_counter(), *sample))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> DiskSampler:
+        if self.device is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> dict[str, float] | None:
+        if len(self.samples) < 2:
+            return None
+        seconds = self.samples[-1][0] - self.samples[0][0]
+        in_flight = [s[1] for s in self.samples]
+        return {
+            "idle_fraction": round(sum(1 for n in in_flight if n == 0) / len(in_flight), 3),
+            "mean_in_flight": round(statistics.mean(in_flight), 2),
+            "read_gb_per_s": round(
+                (self.samples[-1][2] - self.samples[0][2]) * 512 / seconds / 1e9, 3
+            ),
+            "write_gb_per_s": round(
+                (self.samples[-1][3] - self.samples[0][3]) * 512 / seconds / 1e9, 3
+            ),
+        }
+
+
+def disk_device(path: Path) -> str | None:
+    """The /proc/diskstats name of the block device holding ``path`` (vda, nvme0n1p1, ...)."""
+    try:
+        done = subprocess.run(["df", "--output=source", str(path)], capture_output=True, text=True)
+        source = done.stdout.split()[-1]
+    except (OSError, IndexError):
+        return None
+    return Path(source).name if source.startswith("/dev/") else None
 
 
 def _runs_ok(command: list[str]) -> bool:
@@ -125,10 +248,16 @@ def _dist_version(python: Path, dist: str) -> str | None:
 
 
 def resolve_tools(
-    args: argparse.Namespace, config: Path, work: Path, inputs: list[Path], out_bytes: int
+    args: argparse.Namespace,
+    config: Path,
+    work: Path,
+    inputs: list[Path],
+    out_bytes: int,
+    models: list[list[Path]] | None = None,
 ) -> list[ToolRuns]:
     """The ToolRuns to time, in --tools order; a tool that is not installed is skipped."""
     tools = []
+    models = models or [inputs]
     for name in args.tools:
         out = work / f"out-{name}"
         if name == "shardmerge":
@@ -150,9 +279,17 @@ def resolve_tools(
                 continue
             cmd = [str(binary), str(config), str(out), "--allow-crimes"]
             version = _dist_version(binary.parent / "python", "mergekit")
+        elif name == "read":
+            cmd = concurrent_read_command(models)
+            version = _first_line(["cat", "--version"])
+        elif name == "write":
+            cmd = direct_write_command(out, out_bytes)
+            version = _first_line(["dd", "--version"])
         else:
             cmd = floor_command(inputs, out, out_bytes)
             version = _first_line(["dd", "--version"])
+        if args.cold:
+            cmd = with_sync(cmd)
         tools.append(ToolRuns(name=name, command=cmd, version=version))
     return tools
 
@@ -196,23 +333,36 @@ class RunResult:
     returncode: int
     cpu_busy_before: float
     others_cpu_s: float
+    disk: dict[str, float] | None = None
 
 
 def time_once(
-    tool: ToolRuns, out_dir: Path, log_path: Path, inputs: list[Path], quiet_wait_s: float
+    tool: ToolRuns,
+    out_dir: Path,
+    log_path: Path,
+    inputs: list[Path],
+    quiet_wait_s: float,
+    cold_device: str | None = None,
+    cold: bool = False,
 ) -> RunResult:
-    """Run the tool once under /usr/bin/time -v: empty output, flushed disk, warm inputs."""
+    """Run the tool once under /usr/bin/time -v: empty output, flushed disk, then warm inputs
+    (or, ``cold``, an empty page cache)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     # Flush the previous run's dirty pages so that its writeback does not land in this run.
     subprocess.run(["sync"], check=True)
-    # Re-read the inputs: the kernel may have evicted them since the last run (proactive
-    # reclaim pages out page cache left untouched for about a minute on these VMs).
-    warm_cache(inputs)
+    if cold:
+        drop_caches()
+    else:
+        # Re-read the inputs: the kernel may have evicted them since the last run (proactive
+        # reclaim pages out page cache left untouched for about a minute on these VMs).
+        warm_cache(inputs)
     cpu_busy_before = wait_for_quiet(quiet_wait_s)
+    if cold:
+        drop_caches()  # what the wait may have let back in (nothing, normally)
     stats_path = log_path.with_suffix(".time")
     command = [GNU_TIME, "-v", "-o", str(stats_path), *tool.command]
     busy_start, _ = _cpu_jiffies()
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as log, DiskSampler(cold_device if cold else None) as disk:
         start = time.perf_counter()
         rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_tool_env())
         wall_s = time.perf_counter() - start
@@ -230,6 +380,7 @@ def time_once(
         returncode=rc.returncode,
         cpu_busy_before=cpu_busy_before,
         others_cpu_s=round(others_cpu_s, 2),
+        disk=disk.summary(),
     )
 
 
@@ -305,6 +456,15 @@ def summarize(tools: list[ToolRuns], input_bytes: int) -> dict[str, dict[str, ob
         pairs = [w / r for w, r in zip(tool.walls_s, ref.walls_s, strict=False)]
         return statistics.median(pairs)
 
+    def ratio_to_read_write(tool: ToolRuns) -> float | None:
+        # The disk's own limit, repeat by repeat: reading both inputs at once, then writing.
+        read, write = by_name.get("read"), by_name.get("write")
+        if read is None or write is None or not tool.walls_s:
+            return None
+        refs = [r + w for r, w in zip(read.walls_s, write.walls_s, strict=False)]
+        pairs = [w / r for w, r in zip(tool.walls_s, refs, strict=False)]
+        return statistics.median(pairs) if pairs else None
+
     summary = {}
     for t in tools:
         median_s = statistics.median(t.walls_s) if t.walls_s else None
@@ -314,6 +474,7 @@ def summarize(tools: list[ToolRuns], input_bytes: int) -> dict[str, dict[str, ob
             "peak_rss_bytes": max(t.peak_rss_bytes) if t.peak_rss_bytes else None,
             "ratio_to_shardmerge": ratio_to(t, "shardmerge"),
             "ratio_to_floor": ratio_to(t, "floor"),
+            "ratio_to_read_write": ratio_to_read_write(t),
         }
     return summary
 
@@ -324,8 +485,8 @@ def markdown_table(tools: list[ToolRuns], summary: dict[str, dict[str, object]])
 
     rows = [
         "| tool | median wall (s) | runs (s) | input GB/s | peak RSS (GB) "
-        "| wall / shardmerge | wall / floor |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| wall / shardmerge | wall / floor | wall / (read + write) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for t in tools:
         s = summary[t.name]
@@ -336,7 +497,8 @@ def markdown_table(tools: list[ToolRuns], summary: dict[str, dict[str, object]])
             f"| {name} | {fmt(s['median_wall_s'], '.2f')} | {runs} "
             f"| {fmt(s['input_gb_per_s'], '.2f')} "
             f"| {fmt(None if rss is None else rss / 1e9, '.2f')} "
-            f"| {fmt(s['ratio_to_shardmerge'], '.2f')} | {fmt(s['ratio_to_floor'], '.2f')} |"
+            f"| {fmt(s['ratio_to_shardmerge'], '.2f')} | {fmt(s['ratio_to_floor'], '.2f')} "
+            f"| {fmt(s['ratio_to_read_write'], '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -347,8 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tools",
         type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
-        default=list(TOOLS),
-        help="comma-separated, run in this order each repeat (default shardmerge,mergekit,floor)",
+        default=list(DEFAULT_TOOLS),
+        help="comma-separated, run in this order each repeat (default shardmerge,mergekit,floor;"
+        " also: read = both inputs read at once, write = the output's size written with O_DIRECT)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="empty the page cache before each run (root), and count each run until `sync`",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shardmerge-bin", default=str(DEFAULT_SHARDMERGE))
@@ -374,9 +542,22 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(GNU_TIME).exists():
         print(f"run: {GNU_TIME} is missing (apt-get install time)", file=sys.stderr)
         return 2
+    if args.cold and (why := can_drop_caches()) is not None:
+        print(f"run: {why}", file=sys.stderr)
+        return 2
 
     spec: PairSpec = PRESETS[args.size]
     work = (args.data_dir / args.size).resolve()
+    if not (work / "pair.json").exists():
+        needed = int(3.1 * _model_bytes(spec))  # two inputs and one output, a little more
+        free = shutil.disk_usage(work.parent if work.parent.exists() else args.data_dir).free
+        if free < needed:
+            print(
+                f"run: the {args.size} pair and its output need {needed / 1e9:.1f} GB of disk; "
+                f"{free / 1e9:.1f} GB are free",
+                file=sys.stderr,
+            )
+            return 2
     ensure_pair(spec, work)
     model_a, model_b = work / "a", work / "b"
     config = work / "slerp.yml"
@@ -386,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The merged model holds the same tensors as A, so the floor writes as many bytes as A has.
     out_bytes = sum(p.stat().st_size for p in safetensors_files(model_a))
-    tools = resolve_tools(args, config, work, inputs, out_bytes)
+    models = [safetensors_files(model_a), safetensors_files(model_b)]
+    tools = resolve_tools(args, config, work, inputs, out_bytes, models)
+    device = disk_device(work) if args.cold else None
     if not tools:
         print("run: no tool to run", file=sys.stderr)
         return 1
@@ -406,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log_path = logs / f"{tool.name}-{repeat + 1}.log"
             out_dir = work / f"out-{tool.name}"
-            run = time_once(tool, out_dir, log_path, inputs, args.quiet_wait_s)
+            run = time_once(
+                tool, out_dir, log_path, inputs, args.quiet_wait_s, device, cold=args.cold
+            )
             if run.returncode != 0:
                 tool.failed = f"exit {run.returncode} in repeat {repeat + 1}, log {log_path}"
                 print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)
@@ -415,10 +600,12 @@ def main(argv: list[str] | None = None) -> int:
             tool.peak_rss_bytes.append(run.peak_rss_bytes)
             tool.cpu_busy_before.append(run.cpu_busy_before)
             tool.others_cpu_s.append(run.others_cpu_s)
+            tool.disk.append(run.disk)
+            disk = "" if run.disk is None else f"; disk: {run.disk}"
             print(
                 f"repeat {repeat + 1}/{args.repeats} {tool.name}: {run.wall_s:.2f} s, "
                 f"peak RSS {run.peak_rss_bytes / 1e9:.2f} GB (CPU busy before: "
-                f"{run.cpu_busy_before:.0%}, others' CPU during: {run.others_cpu_s:.1f} s)",
+                f"{run.cpu_busy_before:.0%}, others' CPU during: {run.others_cpu_s:.1f} s){disk}",
                 file=sys.stderr,
             )
 
@@ -431,14 +618,30 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(tools, input_bytes)
     table = markdown_table(tools, summary)
     print(f"## {args.size}: SLERP of two {input_bytes / 2e9:.2f} GB bf16 checkpoints\n")
+    cache = (
+        "cold: page cache dropped before each run, each timed until `sync`"
+        if args.cold
+        else "warm page cache"
+    )
     print(
         f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, "
-        f"Linux {machine['kernel']}; warm page cache; {args.repeats} alternating repeats; "
+        f"Linux {machine['kernel']}; {cache}; {args.repeats} alternating repeats; "
         f"inputs {input_bytes / 1e9:.2f} GB ({len(inputs)} shards).\n"
     )
     print(table)
     for t in tools:
         print(f"\n- {t.name}: {t.version or '?'}" + (f" - FAILED: {t.failed}" if t.failed else ""))
+    if args.cold:
+        print("\nThe disk during each run (/proc/diskstats every 50 ms: share of samples with no")
+        print("request in flight, mean requests in flight, read and write GB/s):\n")
+        for t in tools:
+            for i, disk in enumerate(t.disk):
+                if disk is not None:
+                    print(
+                        f"- {t.name} #{i + 1}: idle {disk['idle_fraction']:.0%}, "
+                        f"{disk['mean_in_flight']:.1f} in flight, read "
+                        f"{disk['read_gb_per_s']:.2f} GB/s, write {disk['write_gb_per_s']:.2f} GB/s"
+                    )
     noisy = [
         f"{t.name} #{i + 1}"
         for t in tools
@@ -452,13 +655,16 @@ def main(argv: list[str] | None = None) -> int:
     if comparison is not None:
         print("\n```\n" + format_comparison(comparison, "shardmerge", "mergekit") + "\n```")
 
-    json_path = args.json or args.data_dir / f"results-{args.size}.json"
+    json_path = (
+        args.json or args.data_dir / f"results-{args.size}{'-cold' if args.cold else ''}.json"
+    )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "size": args.size,
         "spec": asdict(spec),
         "machine": machine,
         "repeats": args.repeats,
+        "cold": args.cold,
         "input_bytes": input_bytes,
         "config_yaml": config.read_text(),
         "tools": {t.name: asdict(t) | summary[t.name] for t in tools},
