@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from compare import compare_checkpoints, format_comparison  # noqa: E402
-from make_pair import PRESETS, ensure_pair  # noqa: E402
-from run import floor_command, safetensors_files, slerp_config_yaml, warm_cache  # noqa: E402
+from make_pair import PRESETS  # noqa: E402
+from run import floor_command, prepare_pair, warm_cache  # noqa: E402
 
 # The GPU issue's targets, for the wide pair on CUDA.
 TARGET_WALL_TO_FLOOR = 1.2
@@ -231,14 +231,10 @@ def bench_size(
     spec = PRESETS[size]
     work = (args.data_dir / size).resolve()
     started = time.perf_counter()
-    ensure_pair(spec, work)
+    pair = prepare_pair(spec, work)
     generated_s = time.perf_counter() - started
-    model_a, model_b = work / "a", work / "b"
-    config = work / "slerp.yml"
-    config.write_text(slerp_config_yaml(model_a, model_b, spec.layers))
-    inputs = safetensors_files(model_a) + safetensors_files(model_b)
-    input_bytes = sum(p.stat().st_size for p in inputs)
-    out_bytes = sum(p.stat().st_size for p in safetensors_files(model_a))
+    config, inputs = pair.config, pair.inputs
+    input_bytes, out_bytes = pair.input_bytes, pair.out_bytes
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
 

@@ -100,6 +100,31 @@ def _model_bytes(spec: PairSpec) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class BenchPair:
+    """A generated pair, ready to time: its gradient-SLERP config and the files to read."""
+
+    config: Path
+    models: list[list[Path]]  # each model's shard files
+    input_bytes: int
+    out_bytes: int  # the merged model holds the same tensors as A: as many bytes as A's shards
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [p for files in self.models for p in files]
+
+
+def prepare_pair(spec: PairSpec, work: Path) -> BenchPair:
+    """Generate the pair in ``work`` if missing, and write its config."""
+    ensure_pair(spec, work)
+    model_a, model_b = work / "a", work / "b"
+    config = work / "slerp.yml"
+    config.write_text(slerp_config_yaml(model_a, model_b, spec.layers))
+    models = [safetensors_files(model_a), safetensors_files(model_b)]
+    sizes = [sum(p.stat().st_size for p in files) for files in models]
+    return BenchPair(config, models, sum(sizes), sizes[0])
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
@@ -558,17 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    ensure_pair(spec, work)
-    model_a, model_b = work / "a", work / "b"
-    config = work / "slerp.yml"
-    config.write_text(slerp_config_yaml(model_a, model_b, spec.layers))
-    inputs = safetensors_files(model_a) + safetensors_files(model_b)
-    input_bytes = sum(p.stat().st_size for p in inputs)
-
-    # The merged model holds the same tensors as A, so the floor writes as many bytes as A has.
-    out_bytes = sum(p.stat().st_size for p in safetensors_files(model_a))
-    models = [safetensors_files(model_a), safetensors_files(model_b)]
-    tools = resolve_tools(args, config, work, inputs, out_bytes, models)
+    pair = prepare_pair(spec, work)
+    config, inputs, input_bytes = pair.config, pair.inputs, pair.input_bytes
+    tools = resolve_tools(args, config, work, inputs, pair.out_bytes, pair.models)
     device = disk_device(work) if args.cold else None
     if not tools:
         print("run: no tool to run", file=sys.stderr)

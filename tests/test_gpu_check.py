@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_check  # noqa: E402
 import gpu_probe  # noqa: E402
+import run  # noqa: E402
 from make_pair import PRESETS, write_pair  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def test_exact_copy_check_finds_a_changed_byte(tmp_path):
     spec = PRESETS["tiny"]
     write_pair(spec, tmp_path)
     config = tmp_path / "slerp.yml"
-    config.write_text(gpu_check.slerp_config_yaml(tmp_path / "a", tmp_path / "b", spec.layers))
+    config.write_text(run.slerp_config_yaml(tmp_path / "a", tmp_path / "b", spec.layers))
     out = tmp_path / "out"
     run_merge(prepare(load_recipe(config)), out=out, quiet=True, device="cpu")
     problems, checked = gpu_check.check_exact_copies(config, {"cpu": out})
