@@ -157,3 +157,34 @@ class ReadAhead:
             self.hinted_bytes += span.length
         except OSError:
             pass  # only a hint: the reader reads it anyway
+
+
+def hint_start(spans: Iterable[Span], budget: int = WINDOW_BYTES) -> threading.Thread | None:
+    """Hint the first ``budget`` bytes of ``spans`` on a thread, and return it (None where there
+    are no hints). For the start of a merge, before the engine exists: while torch imports (many
+    small reads of its libraries, seconds from a cold disk), the disk also fetches the first
+    chunks of the inputs."""
+    if _WILLNEED is None:
+        return None
+    hints = ReadAhead(_first_bytes(spans, budget), window=budget)
+    thread = threading.Thread(target=_hint_all, args=(hints,), name="shardmerge-hint-start")
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
+def _first_bytes(spans: Iterable[Span], budget: int) -> Iterable[list[Span]]:
+    total = 0
+    for span in spans:
+        if total >= budget:
+            return
+        length = min(span.length, budget - total)
+        total += length
+        yield [Span(span.path, span.offset, length)]
+
+
+def _hint_all(hints: ReadAhead) -> None:
+    try:
+        hints._run()  # nothing reads behind it: every span is hinted, in order
+    finally:
+        hints.close()

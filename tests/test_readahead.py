@@ -189,3 +189,33 @@ def test_consumed_input_is_dropped_after_its_last_read_only(tmp_path, monkeypatc
     # Dropped: exactly the last reads (the sums pass of a twice-read tensor keeps its pages).
     assert [length for _, length in dropped] == [n for last, n in reads if last]
     assert sum(length for _, length in dropped) == result.bytes_read - sum(first_reads)
+
+
+def test_hint_start_hints_the_first_bytes_only(tmp_path, monkeypatch):
+    path = str(_file(tmp_path, 10_000))
+    calls = _record_fadvise(monkeypatch)
+    spans = [readahead.Span(path, 1000 * i, 1000) for i in range(10)]
+    thread = readahead.hint_start(spans, budget=2500)
+    assert thread is not None
+    thread.join(5)
+    assert [(c[0] - 10, c[1]) for c in calls] == [(0, 1000), (1000, 1000), (2000, 500)]
+
+
+def test_a_merge_hints_its_first_local_reads_before_torch_is_needed(tmp_path, monkeypatch):
+    from shardmerge import pipeline
+
+    path_a, path_b, _, _ = _pair(tmp_path)
+    text = RECIPE.format(a=path_a, b=path_b, out=tmp_path / "out", shard="20KB")
+    prepared = prepare(parse_recipe(text))
+    given: list[list[readahead.Span]] = []
+    monkeypatch.setattr(readahead, "hint_start", lambda spans: given.append(list(spans)))
+    pipeline.run_merge(prepared, out=tmp_path / "out", quiet=True, device="cpu")
+    (spans,) = given
+    expected = []
+    for task in (t for shard in prepared.plan.shards for t in shard.tasks):
+        if task.t != 1.0:  # t = 1 copies B: nothing of A is read
+            expected.append(readahead.Span(str(path_a / task.a.file), task.a.begin, task.a.nbytes))
+        if task.t != 0.0:
+            expected.append(readahead.Span(str(path_b / task.b.file), task.b.begin, task.b.nbytes))
+    assert spans == expected
+    assert any(t.t == 0.0 for t in prepared.plan.tasks)  # the recipe has copies to leave out
