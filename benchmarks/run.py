@@ -32,7 +32,7 @@ from compare import compare_checkpoints, format_comparison  # noqa: E402
 from make_pair import DATA_DIR, PRESETS, PairSpec, ensure_pair, tensor_shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ("shardmerge", "mergekit", "floor", "read", "write")
+TOOLS = ("shardmerge", "mergekit", "floor", "read", "write", "baseline")
 DEFAULT_TOOLS = ("shardmerge", "mergekit", "floor")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 DEFAULT_SHARDMERGE = REPO / ".venv" / "bin" / "shardmerge"
@@ -293,6 +293,20 @@ def resolve_tools(
             cmd = [str(binary), "run", str(config), "--out", str(out), "--overwrite", "--quiet"]
             version = f"{_dist_version(binary.parent / 'python', 'shardmerge')} ({_git_state()})"
             _compile_bytecode(binary.parent / "python", "shardmerge")
+        elif name == "baseline":
+            # Another build of shardmerge, timed in the same alternation (an A/B of a change):
+            # a checkout of the earlier commit, run with this environment's python.
+            if args.baseline_src is None:
+                print("skipping baseline: --baseline-src is not given", file=sys.stderr)
+                continue
+            src = Path(args.baseline_src).resolve()
+            python = Path(args.shardmerge_bin).parent / "python"
+            cmd = ["env", f"PYTHONPATH={src}", str(python), "-m", "shardmerge.cli", "run"]
+            cmd += [str(config), "--out", str(out), "--overwrite", "--quiet"]
+            head = _first_line(["git", "-C", str(src), "rev-parse", "--short", "HEAD"])
+            version = f"shardmerge at {src} (git {head})"
+            code = "import compileall; compileall.compile_dir('shardmerge', quiet=1)"
+            subprocess.run([str(python), "-c", code], cwd=src, check=True)
         elif name == "mergekit":
             binary = Path(args.mergekit_bin)
             if not binary.exists():
@@ -537,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_TOOLS),
         help="comma-separated, run in this order each repeat (default shardmerge,mergekit,floor;"
         " also: read = both inputs read at once, write = the output's size written with O_DIRECT)",
+    )
+    parser.add_argument(
+        "--baseline-src",
+        help="tool `baseline`: a checkout of another shardmerge commit, for an A/B in one run",
     )
     parser.add_argument(
         "--cold",
