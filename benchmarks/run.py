@@ -573,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="before each run, wait up to this long for 3 idle seconds (default 120)",
     )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged models")
+    parser.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip comparing shardmerge's and mergekit's outputs (7b: minutes, and 27 GB of disk)",
+    )
     return parser
 
 
@@ -631,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
                 tool.failed = f"exit {run.returncode} in repeat {repeat + 1}, log {log_path}"
                 print(f"{tool.name} FAILED ({tool.failed}):\n{_tail(log_path)}", file=sys.stderr)
                 continue
+            compared = args.compare and tool.name in ("shardmerge", "mergekit")
+            if not args.keep_outputs and (not compared or repeat + 1 < args.repeats):
+                # Only the last outputs of the compared tools are kept: a 7b merge's outputs
+                # would not all fit on the disk.
+                shutil.rmtree(out_dir, ignore_errors=True)
             tool.walls_s.append(run.wall_s)
             tool.peak_rss_bytes.append(run.peak_rss_bytes)
             tool.cpu_busy_before.append(run.cpu_busy_before)
@@ -646,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ran = {t.name for t in tools if t.walls_s and not t.failed}
     comparison = None
-    if {"shardmerge", "mergekit"} <= ran:
+    if args.compare and {"shardmerge", "mergekit"} <= ran:
         print("comparing shardmerge and mergekit outputs ...", file=sys.stderr)
         comparison = compare_checkpoints(work / "out-shardmerge", work / "out-mergekit")
 
