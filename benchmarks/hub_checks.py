@@ -1,11 +1,13 @@
 """Cost of issue 18's Hub safeguards: the pre-push checks, and sha256 verification per GB.
 
     python benchmarks/hub_checks.py checks --repeats 20      # on the loopback fake Hub
+    python benchmarks/hub_checks.py refused --repeats 5      # a whole `run` refused up front
     python benchmarks/hub_checks.py sha256 --size-gb 1 --repeats 5
 
 ``checks`` times ``hub.check_push_target`` (token, whoami, repo info) against
 ``tests/fakehub.py`` on 127.0.0.1, for a new and for an existing target repo, in-process with
-huggingface_hub already imported. ``sha256`` writes a file of random bytes and times the same
+huggingface_hub already imported. ``refused`` times the whole ``shardmerge run ... --push-to-hub``
+process refused for a read-only token (start-up and imports included). ``sha256`` writes a file of random bytes and times the same
 function that checks each downloaded shard (``hub._sha256_of``), page cache warm after the first
 run; the first (cold) run is reported apart.
 """
@@ -55,6 +57,30 @@ def time_checks(repeats: int) -> None:
                 fake.log.clear()
 
 
+def time_refused(repeats: int) -> None:
+    import subprocess
+
+    from tests.fakehub import READ_TOKEN, FakeHub
+
+    with tempfile.TemporaryDirectory() as home, FakeHub() as fake:
+        recipe = Path(home) / "recipe.yaml"
+        recipe.write_text("models:\n  a: org/a\n  b: org/b\nt: 0.5\n")
+        env = {**os.environ, "HF_HOME": home, "HF_ENDPOINT": fake.url, "HF_TOKEN": READ_TOKEN}
+        env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        command = [sys.executable, "-m", "shardmerge.cli", "run", str(recipe)]
+        command += ["--out", str(Path(home) / "out"), "--push-to-hub", "me/merged"]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            times.append(time.perf_counter() - start)
+        print(f"exit {done.returncode}: {done.stderr.strip()}")
+        print(
+            f"refused run: median {statistics.median(times):.2f} s, min {min(times):.2f}, "
+            f"max {max(times):.2f} s over {repeats} runs"
+        )
+
+
 def time_sha256(size_gb: float, repeats: int) -> None:
     from shardmerge import hub
 
@@ -85,12 +111,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     checks = sub.add_parser("checks")
     checks.add_argument("--repeats", type=int, default=20)
+    refused = sub.add_parser("refused")
+    refused.add_argument("--repeats", type=int, default=5)
     sha = sub.add_parser("sha256")
     sha.add_argument("--size-gb", type=float, default=1.0)
     sha.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.what == "checks":
         time_checks(args.repeats)
+    elif args.what == "refused":
+        time_refused(args.repeats)
     else:
         time_sha256(args.size_gb, args.repeats)
 

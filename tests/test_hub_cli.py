@@ -542,6 +542,7 @@ def no_write_sent(hub: FakeHub) -> bool:
         ("other/merged", [], {}, "the token of tester cannot write to 'other'"),
         ("me/public", ["--private"], {}, "it already exists and is public, so --private"),
         ("me/public", ["--dry-run", "--private"], {}, "already exists and is public"),
+        ("me/merged", ["--create-pr", "--revision", "v2"], {}, "--create-pr opens a pull request"),
     ],
     ids=[
         "input",
@@ -555,6 +556,7 @@ def no_write_sent(hub: FakeHub) -> bool:
         "other-namespace",
         "private-into-public",
         "dry-run-private-into-public",
+        "pr-and-branch",
     ],
 )
 def test_push_target_is_refused_before_any_download(
