@@ -178,17 +178,19 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
         from shardmerge import hub
 
         hub.quiet_client()
-    if push and distributed.is_main_process():
-        # Before any download or merge: a refused push must not cost the merge first.
+    if push:
+        # Before any download or merge: a refused push must not cost the merge first. Every
+        # rank checks, so that all of them stop alike rather than wait for rank 0.
         target = pipeline.check_push_target(
             recipe, push, private=private, revision=args.revision, create_pr=args.create_pr
         )
         state = "existing" if target.exists else "new"
         visibility = "private" if target.private else "public"
-        print(
-            f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
-            file=sys.stderr,
-        )
+        if distributed.is_main_process():
+            print(
+                f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
+                file=sys.stderr,
+            )
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
     options: dict[str, Any] = dict(

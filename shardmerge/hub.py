@@ -279,20 +279,19 @@ def download_files(model: HubModel, filenames: list[str], *, progress: bool = Fa
     names = list(dict.fromkeys(filenames))
     snapshot = _snapshot_dir(model.repo_id, model.sha)
     bar = _DownloadBar(f"downloading {model.repo_id}") if progress else None
+    offline = constants.is_offline_mode()
+    bar_class = bar.file_bar_class() if bar else None
+
+    def fetch(name: str) -> None:
+        # Hashed as soon as it is on disk, while the other workers still download.
+        path = snapshot / name if offline else Path(_download(model, name, tqdm_class=bar_class))
+        _checked(model, name, path)
+
     try:
-        if constants.is_offline_mode():
+        if offline:
             _require_cached(model, names)
-            paths = [snapshot / name for name in names]
-        else:
-            bar_class = bar.file_bar_class() if bar else None
-
-            def fetch(name: str) -> Path:
-                return Path(_download(model, name, tqdm_class=bar_class))
-
-            with ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_WORKERS, len(names)))) as pool:
-                paths = list(pool.map(fetch, names))
         with ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_WORKERS, len(names)))) as pool:
-            list(pool.map(lambda item: _checked(model, *item), zip(names, paths, strict=True)))
+            list(pool.map(fetch, names))
     except _HUB_ERRORS as exc:
         raise hub_error(exc, model.repo_id, action="download from") from exc
     finally:
