@@ -15,6 +15,7 @@ class CardModel:
     hub_id: str | None  # set for Hub models: goes into base_model
     pin: str  # commit sha (Hub) or header fingerprint (local folder)
     role: str  # "t = 0 end (base)" / "t = 1 end"
+    license: str | None = None  # from its own card's front matter, None when it names none
 
 
 def render_card(
@@ -26,16 +27,20 @@ def render_card(
     total_bytes: int,
     num_shards: int,
 ) -> str:
-    """Front matter (base_model, tags, library_name) and a body with method, models, t table,
-    recipe and version."""
+    """Front matter (base_model, license, tags, library_name) and a body with method, models,
+    license, t table, recipe and version. Links follow ``HF_ENDPOINT``."""
     # ModelCardData alone: importing ModelCard (to wrap a string we already have) cost 0.27 s,
     # paid during the merge.
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData, constants
 
     base_models = [m.hub_id for m in models if m.hub_id]
+    licenses = [m.license for m in models]
+    # Carried only when both parents' cards name the same one: a merge is bound by both.
+    shared = licenses[0] if licenses[0] is not None and licenses[0] == licenses[1] else None
     data = ModelCardData(
         base_model=base_models or None,
-        tags=["merge", "slerp", "shardmerge", "mergekit-compatible"],
+        license=shared,
+        tags=["merge", "mergekit", "slerp", "shardmerge", "mergekit-compatible"],
         library_name="transformers",
     )
     lines = [
@@ -55,9 +60,21 @@ def render_card(
         "",
     ]
     for m in models:
-        name = f"[{m.hub_id}](https://huggingface.co/{m.hub_id})" if m.hub_id else f"`{m.ref}`"
+        name = f"[{m.hub_id}]({constants.ENDPOINT}/{m.hub_id})" if m.hub_id else f"`{m.ref}`"
         kind = "revision" if m.hub_id else "header fingerprint"
         lines.append(f"- {name} ({m.role}), {kind} `{m.pin}`")
+    lines += ["", "## License", ""]
+    if shared is not None:
+        lines.append(f"`{shared}`, the license both parents' model cards name.")
+    else:
+        named = ", ".join(
+            f"model {'AB'[i]}: `{lic}`" if lic else f"model {'AB'[i]}: none"
+            for i, lic in enumerate(licenses)
+        )
+        lines.append(
+            f"Not set: the parents' model cards do not name one same license ({named}). "
+            "Check both parents' terms before publishing."
+        )
     lines += [
         "",
         "## Per-layer t",

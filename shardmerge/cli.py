@@ -11,6 +11,7 @@ import argparse
 import atexit
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Streaming, bounded-memory SLERP merges of sharded safetensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks for errors (same exit codes)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="merge the two models of a recipe")
@@ -37,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (required for mergekit configs)")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--quiet", action="store_true", help="no progress bars (nor huggingface_hub's own output)"
+    )
     run.add_argument(
         "--resume", action="store_true", help="reuse the verified shards of an interrupted run"
     )
@@ -51,8 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="with --push-to-hub: merge, then list what would be uploaded without uploading",
+        help="with --push-to-hub: check the target, merge, then say what the push would do",
     )
+    run.add_argument(
+        "--revision", metavar="BRANCH", help="with --push-to-hub: push to this branch (made if new)"
+    )
+    run.add_argument(
+        "--create-pr", action="store_true", help="with --push-to-hub: open a pull request instead"
+    )
+    run.add_argument("--commit-message", help="with --push-to-hub: the commit's title")
     _add_allow_pickle(run)
 
     plan = sub.add_parser("plan", help="show the t table and output layout (headers only)")
@@ -89,19 +101,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # stdout closed early (`| head`): the reader wants no more
+        _silence_stdout()
+        return 1
     except ShardmergeError as exc:
         if args.verbose:
-            raise
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_code  # -v shows more, never changes the exit code
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one clean line instead of a traceback
         if args.verbose:
-            raise
+            traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: flushing what is buffered for a closed pipe would fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with_fd = getattr(sys.stdout, "fileno", None)
+    try:
+        os.dup2(devnull, with_fd() if with_fd else 1)
+    except (OSError, ValueError):  # a stdout without a descriptor (captured): nothing to do
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -139,10 +166,31 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
             + ("" if recipe.format == "mergekit" else " or set output.dir in the recipe")
         )
     push = args.push_to_hub or recipe.push_to_hub
-    if args.dry_run and not push:
-        raise InputError("--dry-run needs --push-to-hub (or hub.push_to in the recipe)")
+    for flag in ("dry_run", "private", "revision", "create_pr", "commit_message"):
+        if getattr(args, flag) and not push:
+            name = "--" + flag.replace("_", "-")
+            raise InputError(f"{name} needs --push-to-hub (or hub.push_to in the recipe)")
+    private = args.private or recipe.private
     from shardmerge import distributed
 
+    hub_used = push or not all(Path(m.ref).is_dir() for m in (recipe.model_a, recipe.model_b))
+    if args.quiet and hub_used:
+        from shardmerge import hub
+
+        hub.quiet_client()
+    if push:
+        # Before any download or merge: a refused push must not cost the merge first. Every
+        # rank checks, so that all of them stop alike rather than wait for rank 0.
+        target = pipeline.check_push_target(
+            recipe, push, private=private, revision=args.revision, create_pr=args.create_pr
+        )
+        state = "existing" if target.exists else "new"
+        visibility = "private" if target.private else "public"
+        if distributed.is_main_process():
+            print(
+                f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
+                file=sys.stderr,
+            )
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
     options: dict[str, Any] = dict(
@@ -171,20 +219,38 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
         pushed = pipeline.push_output(
             result.output_dir,
             push,
-            private=args.private or recipe.private,
+            private=private,
             prepared=prepared,
             dry_run=args.dry_run,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
         )
+        branch = f" (branch {pushed.revision})" if pushed.revision else ""
         if pushed.dry_run:
             visibility = "private" if pushed.private else "public"
+            target = (
+                f"a new {visibility} repo {pushed.url}"
+                if pushed.created
+                else f"{pushed.url} ({visibility})"
+            )
+            how = "as a pull request" if args.create_pr else "in one commit"
             print(
                 f"would push {len(pushed.files)} files, {pushed.total_bytes:,} bytes "
-                f"in one commit to {pushed.url} ({visibility}):"
+                f"{how} to {target}{branch}:"
             )
             for path, size in pushed.files:
                 print(f"  {path}  {size:,} bytes")
+            for path in pushed.deleted:
+                print(f"  {path}  deleted (replaced by this merge)")
+        elif pushed.pr_url:
+            print(f"opened {pushed.pr_url} on {pushed.url} (commit {pushed.commit_sha})")
         else:
-            print(f"pushed to {pushed.url} (commit {pushed.commit_sha})")
+            print(f"pushed to {pushed.url}{branch} (commit {pushed.commit_sha})")
+        if pushed.deleted and not pushed.dry_run:
+            print(
+                f"removed {len(pushed.deleted)} file(s) of the model it replaced", file=sys.stderr
+            )
     return 0
 
 
@@ -196,7 +262,8 @@ def _verify(args: argparse.Namespace) -> int:
         from shardmerge import pipeline
         from shardmerge.recipe import load_recipe
 
-        prepared = pipeline.prepare(load_recipe(args.recipe))
+        recipe = pipeline.pin_recorded_revisions(load_recipe(args.recipe), args.output)
+        prepared = pipeline.prepare(recipe)
     report = verify_output(args.output, prepared=prepared, full=args.full)
     print(report.summary())
     return 0 if report.ok else 1

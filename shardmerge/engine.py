@@ -38,7 +38,7 @@ import torch
 import xxhash
 
 from shardmerge import faults, readahead, slerp
-from shardmerge.errors import CheckpointError, ShardmergeError
+from shardmerge.errors import CheckpointError, NonFiniteInputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
 from shardmerge.plan import (
     CHUNK_NUMEL,
@@ -950,5 +950,4 @@ def _from_bytes(data: bytearray, dtype: str) -> torch.Tensor:
 def _check_finite(stats: slerp.SlerpStats, task: TensorTask) -> None:
     if stats.is_finite():
         return
-    which = "model A" if not math.isfinite(stats.sq_a) else "model B"
-    raise ShardmergeError(f"tensor {task.name!r} in {which} contains NaN or Inf values")
+    raise NonFiniteInputError(task.name, "a" if not math.isfinite(stats.sq_a) else "b")

@@ -45,3 +45,13 @@ class CheckpointError(InputError):
 
 class OutputError(InputError):
     """An output location that cannot be used."""
+
+
+class NonFiniteInputError(CheckpointError):
+    """An input tensor holds NaN or Inf (bad input: the merge would spread it)."""
+
+    def __init__(self, tensor: str, model_key: str) -> None:
+        self.tensor, self.model_key = tensor, model_key
+        super().__init__(
+            f"tensor {tensor!r} in model {model_key.upper()} contains NaN or Inf values"
+        )

@@ -10,21 +10,32 @@ HF cache only. Every huggingface_hub error leaves this module as a one-line ``Sh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
 import struct
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    get_token,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -52,12 +63,17 @@ __all__ = [
     "HubListing",
     "HubModel",
     "PushResult",
+    "PushTarget",
     "StreamingHubSource",
+    "check_push_target",
     "download_files",
     "fetch_listing",
     "hub_error",
     "looks_like_repo_id",
     "push_folder",
+    "quiet_client",
+    "repo_id_hint",
+    "repo_id_problem",
     "resolve_hub_model",
 ]
 
@@ -72,6 +88,11 @@ DOWNLOAD_WORKERS = 8  # parallel downloads / header reads, like snapshot_downloa
 _REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
 _REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_HUB_URL_RE = re.compile(
+    r"https?://[^/]+/(?:models/)?([^/?#@]+/[^/?#@]+)(?:/(?:tree|blob|resolve)/([^/?#]+))?"
+)
+_HASH_BLOCK_BYTES = 1 << 24
 
 # What huggingface_hub raises for network, HTTP, cache and validation problems.
 _HUB_ERRORS = (
@@ -93,6 +114,33 @@ def looks_like_repo_id(ref: str) -> bool:
     )
 
 
+def repo_id_hint(ref: str) -> str | None:
+    """For a ``ref`` that is not a repo id, the likely fix when there is one (no network)."""
+    url = _HUB_URL_RE.match(ref)
+    if url is not None:
+        repo, revision = url.groups()
+        return f"it is a URL: write {repo + ('@' + revision if revision else '')!r}"
+    if re.fullmatch(_REPO_PART, ref) and "--" not in ref and ".." not in ref:
+        return (
+            "Hub repo ids are org/name; the Hub's old single-name models now live under an "
+            "organisation, e.g. gpt2 is openai-community/gpt2"
+        )
+    return None
+
+
+def repo_id_problem(ref: str) -> str:
+    """Why ``ref`` is not a Hub repo id, with the likely fix: one line (no network)."""
+    return f"not a Hugging Face repo id: {ref!r} ({repo_id_hint(ref) or 'expected org/name'})"
+
+
+def quiet_client() -> None:
+    """Silence huggingface_hub's own progress bars and log lines (retries, warnings)."""
+    from huggingface_hub.utils import disable_progress_bars, logging
+
+    disable_progress_bars()
+    logging.set_verbosity_error()
+
+
 @dataclass(frozen=True)
 class HubModel:
     """A Hub model pinned to one commit."""
@@ -100,6 +148,8 @@ class HubModel:
     repo_id: str
     revision: str | None  # as requested (None = main)
     sha: str  # full 40-hex commit sha, resolved once; every later call uses it
+    # LFS file path -> the sha256 the Hub publishes for it (its LFS oid): downloads must match
+    sha256: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def label(self) -> str:
@@ -114,6 +164,18 @@ class HubListing:
     index: dict | None  # parsed model.safetensors.index.json, None for a single model.safetensors
     headers: dict[str, dict]  # shard filename -> raw safetensors header dict
     config: dict | None  # parsed config.json, None when the repo has none
+    sha256: dict[str, str] = field(default_factory=dict)  # LFS files: path -> published sha256
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """A push target that passed the checks made before any download or merge."""
+
+    repo_id: str
+    url: str
+    user: str  # the token's account
+    exists: bool
+    private: bool  # its visibility after the push (an existing repo keeps its own)
 
 
 @dataclass(frozen=True)
@@ -127,6 +189,10 @@ class PushResult:
     private: bool
     dry_run: bool
     commit_sha: str | None = None  # the new commit; None for a dry run
+    created: bool = False  # the repo is (dry run: would be) created by this push
+    deleted: tuple[str, ...] = ()  # files of the target branch the commit removes
+    revision: str | None = None  # the target branch (None = main)
+    pr_url: str | None = None  # with create_pr: the pull request opened
 
 
 def resolve_hub_model(repo_id: str, revision: str | None) -> HubModel:
@@ -140,7 +206,7 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> HubModel:
         ShardmergeError: the Hub is unreachable or failing (retry).
     """
     if not looks_like_repo_id(repo_id):
-        raise InputError(f"not a Hugging Face repo id: {repo_id!r} (expected org/name)")
+        raise InputError(repo_id_problem(repo_id))
     wanted = revision or constants.DEFAULT_REVISION
     try:
         api = HfApi()
@@ -172,7 +238,7 @@ def fetch_listing(model: HubModel) -> HubListing:
     """
     offline = constants.is_offline_mode()
     try:
-        files = _list_cached_files(model) if offline else _list_remote_files(model)
+        files, sha256 = _list_cached_files(model) if offline else _list_remote_files(model)
         config = _read_json(model, CONFIG_FILE) if CONFIG_FILE in files else None
         if INDEX_FILE in files:
             index: dict | None = _read_json(model, INDEX_FILE)
@@ -202,24 +268,42 @@ def fetch_listing(model: HubModel) -> HubListing:
             headers = dict(zip(shards, pool.map(read, shards), strict=True))
     except _HUB_ERRORS as exc:
         raise hub_error(exc, model.repo_id, action="read") from exc
-    return HubListing(files=files, index=index, headers=headers, config=config)
+    return HubListing(files=files, index=index, headers=headers, config=config, sha256=sha256)
 
 
-def download_files(model: HubModel, filenames: list[str]) -> Path:
+def download_files(model: HubModel, filenames: list[str], *, progress: bool = False) -> Path:
     """Download exactly ``filenames`` at ``model.sha`` into the HF cache; return the snapshot.
 
-    Files already cached cost no download. Offline, all of them must already be cached.
+    Files already cached cost no download. Offline, all of them must already be cached. Every
+    file with a published sha256 (``model.sha256``) is checked against it, cached or not: a
+    mismatch is removed from the cache and downloaded once more. ``progress`` shows one bar
+    (bytes, rate, ETA) for all of this model's downloads on stderr.
+
+    Raises:
+        ShardmergeError: a file still does not match its sha256 after one re-download.
     """
     names = list(dict.fromkeys(filenames))
+    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    bar = _DownloadBar(f"downloading {model.repo_id}") if progress else None
+    offline = constants.is_offline_mode()
+    bar_class = bar.file_bar_class() if bar else None
+
+    def fetch(name: str) -> None:
+        # Hashed as soon as it is on disk, while the other workers still download.
+        path = snapshot / name if offline else Path(_download(model, name, tqdm_class=bar_class))
+        _checked(model, name, path)
+
     try:
-        if constants.is_offline_mode():
+        if offline:
             _require_cached(model, names)
-        else:
-            with ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_WORKERS, len(names)))) as pool:
-                list(pool.map(lambda name: _download(model, name), names))
+        with ThreadPoolExecutor(max_workers=max(1, min(DOWNLOAD_WORKERS, len(names)))) as pool:
+            list(pool.map(fetch, names))
     except _HUB_ERRORS as exc:
         raise hub_error(exc, model.repo_id, action="download from") from exc
-    return _snapshot_dir(model.repo_id, model.sha)
+    finally:
+        if bar:
+            bar.close()
+    return snapshot
 
 
 class StreamingHubSource:
@@ -257,13 +341,14 @@ class StreamingHubSource:
                 if filename in self._owned:
                     return self._owned[filename]
             cached = try_to_load_from_cache(self.model.repo_id, filename, revision=self.model.sha)
-            if isinstance(cached, str):
-                return Path(cached)
-            self._free_finished(before=filename)
             try:
+                if isinstance(cached, str):  # a bad cached copy is replaced in the cache
+                    return _checked(self.model, filename, Path(cached))
+                self._free_finished(before=filename)
                 if constants.is_offline_mode():
                     _require_cached(self.model, [filename])
                 path = Path(_download(self.model, filename, local_dir=self.folder))
+                path = _checked(self.model, filename, path, local_dir=self.folder)
             except _HUB_ERRORS as exc:
                 raise hub_error(exc, self.model.repo_id, action="download from") from exc
             with self._lock:
@@ -320,13 +405,92 @@ class StreamingHubSource:
         return total
 
 
-def push_folder(
-    folder: Path, repo_id: str, *, private: bool, commit_message: str, dry_run: bool = False
-) -> PushResult:
-    """Create ``repo_id`` if needed and upload every file of ``folder`` in one commit.
+def check_push_target(
+    repo_id: str,
+    *,
+    inputs: Sequence[str],
+    private: bool,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> PushTarget:
+    """Check a push target before any download or merge; send nothing that writes.
 
-    ``dry_run`` lists the files, bytes and target and sends nothing. A failure never touches
-    ``folder``; its message says the local output is complete and how to retry.
+    The repo id must be valid and none of ``inputs`` (Hub ids of the merge's inputs, whatever
+    their revision); a token must be present, valid and allowed to write in the repo's
+    namespace (``whoami``); an existing repo must be public only if ``private`` is not asked.
+
+    Raises:
+        InputError: any of these fails, or offline (pushing needs the network).
+        ShardmergeError: the Hub is unreachable or failing (retry).
+    """
+    where = f"cannot push to {repo_id}"
+    if not looks_like_repo_id(repo_id):
+        raise InputError(f"{where}: {repo_id_problem(repo_id)}")
+    if repo_id.lower() in {ref.lower() for ref in inputs}:
+        raise InputError(
+            f"{where}: it is one of the merge's inputs, and the push would replace that model "
+            "with the merge: push to another repo"
+        )
+    if create_pr and revision is not None:
+        raise InputError(f"{where}: --create-pr opens a pull request on main: drop --revision")
+    if constants.is_offline_mode():
+        raise InputError(f"{where}: pushing needs the network, and HF_HUB_OFFLINE=1 is set")
+    login = "set HF_TOKEN or run `hf auth login`"
+    if get_token() is None:
+        raise InputError(f"{where}: pushing needs a write token and none is set; {login}")
+    api = HfApi()
+    try:
+        me = api.whoami()
+    except _HUB_ERRORS as exc:
+        error = hub_error(exc, repo_id, action="push to")
+        if isinstance(error, InputError):  # 401 here: the token itself is wrong
+            raise InputError(f"{where}: the token is invalid or expired; {login}") from exc
+        raise error from exc
+    user = str(me.get("name") or "")
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise InputError(f"{where}: the token of {user} is read-only; pushing needs a write token")
+    namespaces = [user, *(str(org.get("name")) for org in me.get("orgs") or [])]
+    namespace = repo_id.split("/")[0]
+    if namespace.lower() not in {n.lower() for n in namespaces}:
+        raise InputError(
+            f"{where}: the token of {user} cannot write to {namespace!r} (it can write to: "
+            f"{', '.join(namespaces)})"
+        )
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        return PushTarget(repo_id, f"{constants.ENDPOINT}/{repo_id}", user, False, private)
+    except _HUB_ERRORS as exc:
+        raise hub_error(exc, repo_id, action="push to") from exc
+    if private and not info.private:
+        raise InputError(
+            f"{where}: it already exists and is public, so --private cannot apply: choose "
+            f"another name, or make it private on {constants.ENDPOINT}/{repo_id} first"
+        )
+    return PushTarget(repo_id, f"{constants.ENDPOINT}/{repo_id}", user, True, bool(info.private))
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    commit_message: str,
+    dry_run: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    replaces: Callable[[str], bool] = lambda path: False,
+) -> PushResult:
+    """Upload every file of ``folder`` to ``repo_id`` in one commit, creating the repo if needed.
+
+    The same commit deletes the files of the target branch that ``folder`` lacks and that
+    ``replaces`` says belong to the model being replaced (an earlier push's shards and index),
+    so the branch never holds two models. ``revision`` is the branch (created from main if
+    missing); ``create_pr`` opens a pull request instead. ``dry_run`` reads the target and
+    sends nothing that writes. A repo this call created is deleted again if the commit fails.
+    A failure never touches ``folder``; its message says the local output is complete and how
+    to retry.
 
     Raises:
         InputError: bad repo id, empty folder, no permission, existing public repo with private.
@@ -334,7 +498,7 @@ def push_folder(
     """
     folder = Path(folder)
     if not looks_like_repo_id(repo_id):
-        raise InputError(f"not a Hugging Face repo id: {repo_id!r} (expected org/name)")
+        raise InputError(f"cannot push to {repo_id}: {repo_id_problem(repo_id)}")
     files = tuple(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
         for path in sorted(folder.rglob("*"))
@@ -342,38 +506,77 @@ def push_folder(
     )
     if not files:
         raise InputError(f"nothing to push: {folder} holds no files")
-    total_bytes = sum(size for _, size in files)
     result = PushResult(
         url=f"{constants.ENDPOINT}/{repo_id}",
         repo_id=repo_id,
         files=files,
-        total_bytes=total_bytes,
+        total_bytes=sum(size for _, size in files),
         private=private,
         dry_run=dry_run,
+        revision=revision,
     )
-    if dry_run:
-        return result
-    # Rerunning `shardmerge run` would refuse the now non-empty output folder: say how to
-    # upload the finished folder alone instead.
-    upload = shlex.join(
-        ["hf", "upload", repo_id, str(folder), ".", *(["--private"] if private else [])]
-        + ["--commit-message", commit_message]
-    )
-    retry = f"the local output is complete at {folder}; to retry, upload it with: {upload}"
+    api = HfApi()
+    created = False
+    retry = ""
     try:
-        api = HfApi()
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        # create_repo ignores `private` for an existing repo: never publish by surprise.
-        if private and not api.repo_info(repo_id).private:
+        try:
+            exists = api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            exists = None
+        if exists is not None and private and not exists.private:
             raise InputError(
                 f"{repo_id} already exists and is public, so --private cannot apply and nothing "
-                f"was uploaded: choose another name, or make it private on {url} ({retry})"
+                f"was uploaded: choose another name, or make it private on {result.url}"
             )
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
-    except (*_HUB_ERRORS, RuntimeError) as exc:  # LFS upload failures arrive as RuntimeError
+        base = None if create_pr else revision
+        remote = _remote_paths(api, repo_id, base) if exists is not None else set()
+        local = {path for path, _ in files}
+        deleted = tuple(sorted(p for p in remote - local if replaces(p)))
+        result = replace(
+            result,
+            private=bool(exists.private) if exists is not None else private,
+            created=exists is None,
+            deleted=deleted,
+        )
+        if dry_run:
+            return result
+        # Rerunning `shardmerge run` would refuse the now non-empty output folder: say how to
+        # upload the finished folder alone instead (it does not delete stale files).
+        upload = ["hf", "upload", repo_id, str(folder), "."]
+        upload += ["--private"] if private and exists is None else []
+        upload += ["--revision", revision] if revision else []
+        upload += ["--create-pr"] if create_pr else []
+        upload += ["--commit-message", commit_message]
+        retry = f"the local output is complete at {folder}; to retry, upload it with: "
+        retry += shlex.join(upload)
+        if exists is None:
+            try:
+                api.create_repo(repo_id, private=private)
+                created = True
+            except HfHubHTTPError as exc:
+                if exc.response.status_code != 409:  # 409: created meanwhile: not ours
+                    raise
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path))
+            for path, _ in files
+        ]
+        operations += [CommitOperationDelete(path_in_repo=path) for path in deleted]
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except (*_HUB_ERRORS, RuntimeError, ShardmergeError) as exc:  # LFS failures: RuntimeError
+        if created:  # leave no empty repo behind
+            with contextlib.suppress(*_HUB_ERRORS):
+                api.delete_repo(repo_id)
         error = hub_error(exc, repo_id, action="push to")
-        raise type(error)(f"{error} ({retry})") from exc
-    return replace(result, url=str(url), commit_sha=info.oid)
+        raise type(error)(f"{error} ({retry})" if retry else str(error)) from exc
+    return replace(result, commit_sha=info.oid, pr_url=info.pr_url)
 
 
 def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeError:
@@ -402,7 +605,11 @@ def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeErr
                 )
             if isinstance(err, RevisionNotFoundError):
                 return InputError(f"{where}: revision not found (use a branch, tag or full sha)")
-            if isinstance(err, RemoteEntryNotFoundError):
+            if isinstance(err, RemoteEntryNotFoundError) or (
+                status == 404
+                and not isinstance(err, RepositoryNotFoundError)
+                and "/resolve/" in str(err.response.url)
+            ):
                 return InputError(f"{where}: file not found in the repo: {_url_filename(err)}")
             if isinstance(err, RepositoryNotFoundError) or status == 404:
                 return InputError(f"{where}: repository not found (if it is private, {login})")
@@ -471,23 +678,144 @@ def _require_cached(model: HubModel, filenames: list[str]) -> None:
         raise InputError(f"{model.label}: {', '.join(missing)}: {_OFFLINE_HINT}")
 
 
-def _download(model: HubModel, filename: str, local_dir: Path | None = None) -> str:
-    return hf_hub_download(model.repo_id, filename, revision=model.sha, local_dir=local_dir)
+def _download(
+    model: HubModel, filename: str, local_dir: Path | None = None, tqdm_class: Any = None
+) -> str:
+    return hf_hub_download(
+        model.repo_id, filename, revision=model.sha, local_dir=local_dir, tqdm_class=tqdm_class
+    )
 
 
-def _list_remote_files(model: HubModel) -> dict[str, int]:
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    block = bytearray(_HASH_BLOCK_BYTES)
+    view = memoryview(block)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(view[:n])  # hashlib releases the GIL on large buffers
+    return digest.hexdigest()
+
+
+def _checked(model: HubModel, filename: str, path: Path, local_dir: Path | None = None) -> Path:
+    """``path`` if it matches the sha256 the Hub publishes for ``filename`` (or none is
+    published); otherwise remove it, download it once more and check again.
+
+    Raises:
+        ShardmergeError: still no match (nothing bad is left on disk), or offline.
+    """
+    expected = model.sha256.get(filename)
+    if expected is None or _sha256_of(path) == expected:
+        return path
+    _discard(path)
+    where = f"cannot download from {model.repo_id}: {filename}"
+    if constants.is_offline_mode():
+        raise ShardmergeError(
+            f"{where}: the cached copy does not match its sha256 {expected[:12]}… and was removed "
+            "from the cache; run once online (without HF_HUB_OFFLINE) to download it again"
+        )
+    path = Path(_download(model, filename, local_dir=local_dir))
+    if _sha256_of(path) == expected:
+        return path
+    _discard(path)
+    raise ShardmergeError(
+        f"{where}: the download does not match its published sha256 {expected[:12]}…, twice "
+        "(corrupted in transit); the bad copy was removed from the cache; retry later"
+    )
+
+
+def _discard(path: Path) -> None:
+    """Remove a downloaded file: the cache's snapshot link, the repo's blob it points to and,
+    where that is a link into a shared store (Xet downloads), the stored file too."""
+    chain = [path]
+    while chain[-1].is_symlink() and len(chain) < 4:
+        chain.append(chain[-1].parent / os.readlink(chain[-1]))
+    for link in chain:
+        link.unlink(missing_ok=True)
+
+
+class _DownloadBar:
+    """One tqdm bar over many concurrent ``hf_hub_download`` calls (bytes, rate, ETA).
+
+    huggingface_hub makes one progress object per file through ``tqdm_class``; these add their
+    sizes and bytes into this bar. It appears with the first download: cached files show none.
+    """
+
+    def __init__(self, desc: str) -> None:
+        self._desc = desc
+        self._bar: Any = None
+        self._lock = threading.Lock()
+
+    def add(self, total: int | None, done: int) -> None:
+        with self._lock:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=0, unit="B", unit_scale=True, desc=self._desc, file=sys.stderr
+                )
+            self._bar.total += total or 0
+            self._bar.update(done)
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def file_bar_class(self) -> type:
+        outer = self
+
+        class _FileBar:
+            def __init__(self, *args: Any, total: int | None = None, initial: int = 0, **_: Any):
+                outer.add(total, initial)
+
+            def __enter__(self) -> _FileBar:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def update(self, n: int | float | None = 1) -> None:
+                outer.update(int(n or 0))
+
+            def close(self) -> None:
+                pass
+
+        return _FileBar
+
+
+def _remote_paths(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
+    """Every file path on ``revision`` (None = main; a branch not created yet: main's)."""
+    try:
+        tree = api.list_repo_tree(repo_id, revision=revision, recursive=True)
+        return {entry.path for entry in tree if isinstance(entry, RepoFile)}
+    except RevisionNotFoundError:
+        return _remote_paths(api, repo_id, None) if revision else set()
+
+
+def _list_remote_files(model: HubModel) -> tuple[dict[str, int], dict[str, str]]:
+    """Every file's size, and the published sha256 of each LFS file (its LFS oid)."""
     tree = HfApi().list_repo_tree(model.repo_id, revision=model.sha, recursive=True)
-    return {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+    files = [entry for entry in tree if isinstance(entry, RepoFile)]
+    sha256 = {entry.path: entry.lfs.sha256 for entry in files if entry.lfs is not None}
+    return {entry.path: entry.size for entry in files}, sha256
 
 
-def _list_cached_files(model: HubModel) -> dict[str, int]:
-    """Offline file list: the cached snapshot's files (sizes of the blobs they point to)."""
+def _list_cached_files(model: HubModel) -> tuple[dict[str, int], dict[str, str]]:
+    """Offline file list: the cached snapshot's files (sizes of the blobs they point to), and
+    the sha256 of those whose blob is named by one (the cache names LFS blobs so)."""
     snapshot = _snapshot_dir(model.repo_id, model.sha)
-    return {
-        path.relative_to(snapshot).as_posix(): path.stat().st_size
-        for path in sorted(snapshot.rglob("*"))
-        if path.is_file()
-    }
+    paths = [path for path in sorted(snapshot.rglob("*")) if path.is_file()]
+    files = {path.relative_to(snapshot).as_posix(): path.stat().st_size for path in paths}
+    sha256 = {}
+    for path in paths:
+        # The repo's own blob name (its ETag), not a shared store's name it may link on to.
+        blob = os.path.basename(os.readlink(path)) if path.is_symlink() else ""
+        if _SHA256_RE.fullmatch(blob):
+            sha256[path.relative_to(snapshot).as_posix()] = blob
+    return files, sha256
 
 
 def _read_json(model: HubModel, filename: str) -> dict:

@@ -16,12 +16,18 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardmerge import __version__, faults, import_torch, readahead
-from shardmerge.errors import InputError, OutputError, ShardmergeError
+from shardmerge.errors import (
+    CheckpointError,
+    InputError,
+    NonFiniteInputError,
+    OutputError,
+    ShardmergeError,
+)
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
     INDEX_NAME,
@@ -35,11 +41,11 @@ from shardmerge.output import (
     write_json,
 )
 from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, plan_merge
-from shardmerge.recipe import Recipe
+from shardmerge.recipe import ModelRef, Recipe
 from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
 
 if TYPE_CHECKING:
-    from shardmerge.hub import PushResult
+    from shardmerge.hub import PushResult, PushTarget
 
 PROGRESS_NAME = ".shardmerge-progress.json"
 
@@ -81,6 +87,32 @@ def prepare(
         recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
     )
     return PreparedMerge(recipe, model_a, model_b, plan)
+
+
+def pin_recorded_revisions(recipe: Recipe, output: Path) -> Recipe:
+    """The recipe with each Hub model pinned to the commit ``output``'s index records for it
+    (what made the output, even if a branch has moved since); local models are unchanged.
+
+    Raises:
+        InputError: the output was made from another Hub repo than the recipe names.
+    """
+    try:
+        index = json.loads((output / INDEX_NAME).read_text())
+        recorded = index["metadata"]["shardmerge"]["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return recipe  # not our output, or no record: verify reports what it finds
+    refs = {"a": recipe.model_a, "b": recipe.model_b}
+    for key, ref in list(refs.items()):
+        entry = recorded.get(key) if isinstance(recorded, dict) else None
+        if Path(ref.ref).is_dir() or not isinstance(entry, str) or "@" not in entry:
+            continue
+        repo, sha = entry.rsplit("@", 1)
+        if repo.lower() != ref.ref.lower():
+            raise InputError(
+                f"models.{key}: the recipe names {ref.ref}, but {output} was made from {repo}"
+            )
+        refs[key] = ModelRef(ref.ref, sha)
+    return replace(recipe, model_a=refs["a"], model_b=refs["b"])
 
 
 def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
@@ -227,12 +259,15 @@ def merge_shards(
 
         needed = _input_files(plan, skip)
         with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
+            progress = not quiet
             source_a = open_source(
-                prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
-            )
+                prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0],
+                progress=progress,
+            )  # fmt: skip
             source_b = open_source(
-                prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1]
-            )
+                prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1],
+                progress=progress,
+            )  # fmt: skip
             todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
             bar = _progress_bar(todo, quiet)
             try:
@@ -247,6 +282,11 @@ def merge_shards(
                     on_shard_done=shard_done,
                     host_memory=host_memory,
                 )
+            except NonFiniteInputError as exc:  # bad input: named by its repo or folder
+                model = prepared.model_a if exc.model_key == "a" else prepared.model_b
+                raise CheckpointError(
+                    f"tensor {exc.tensor!r} in {model.label} contains NaN or Inf values"
+                ) from None
             except OSError as exc:
                 raise ShardmergeError(
                     f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
@@ -362,10 +402,45 @@ def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list
     return [t.a.file for t in tasks], [t.b.file for t in tasks]
 
 
+def check_push_target(
+    recipe: Recipe,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> PushTarget:
+    """Everything a push needs, checked before any download or merge (see hub.check_push_target):
+    the inputs are the recipe's models that are not local folders."""
+    from shardmerge import hub
+
+    inputs = [m.ref for m in (recipe.model_a, recipe.model_b) if not Path(m.ref).is_dir()]
+    return hub.check_push_target(
+        repo_id, inputs=inputs, private=private, revision=revision, create_pr=create_pr
+    )
+
+
+def replaced_by_push(path: str) -> bool:
+    """Whether a file already in the target repo belongs to the model a push replaces: weights,
+    their indexes and tokenizer files (the push brings its own; any left would mix models)."""
+    name = path.rsplit("/", 1)[-1]
+    weights = name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf"))
+    return weights or name.endswith(".index.json") or is_tokenizer_file(path)
+
+
 def push_output(
-    out: Path, repo_id: str, *, private: bool, prepared: PreparedMerge, dry_run: bool = False
+    out: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    prepared: PreparedMerge,
+    dry_run: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
 ) -> PushResult:
-    """Verify the finished folder, then upload it in one commit (or, dry run, list it)."""
+    """Verify the finished folder, then upload it in one commit that also removes the replaced
+    model's files (or, dry run, say what that commit would do)."""
     from shardmerge import hub
     from shardmerge.verify import verify_output
 
@@ -373,8 +448,19 @@ def push_output(
     if not report.ok:
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
     a, b = prepared.model_a, prepared.model_b
-    message = f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
-    return hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
+    message = commit_message or (
+        f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
+    )
+    return hub.push_folder(
+        out,
+        repo_id,
+        private=private,
+        commit_message=message,
+        dry_run=dry_run,
+        revision=revision,
+        create_pr=create_pr,
+        replaces=replaced_by_push,
+    )
 
 
 def write_side_files(prepared: PreparedMerge, work: Path) -> None:
@@ -383,26 +469,21 @@ def write_side_files(prepared: PreparedMerge, work: Path) -> None:
 
     plan = prepared.plan
     a, b = prepared.model_a, prepared.model_b
-    folder_a, folder_b = small_files_folder(a), small_files_folder(b)
     tok_from_b = prepared.recipe.tokenizer_source == "b"
-    copy_files(
-        folder_a,
-        [
-            f
-            for f in a.small_files
-            if f != "config.json" and not (tok_from_b and is_tokenizer_file(f))
-        ],
-        work,
-    )
+    # Only what the output takes: A's files (B's tokenizer instead of A's when asked for).
+    files_a = [f for f in a.small_files if not (tok_from_b and is_tokenizer_file(f))]
+    folder_a = small_files_folder(a, files_a)
+    copy_files(folder_a, [f for f in files_a if f != "config.json"], work)
     if tok_from_b:
-        copy_files(folder_b, [f for f in b.small_files if is_tokenizer_file(f)], work)
+        files_b = [f for f in b.small_files if is_tokenizer_file(f)]
+        copy_files(small_files_folder(b, files_b), files_b, work)
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
     write_config(work, config, out_dtype)
     card = render_card(
         (
-            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end"),
-            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end"),
+            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end", _card_license(a)),
+            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end", _card_license(b)),
         ),
         prepared.recipe.text,
         plan.t_table,
@@ -411,6 +492,25 @@ def write_side_files(prepared: PreparedMerge, work: Path) -> None:
         num_shards=len(plan.shards),
     )
     (work / "README.md").write_text(card)
+
+
+def _card_license(model: ResolvedModel) -> str | None:
+    """The ``license`` in the front matter of the model's own README.md, if it names one."""
+    import yaml
+
+    folder = model.origin_dir or model.local_dir
+    try:
+        if folder is None:  # a Hub model: its card is a few KB, read through the HF cache
+            from shardmerge import hub
+
+            assert model.hub is not None
+            folder = hub.download_files(model.hub, ["README.md"])
+        text = (folder / "README.md").read_text(encoding="utf-8")
+        front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+    except (ShardmergeError, OSError, UnicodeDecodeError, IndexError, yaml.YAMLError):
+        return None  # no card, not cached offline, or unreadable: no license is carried
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if isinstance(value, str) and value.strip() else None
 
 
 def _dominant_out_dtype(plan: MergePlan) -> str | None:

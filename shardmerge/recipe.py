@@ -434,6 +434,13 @@ def _split_revision(text: str, path: str, check: _Check) -> ModelRef | None:
     if not ref.strip() or not revision.strip():
         check.add(path, f"{text!r} should be 'ref@revision' with both parts non-empty")
         return None
+    if "@" in ref:  # "org/m@v1@x": neither part would be what was meant
+        check.add(
+            path,
+            f"{text!r} has more than one '@': write 'ref@revision' (for a local path with '@', "
+            "use {path: ...})",
+        )
+        return None
     return ModelRef(ref, revision)
 
 

@@ -8,7 +8,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,9 +82,14 @@ def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> Res
     from shardmerge import hub
 
     if not hub.looks_like_repo_id(ref.ref):
-        raise InputError(f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id")
+        hint = hub.repo_id_hint(ref.ref)
+        raise InputError(
+            f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id"
+            + (f" ({hint})" if hint else "")
+        )
     model = hub.resolve_hub_model(ref.ref, ref.revision)
     listing = hub.fetch_listing(model)
+    model = replace(model, sha256=listing.sha256)  # every download is checked against these
     headers = {
         file: parse_header_dict(raw, file, None, f"{label}: {file}")
         for file, raw in listing.headers.items()
@@ -109,13 +114,19 @@ def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> Res
 
 
 def open_source(
-    model: ResolvedModel, *, stream: bool, workdir: Path, files: list[str] | None = None
+    model: ResolvedModel,
+    *,
+    stream: bool,
+    workdir: Path,
+    files: list[str] | None = None,
+    progress: bool = False,
 ) -> ShardSource:
     """A shard source for the engine.
 
     Hub models are downloaded (only ``files``, default all shards) unless ``stream``, where each
     shard arrives just in time and is deleted after use. ``files`` lists each tensor's file in
     reading order (repeats allowed): streaming deletes a shard as soon as reading moves past it.
+    ``progress`` shows a download bar (not streaming).
     """
     from shardmerge.engine import LocalSource
 
@@ -127,17 +138,19 @@ def open_source(
     if stream:
         return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}", files or ())
     needed = list(model.inventory.files) if files is None else files
-    return LocalSource(hub.download_files(model.hub, needed), model.label)
+    return LocalSource(hub.download_files(model.hub, needed, progress=progress), model.label)
 
 
-def small_files_folder(model: ResolvedModel) -> Path:
-    """The folder holding the model's config, tokenizer and other small files."""
+def small_files_folder(model: ResolvedModel, files: Iterable[str] | None = None) -> Path:
+    """The folder holding the model's config, tokenizer and other small files (for a Hub
+    model: those of ``files`` it has, default all, downloaded)."""
     if model.local_dir is not None:
         return model.local_dir
     from shardmerge import hub
 
     assert model.hub is not None
-    return hub.download_files(model.hub, list(model.small_files))
+    wanted = model.small_files if files is None else [f for f in files if f in model.small_files]
+    return hub.download_files(model.hub, list(wanted))
 
 
 def _pickle_only(folder: Path) -> bool:

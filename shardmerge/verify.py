@@ -142,8 +142,9 @@ def _recompute(
     full: bool,
     report: VerifyReport,
 ) -> None:
-    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.engine import execute_plan
     from shardmerge.plan import MergePlan, layout_shards
+    from shardmerge.resolve import open_source
 
     tasks = list(prepared.plan.tasks)
     missing = [t.name for t in tasks if t.name not in tensors]
@@ -154,18 +155,17 @@ def _recompute(
         return
     chosen = tasks if full else random.Random(0).sample(tasks, min(_SAMPLE, len(tasks)))
     models = (prepared.model_a, prepared.model_b)
-    if any(m.local_dir is None for m in models):
-        report.problems.append("--recipe recomputation needs local input folders")
-        return
     with tempfile.TemporaryDirectory(prefix="shardmerge-verify-") as scratch:
+        # Hub inputs: only the shards the chosen tensors live in are downloaded (HF cache).
+        source_a, source_b = (
+            open_source(m, stream=False, workdir=Path(scratch), files=files)
+            for m, files in zip(
+                models, ([t.a.file for t in chosen], [t.b.file for t in chosen]), strict=True
+            )
+        )
         for task in chosen:
             sub = MergePlan(layout_shards([task], 1 << 62), False, (), "")
-            execute_plan(
-                sub,
-                LocalSource(models[0].local_dir, models[0].label),  # type: ignore[arg-type]
-                LocalSource(models[1].local_dir, models[1].label),  # type: ignore[arg-type]
-                Path(scratch),
-            )
+            execute_plan(sub, source_a, source_b, Path(scratch))
             shard = sub.shards[0]
             expected_path = Path(scratch) / shard.filename
             info, start = tensors[task.name]

@@ -21,6 +21,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 TOKEN = "hf_fake"
+READ_TOKEN = "hf_fake_read"  # a valid token with the "read" role: writes answer 403
+USER = "tester"
+ORGS = ("me",)  # namespaces USER may write to besides their own
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -44,6 +47,7 @@ class FakeRepo:
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> sha
     private: bool = False
     gated: bool = False  # file downloads answer 403 GatedRepo, repo info stays readable
+    prs: int = 0  # pull requests opened (refs/pr/N)
 
 
 @dataclass
@@ -71,6 +75,10 @@ class FakeHub:
 
     def __init__(self, token: str = TOKEN) -> None:
         self.token = token
+        self.tokens = {token: "write", READ_TOKEN: "read"}  # token -> role, as whoami reports it
+        self.user, self.orgs = USER, list(ORGS)
+        self.corrupt: dict[tuple[str, str], int] = {}  # (repo, path) -> GET bodies to corrupt
+        self.deleted: list[str] = []  # repos deleted through DELETE /api/repos/delete
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes, shared like the real LFS store
         self.log: list[LoggedRequest] = []
@@ -126,6 +134,11 @@ class FakeHub:
     ) -> None:
         """Answer matching requests with ``status`` (and ``X-Error-Code``), ``times`` times."""
         self.faults.append(Fault(status, error_code, repo, path, method, times))
+
+    def corrupt_downloads(self, repo_id: str, path: str, *, times: int = 1) -> None:
+        """Flip one byte of the next ``times`` full GET bodies of ``path`` (not Range reads);
+        the ETag and the tree listing keep the true sha256, as when bytes break in transit."""
+        self.corrupt[(repo_id, path)] = times
 
     # -- inspection ----------------------------------------------------------------------------
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
@@ -193,6 +206,9 @@ class HubError(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real Hub; every answer has Content-Length
+    # Headers and body go out in two writes: with Nagle's algorithm the body waited for the
+    # client's delayed ACK, 40 ms per request on loopback.
+    disable_nagle_algorithm = True
     hub: FakeHub
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
@@ -238,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the fake: answer it rather than drop the connection
             self._send(500, {"error": f"fakehub: {exc!r}"})
 
-    do_HEAD = do_GET = do_POST = do_PUT = _dispatch
+    do_HEAD = do_GET = do_POST = do_PUT = do_DELETE = _dispatch
 
     def _repo_id(self) -> str | None:
         s = self.segments
@@ -265,8 +281,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.entry.sent = len(body)
         self.entry.status = status
 
+    def _role(self) -> str | None:
+        """The role of the request's token ("write", "read"), None without a valid one."""
+        auth = self.headers.get("Authorization") or ""
+        return self.hub.tokens.get(auth.removeprefix("Bearer "))
+
     def _authorised(self) -> bool:
-        return self.headers.get("Authorization") == f"Bearer {self.hub.token}"
+        return self._role() is not None
+
+    def _check_write(self, repo_id: str) -> None:
+        """Like the Hub: 401 without a valid token, 403 for a read token or another namespace."""
+        if not self._authorised():
+            raise HubError(401, None, "Invalid username or password.")
+        if self._role() != "write" or repo_id.split("/")[0] not in (self.hub.user, *self.hub.orgs):
+            raise HubError(403, None, f"You don't have the rights to write to {repo_id}")
 
     def _repo(self, repo_id: str, *, write: bool = False) -> FakeRepo:
         repo = self.hub.repos.get(repo_id)
@@ -274,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, "RepoNotFound", "Invalid username or password.")
         if repo is None:
             raise HubError(404, "RepoNotFound", f"Repository {repo_id} not found")
+        if write:
+            self._check_write(repo_id)
         return repo
 
     def _commit(self, repo: FakeRepo, rev: str) -> str:
@@ -288,9 +318,14 @@ class _Handler(BaseHTTPRequestHandler):
         if s[:2] == ["api", "whoami-v2"]:
             if not self._authorised():
                 raise HubError(401, None, "Invalid credentials in Authorization header")
-            return self._send(200, {"type": "user", "name": "tester", "orgs": []})
+            token = {"displayName": "test", "role": self._role()}
+            orgs = [{"name": org, "type": "org"} for org in self.hub.orgs]
+            user = {"type": "user", "name": self.hub.user, "orgs": orgs}
+            return self._send(200, {**user, "auth": {"type": "access_token", "accessToken": token}})
         if s[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo()
+        if s[:3] == ["api", "repos", "delete"] and method == "DELETE":
+            return self._delete_repo()
         if s[:2] == ["api", "validate-yaml"]:
             return self._send(200, {"errors": [], "warnings": []})
         if s[0] == "lfs-upload" and method == "PUT":
@@ -304,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id, write=method in ("POST", "PUT"))
         if s[:2] == ["api", "models"]:
             action, rev, rest = (s[4], s[5], s[6:]) if len(s) > 5 else ("revision", "main", [])
+            if action == "branch" and method == "POST":
+                return self._create_branch(repo, rev)
             sha = self._commit(repo, rev)
             if action == "revision":
                 return self._repo_info(repo_id, repo, sha)
@@ -351,6 +388,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Accept-Ranges"] = "bytes"
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
         if match is None:
+            repo_id = self._repo_id() or ""
+            with self.hub._lock:
+                left = self.hub.corrupt.get((repo_id, path), 0)
+                if left and self.command == "GET":
+                    self.hub.corrupt[(repo_id, path)] = left - 1
+                    data = data[:-1] + bytes([data[-1] ^ 0xFF])  # same size, one byte flipped
             return self._send(200, data, headers)
         first, last = match.groups()
         if not first:  # suffix range: the last N bytes
@@ -364,11 +407,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- writes --------------------------------------------------------------------------------
     def _create_repo(self) -> None:
-        if not self._authorised():
-            raise HubError(401, None, "Invalid username or password.")
         body = self.entry.json
+        repo_id = f"{body.get('organization') or self.hub.user}/{body['name']}"
+        self._check_write(repo_id)
         self.hub.created.append(body)
-        repo_id = f"{body.get('organization') or 'tester'}/{body['name']}"
         url = {"url": f"{self.hub.url}/{repo_id}"}
         if repo_id in self.hub.repos:  # the client reads "url" even from the 409
             return self._send(409, {**url, "error": "You already created this model repo"})
@@ -376,6 +418,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.repos[repo_id] = FakeRepo(private=private)
         self.hub.add_commit(repo_id, {})
         self._send(200, url)
+
+    def _delete_repo(self) -> None:
+        body = self.entry.json
+        repo_id = f"{body.get('organization') or self.hub.user}/{body['name']}"
+        self._check_write(repo_id)
+        if self.hub.repos.pop(repo_id, None) is None:
+            raise HubError(404, "RepoNotFound", f"Repository {repo_id} not found")
+        self.hub.deleted.append(repo_id)
+        self._send(200, {})
+
+    def _create_branch(self, repo: FakeRepo, branch: str) -> None:
+        if branch in repo.refs:
+            raise HubError(409, None, f"Reference refs/heads/{branch} already exists")
+        start = (self.entry.json or {}).get("startingPoint") or "main"
+        repo.refs[branch] = self._commit(repo, start)
+        self._send(200, {})
 
     def _preupload(self, repo: FakeRepo, sha: str) -> None:
         current = repo.commits[sha]
@@ -412,6 +470,11 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
         files = dict(repo.commits[self._commit(repo, branch)])
+        pr_url = None
+        if "create_pr=1" in urlsplit(self.path).query:  # the PR branches off `branch`
+            repo.prs += 1
+            branch = f"refs/pr/{repo.prs}"
+            pr_url = f"{self.hub.url}/{repo_id}/discussions/{repo.prs}"
         for line in lines:
             value = line["value"]
             if line["key"] == "file":
@@ -431,4 +494,4 @@ class _Handler(BaseHTTPRequestHandler):
         paths = sorted(line["value"]["path"] for line in lines if line["key"] != "header")
         self.hub.commits.append({**record, "description": description, "paths": paths})
         url = f"{self.hub.url}/{repo_id}/commit/{sha}"
-        self._send(200, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": None})
+        self._send(200, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": pr_url})

@@ -636,11 +636,11 @@ def test_input_changed_during_the_run(capsys, monkeypatch, setup):
     assert not setup.out.exists()
 
 
-def test_nan_in_an_input_is_a_clean_runtime_error(capsys, tmp_path):
+def test_nan_in_an_input_is_bad_input_naming_the_model(capsys, tmp_path):
     b = _tensors(1)
     b[Q1][3, 3] = float("nan")
     setup = _build(tmp_path, b=b)
-    _refused(capsys, setup, Q1, "model B", "NaN or Inf", code=1)
+    _refused(capsys, setup, Q1, f"model B ({setup.b})", "NaN or Inf", code=2)
     assert not setup.out.exists()
 
 

@@ -151,10 +151,10 @@ def test_command_exit_after_torch_keeps_code_output_and_exit_handlers(tmp_path):
             capture_output=True, text=True, env=_env(),
         )  # fmt: skip
         if name == "fails":  # torch was loaded: the fast exit
-            assert done.returncode == 1, done.stderr
+            assert done.returncode == 2, done.stderr  # bad input
             assert done.stderr.strip() == (
-                "error: tensor 'model.layers.0.mlp.up_proj.weight' in model B contains NaN or "
-                "Inf values"
+                f"error: tensor 'model.layers.0.mlp.up_proj.weight' in model B ({tmp_path / 'b'}) "
+                "contains NaN or Inf values"
             )
             assert not (tmp_path / "bad").exists()
         else:  # no torch: the ordinary exit

@@ -277,7 +277,7 @@ def test_failing_rank_fails_the_run_naming_rank_and_shard(pair, tmp_path):
     assert len(errors) == 2
     for text in errors:
         assert text.startswith("rank 1 on ") and first_of_rank_1.filename in text
-        assert f"{name!r} in model B contains NaN" in text
+        assert f"{name!r} in model B ({tmp_path / 'b-nan'}) contains NaN" in text
     assert proc.stderr.count("rerun with --resume") == 2
     assert not out.exists()
 

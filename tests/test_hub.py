@@ -221,10 +221,10 @@ def test_push_folder_uploads_identical_files_in_one_commit(fake_hub: FakeHub, tm
     validated = fake_hub.requests("POST", "/api/validate-yaml")
     assert validated and validated[0].json["content"] == readme
 
-    # Pushing again reuses the repo (409 on create) and re-uploads no LFS bytes.
+    # Pushing again reuses the repo (no create) and re-uploads no LFS bytes.
     fake_hub.log.clear()
     hub.push_folder(out, "tester/merged", private=True, commit_message="again")
-    assert fake_hub.requests("POST", "/api/repos/create")[0].status == 409
+    assert not fake_hub.requests("POST", "/api/repos/create")
     assert not fake_hub.requests("PUT")
 
 
@@ -233,8 +233,9 @@ def test_push_dry_run_sends_nothing(fake_hub: FakeHub, tmp_path: Path) -> None:
     result = hub.push_folder(out, "tester/merged", private=False, commit_message="m", dry_run=True)
     assert result.dry_run and result.commit_sha is None
     assert [path for path, _ in result.files] == sorted(folder_files(out))
-    assert result.url == f"{fake_hub.url}/tester/merged"
-    assert fake_hub.log == [] and "tester/merged" not in fake_hub.repos
+    assert result.url == f"{fake_hub.url}/tester/merged" and result.created
+    assert {r.method for r in fake_hub.log} <= {"GET", "HEAD"}  # reads the target only
+    assert "tester/merged" not in fake_hub.repos
 
 
 def test_failed_push_leaves_the_folder_alone_and_says_how_to_retry(
@@ -394,3 +395,31 @@ def test_offline_resolves_pinned_refs_from_a_hand_built_cache(
     assert (snapshot / SHARD_2).read_bytes() == (local / SHARD_2).read_bytes()
     with pytest.raises(InputError, match="missing.bin"):
         source.fetch("missing.bin")
+
+
+def test_offline_a_corrupted_cached_shard_is_removed_and_reported(
+    tmp_path: Path, isolated_hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    local = tiny_model(tmp_path / "tiny")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = make_hf_cache_repo(isolated_hf_home / "hub", "acme/tiny", folder_files(local), sha)
+    blob = (snapshot / SHARD_2).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # damaged on disk: the blob keeps its sha256 name
+    blob.write_bytes(bytes(data))
+    model = hub.resolve_hub_model("acme/tiny", None)
+    model = type(model)(model.repo_id, model.revision, model.sha, hub.fetch_listing(model).sha256)
+
+    assert hub.download_files(model, [SHARD_1]) == snapshot  # an intact shard passes
+    with pytest.raises(ShardmergeError) as caught:
+        hub.download_files(model, [SHARD_1, SHARD_2])
+
+    assert type(caught.value) is ShardmergeError and caught.value.exit_code == 1
+    assert str(caught.value).startswith(f"cannot download from acme/tiny: {SHARD_2}: the cached")
+    assert "\n" not in str(caught.value)
+    assert not blob.exists() and not (snapshot / SHARD_2).is_symlink()
+    assert (snapshot / SHARD_1).read_bytes() == (local / SHARD_1).read_bytes()

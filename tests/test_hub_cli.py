@@ -194,7 +194,7 @@ def test_hub_merge_equals_local_merge_and_card_pins_commits(
     card = (out / "README.md").read_text()
     assert front_matter(card)["base_model"] == ["org/a", "org/b"]
     for repo, sha in (("org/a", seeded.sha_a), ("org/b", seeded.sha_b)):
-        assert f"[{repo}](https://huggingface.co/{repo})" in card
+        assert f"[{repo}]({seeded.hub.url}/{repo})" in card  # links follow HF_ENDPOINT
         assert f"`{sha}`" in card
     # Pinned: after resolving "dev" once, every file request names the commit sha.
     files = seeded.hub.requests(path="*/resolve/*")
@@ -381,10 +381,10 @@ def test_push_dry_run_lists_the_upload_and_writes_nothing(seeded: Seeded, tmp_pa
         assert re.search(rf"^\s*{re.escape(name)}\s+{len(data):,} bytes$", done.stdout, re.M), name
     total = sum(len(data) for data in files.values())
     assert (
-        f"would push {len(files)} files, {total:,} bytes in one commit to "
-        f"{seeded.hub.url}/me/merged (public):"
+        f"would push {len(files)} files, {total:,} bytes in one commit to a new public repo "
+        f"{seeded.hub.url}/me/merged:"
     ) in done.stdout
-    assert not seeded.hub.requests("POST") and not seeded.hub.requests("PUT")
+    assert {r.method for r in seeded.hub.log} <= {"GET", "HEAD"}
     assert "me/merged" not in seeded.hub.repos
 
 
@@ -473,6 +473,7 @@ def test_failed_push_keeps_the_output_and_says_how_to_retry(
     assert folder_state(out) == folder_state(local.merged)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert not fake_hub.commits
+    assert "me/merged" not in fake_hub.repos  # a repo the push created is deleted again
     if code == 1:  # the Hub is back: the suggested command uploads the finished folder
         fake_hub.faults.clear()
         hf = Path(sys.executable).with_name("hf")
@@ -508,3 +509,487 @@ def test_offline_run_from_a_hand_built_cache(
     card = (out / "README.md").read_text()
     assert f"`{sha_a}`" in card and f"`{sha_b}`" in card
     assert folder_state(cache) == before  # the cache is an input: read, never changed
+
+
+# -- 7. the push target is checked before any download or merge (issue 18) ---------------------
+
+
+def no_file_requested(hub: FakeHub) -> bool:
+    """Nothing of any input was downloaded or read: no resolve request at all."""
+    return not hub.requests(path="*/resolve/*")
+
+
+def no_write_sent(hub: FakeHub) -> bool:
+    return {r.method for r in hub.log} <= {"GET", "HEAD"}
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "env_change", "expected"),
+    [
+        ("org/b", [], {}, "cannot push to org/b: it is one of the merge's inputs"),
+        ("ORG/A", [], {}, "cannot push to ORG/A: it is one of the merge's inputs"),
+        ("merged", [], {}, "not a Hugging Face repo id: 'merged' (Hub repo ids are org/name; "),
+        (
+            "https://huggingface.co/me/merged",
+            [],
+            {},
+            "(it is a URL: write 'me/merged')",
+        ),
+        ("me/merged", [], {"HF_TOKEN": None}, "pushing needs a write token and none is set"),
+        ("me/merged", ["--dry-run"], {"HF_TOKEN": None}, "pushing needs a write token"),
+        ("me/merged", [], {"HF_TOKEN": "hf_wrong"}, "the token is invalid or expired"),
+        ("me/merged", [], {"HF_TOKEN": "hf_fake_read"}, "the token of tester is read-only"),
+        ("other/merged", [], {}, "the token of tester cannot write to 'other'"),
+        ("me/public", ["--private"], {}, "it already exists and is public, so --private"),
+        ("me/public", ["--dry-run", "--private"], {}, "already exists and is public"),
+        ("me/merged", ["--create-pr", "--revision", "v2"], {}, "--create-pr opens a pull request"),
+    ],
+    ids=[
+        "input",
+        "input-other-case",
+        "no-org",
+        "url",
+        "no-token",
+        "dry-run-no-token",
+        "bad-token",
+        "read-token",
+        "other-namespace",
+        "private-into-public",
+        "dry-run-private-into-public",
+        "pr-and-branch",
+    ],
+)
+def test_push_target_is_refused_before_any_download(
+    seeded: Seeded,
+    tmp_path: Path,
+    target: str,
+    flags: list[str],
+    env_change: dict[str, str | None],
+    expected: str,
+) -> None:
+    seeded.hub.add_repo("me/public", {"README.md": b"public"})
+    seeded.hub.log.clear()
+    env = {k: v for k, v in seeded.env.items() if env_change.get(k, "") is not None}
+    env.update({k: v for k, v in env_change.items() if v is not None})
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", "--push-to-hub", target, *flags, env=env)
+
+    assert done.returncode == 2, done.stderr
+    line = one_line_error(done)
+    assert expected in line and "hf upload" not in line
+    assert no_file_requested(seeded.hub) and no_write_sent(seeded.hub)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "decoy",
+        "recipe.yaml",
+    ]
+    assert not seeded.hub.repos["me/public"].private
+    assert seeded.hub.files("me/public") == {"README.md": b"public"}
+
+
+def test_push_offline_is_refused_before_the_merge(local: Locals, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": TOKEN}
+    out = tmp_path / "out"
+
+    done = run_cli("run", local.recipe, "--out", out, "--push-to-hub", "me/merged", env=env)
+
+    assert done.returncode == 2, done.stderr
+    assert "pushing needs the network, and HF_HUB_OFFLINE=1 is set" in one_line_error(done)
+    assert not out.exists()
+
+
+# -- 8. a push replaces the model in one commit -------------------------------------------------
+
+
+def test_push_replaces_the_earlier_model_in_one_commit(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    old = tiny_llama(tmp_path / "old", seed=5, shards=[1] * 11)
+    earlier = {
+        **folder_files(old),
+        "tokenizer.model": b"old sentencepiece",
+        "notes.md": b"kept: not part of a model",
+    }
+    seeded.hub.add_repo("me/merged", earlier)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+    flags = ["--push-to-hub", "me/merged", "--commit-message", "v2 of the merge"]
+
+    dry = run_cli(
+        "run", recipe, "--out", tmp_path / "dry", "--quiet", *flags, "--dry-run", env=seeded.env
+    )
+    done = run_cli("run", recipe, "--out", out, "--quiet", *flags, env=seeded.env)
+
+    stale = sorted(set(earlier) - set(folder_files(out)) - {"notes.md"})
+    assert "model-00011-of-00011.safetensors" in stale and "tokenizer.model" in stale
+    assert dry.returncode == 0, dry.stderr
+    assert f"to {seeded.hub.url}/me/merged (public):" in dry.stdout
+    for name in stale:
+        assert f"  {name}  deleted (replaced by this merge)" in dry.stdout
+    assert done.returncode == 0, done.stderr
+    assert seeded.hub.files("me/merged") == {**folder_files(out), "notes.md": earlier["notes.md"]}
+    [commit] = seeded.hub.commits  # the dry run committed nothing
+    assert commit["summary"] == "v2 of the merge"
+    # Files equal to the repo's (config, tokenizer.json) are left out of a commit by the client.
+    assert set(stale) | set(shard_files_of(out)) <= set(commit["paths"])
+    assert set(commit["paths"]) <= set(folder_files(out)) | set(stale)
+    assert not seeded.hub.created  # the repo existed
+
+
+def shard_files_of(folder: Path) -> list[str]:
+    return [p.name for p in shard_files(folder)] + [INDEX]
+
+
+def test_push_to_a_branch_or_as_a_pull_request_leaves_main_alone(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    write_checkpoint(out, {"w": torch.ones(4, 4)}, [["w"]], {"model_type": "llama"})
+    main = {"README.md": b"main", "model.safetensors": b"old weights"}
+    fake_hub.add_repo("me/merged", main)
+    from shardmerge import hub, pipeline
+
+    def push(**options: object) -> object:
+        return hub.push_folder(
+            out,
+            "me/merged",
+            private=False,
+            commit_message="m",
+            replaces=pipeline.replaced_by_push,
+            **options,  # type: ignore[arg-type]
+        )
+
+    branch = push(revision="merge-v2")
+    opened = push(create_pr=True)
+
+    assert fake_hub.files("me/merged") == main
+    for rev in ("merge-v2", "refs/pr/1"):
+        assert fake_hub.files("me/merged", rev) == {"README.md": b"main", **folder_files(out)}
+    assert [c["branch"] for c in fake_hub.commits] == ["merge-v2", "refs/pr/1"]
+    assert opened.pr_url == f"{fake_hub.url}/me/merged/discussions/1"  # type: ignore[attr-defined]
+    assert branch.deleted == ("model.safetensors",)  # type: ignore[attr-defined]
+
+
+# -- 9. every downloaded shard matches the sha256 the Hub publishes -----------------------------
+
+
+def cached_blobs(home: Path, repo: str) -> dict[str, bytes]:
+    blobs = home / "hub" / f"models--{repo.replace('/', '--')}" / "blobs"
+    return {p.name: p.read_bytes() for p in blobs.iterdir()} if blobs.is_dir() else {}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cache", "stream"])
+def test_a_shard_corrupted_once_is_downloaded_again(
+    seeded: Seeded, local: Locals, tmp_path: Path, isolated_hf_home: Path, stream: bool
+) -> None:
+    shard = shard_files(local.a)[2].name
+    seeded.hub.corrupt_downloads("org/a", shard, times=1)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+
+    done = run_cli(
+        "run", recipe, "--out", out, "--quiet", *(["--stream"] if stream else []), env=seeded.env
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert_same_merge(out, local.merged)
+    bodies = [r for r in seeded.hub.requests("GET", f"/org/a/*/{shard}") if not r.range]
+    assert len(bodies) == 2
+    blobs = cached_blobs(isolated_hf_home, "org/a")
+    assert_blobs_intact(blobs)
+    good = hashlib.sha256((local.a / shard).read_bytes()).hexdigest()
+    assert (good in blobs) is not stream  # streaming downloads never enter the HF cache
+
+
+def assert_blobs_intact(blobs: dict[str, bytes]) -> None:
+    """Every LFS blob (named by its sha256) holds the bytes of that name."""
+    for name, data in blobs.items():
+        if len(name) == 64:
+            assert hashlib.sha256(data).hexdigest() == name
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cache", "stream"])
+def test_a_shard_corrupted_twice_fails_and_leaves_no_bad_blob(
+    seeded: Seeded, local: Locals, tmp_path: Path, isolated_hf_home: Path, stream: bool
+) -> None:
+    shard = shard_files(local.b)[1]
+    seeded.hub.corrupt_downloads("org/b", shard.name, times=2)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+
+    done = run_cli(
+        "run", recipe, "--out", out, "--quiet", *(["--stream"] if stream else []), env=seeded.env
+    )
+
+    assert done.returncode == 1, done.stderr
+    line = one_line_error(done)
+    assert f"cannot download from org/b: {shard.name}: the download does not match" in line
+    assert "twice" in line
+    # Only the hidden working folder a runtime failure keeps for --resume; no scratch shards.
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] in ([], [".out.shardmerge-partial"])
+    good = hashlib.sha256(shard.read_bytes()).hexdigest()
+    blobs = cached_blobs(isolated_hf_home, "org/b")
+    assert_blobs_intact(blobs)
+    assert good not in blobs
+    snapshot = isolated_hf_home / "hub" / "models--org--b" / "snapshots" / seeded.sha_b
+    assert not (snapshot / shard.name).exists()
+
+
+def test_a_corrupted_blob_in_the_cache_is_replaced_on_the_next_run(
+    seeded: Seeded, local: Locals, tmp_path: Path, isolated_hf_home: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    first = run_cli("run", recipe, "--out", tmp_path / "one", "--quiet", env=seeded.env)
+    assert first.returncode == 0, first.stderr
+    shard = shard_files(local.a)[0]
+    blob = isolated_hf_home / "hub" / "models--org--a" / "blobs"
+    blob = blob / hashlib.sha256(shard.read_bytes()).hexdigest()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # a disk error, or a copy damaged by an earlier unchecked run
+    blob.write_bytes(bytes(data))
+    seeded.hub.log.clear()
+
+    done = run_cli("run", recipe, "--out", tmp_path / "two", "--quiet", env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    assert_same_merge(tmp_path / "two", local.merged)
+    assert blob.read_bytes() == shard.read_bytes()
+    assert (
+        len([r for r in seeded.hub.requests("GET", f"/org/a/*/{shard.name}") if not r.range]) == 1
+    )
+
+
+# -- 10. progress, quiet, verbose, NaN, closed pipes --------------------------------------------
+
+
+def test_downloads_show_a_progress_bar_unless_quiet(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+
+    shown = run_cli("run", recipe, "--out", tmp_path / "one", env=seeded.env)
+    quiet = run_cli("run", recipe, "--out", tmp_path / "two", "--quiet", env=seeded.env)
+
+    assert shown.returncode == 0 and quiet.returncode == 0, shown.stderr + quiet.stderr
+    bar = re.search(r"downloading org/a: 100%\|[^|]*\| ([\d.]+)k/([\d.]+)k \[.*B/s\]", shown.stderr)
+    assert bar, shown.stderr
+    total_a = sum(p.stat().st_size for p in shard_files(local.a))  # what the bar counts
+    assert float(bar.group(2)) == pytest.approx(total_a / 1e3, rel=0.01)
+    assert "downloading org/b: 100%" in shown.stderr
+    assert "downloading" not in quiet.stderr and "merging" not in quiet.stderr
+
+
+def test_a_failed_push_into_an_existing_repo_keeps_it(
+    fake_hub: FakeHub, hub_env: dict[str, str], local: Locals, tmp_path: Path
+) -> None:
+    fake_hub.add_repo("me/merged", {"README.md": b"mine"})
+    fake_hub.fail(403, path="/api/models/me/merged/commit/*")
+
+    done = run_cli(
+        "run", local.recipe, "--out", tmp_path / "out", "--quiet", "--push-to-hub", "me/merged",
+        env=hub_env,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stderr
+    assert fake_hub.files("me/merged") == {"README.md": b"mine"} and not fake_hub.deleted
+
+
+def test_quiet_silences_the_hub_client_too(seeded: Seeded, tmp_path: Path) -> None:
+    """One retried 503 makes huggingface_hub log a retry line: --quiet leaves stderr to us."""
+    env = {k: v for k, v in seeded.env.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    runs = {}
+    for name, quiet in (("loud", []), ("quiet", ["--quiet"])):
+        seeded.hub.fail(503, path="/api/models/me/merged/preupload/*", times=1)
+        runs[name] = run_cli(
+            "run", recipe, "--out", tmp_path / name, *quiet, "--push-to-hub", "me/merged",
+            env=env,
+        )  # fmt: skip
+        assert runs[name].returncode == 0, runs[name].stderr
+
+    assert "Retry" in runs["loud"].stderr
+    assert runs["quiet"].stderr.splitlines() == [
+        f"push target {seeded.hub.url}/me/merged: existing public repo, writable by tester",
+    ]
+
+
+def test_verbose_shows_the_traceback_and_keeps_the_exit_code(seeded: Seeded, tmp_path: Path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/nope")
+
+    done = run_cli("-v", "run", recipe, "--out", tmp_path / "out", "--quiet", env=seeded.env)
+
+    assert done.returncode == 2, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert done.stderr.rstrip().splitlines()[-1].startswith("error: cannot resolve revision")
+
+
+def test_nan_in_a_hub_input_is_bad_input_naming_the_repo(seeded: Seeded, tmp_path: Path) -> None:
+    nan = torch.full((HIDDEN,), float("nan"))
+    bad = tiny_llama(tmp_path / "nan", seed=2, shards=[4, 4, 3], **{"model.norm.weight": nan})
+    sha = seeded.hub.add_repo("org/nan", folder_files(bad))
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/nan")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == (
+        f"error: tensor 'model.norm.weight' in model B (org/nan@{sha[:12]}) contains NaN or Inf "
+        "values"
+    )
+    assert not out.exists()
+
+
+def test_a_closed_stdout_ends_quietly(local: Locals) -> None:
+    read, write = os.pipe()
+    os.close(read)  # like `| head` that has exited: every write gets EPIPE
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "shardmerge.cli", "plan", str(local.recipe)],
+            stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert done.stderr == ""
+
+
+# -- 11. verify --recipe with Hub inputs ---------------------------------------------------------
+
+
+def test_verify_recipe_recomputes_hub_inputs_at_the_recorded_commits(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+    assert run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env).returncode == 0
+    # dev moves on: verify must still read the commit that made the output.
+    decoy = tiny_llama(tmp_path / "later", seed=9, shards=[4, 4, 3])
+    seeded.hub.add_commit("org/b", folder_files(decoy), branch="dev")
+    seeded.hub.log.clear()
+
+    done = run_cli("verify", out, "--recipe", recipe, "--full", env=seeded.env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    tensors = len(tensor_names())
+    assert f"{tensors} tensors" in done.stdout and f"{tensors} recomputed" in done.stdout
+    shard_reads = seeded.hub.requests(path="/org/b/resolve/*")
+    assert shard_reads and all(f"/resolve/{seeded.sha_b}/" in r.path for r in shard_reads)
+
+    shard = shard_files(out)[1]
+    data = bytearray(shard.read_bytes())
+    data[header_end(bytes(data)) + 1] ^= 0x01  # one merged value changed
+    shard.write_bytes(bytes(data))
+    failed = run_cli("verify", out, "--recipe", recipe, "--full", env=seeded.env)
+    assert failed.returncode == 1 and "differs from what the recipe makes" in failed.stdout
+
+
+# -- 12. smaller: 404s, tokenizer files, flags, ids, the card ----------------------------------
+
+
+def test_a_plain_404_on_a_shard_is_a_missing_file(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    shard = shard_files(local.a)[1].name  # org/a's main is local.a
+    seeded.hub.fail(404, repo="org/a", path=f"*/resolve/*/{shard}")
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+
+    done = run_cli("validate", recipe, env=seeded.env)
+
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == f"error: cannot read org/a: file not found in the repo: {shard}"
+
+
+def test_only_the_tokenizer_the_output_takes_is_downloaded(seeded: Seeded, tmp_path: Path) -> None:
+    for source, unread in (("a", "org/b"), ("b", "org/a")):
+        seeded.hub.log.clear()
+        recipe = write_recipe(
+            tmp_path / "recipe.yaml", "org/a", "org/b@dev", f"tokenizer_from: {source}\n"
+        )
+        done = run_cli("run", recipe, "--out", tmp_path / source, "--quiet", env=seeded.env)
+        assert done.returncode == 0, done.stderr
+        assert not seeded.hub.requests(path=f"/{unread}/resolve/*/tokenizer.json"), source
+        used = "org/a" if source == "a" else "org/b"
+        assert seeded.hub.requests(path=f"/{used}/resolve/*/tokenizer.json"), source
+    assert not seeded.hub.requests(path="/org/b/resolve/*/generation_config.json")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--private", None), ("--revision", "dev"), ("--create-pr", None), ("--commit-message", "m")],
+)
+def test_push_options_without_a_push_are_refused(
+    local: Locals, tmp_path: Path, flag: str, value: str | None
+) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    args = [flag] if value is None else [flag, value]
+
+    done = run_cli("run", local.recipe, "--out", out, *args, env=env)
+
+    assert done.returncode == 2
+    assert one_line_error(done) == (
+        f"error: {flag} needs --push-to-hub (or hub.push_to in the recipe)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("gpt2", "'gpt2' is not a folder and not a Hub repo id (Hub repo ids are org/name; "),
+        (
+            "https://huggingface.co/org/a/tree/v1",
+            "is not a folder and not a Hub repo id (it is a URL: write 'org/a@v1')",
+        ),
+        ("org/m@v1@x", "'org/m@v1@x' has more than one '@'"),
+    ],
+    ids=["single-name", "url", "two-at"],
+)
+def test_mistyped_model_refs_get_a_hint(tmp_path: Path, ref: str, expected: str) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", f"'{ref}'", "org/b")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    done = run_cli("validate", recipe, env=env)
+
+    assert done.returncode == 2
+    assert expected in one_line_error(done)
+
+
+@pytest.mark.parametrize(
+    ("license_a", "license_b", "expected"),
+    [("apache-2.0", "apache-2.0", "apache-2.0"), ("apache-2.0", "mit", None)],
+)
+def test_card_carries_the_parents_license_when_they_agree(
+    seeded: Seeded,
+    local: Locals,
+    tmp_path: Path,
+    license_a: str,
+    license_b: str,
+    expected: str | None,
+) -> None:
+    for repo, folder, license, branch in (
+        ("org/a", local.a, license_a, "main"),
+        ("org/b", local.b, license_b, "dev"),
+    ):
+        card = f"---\nlicense: {license}\ntags: [x]\n---\n# parent\n".encode()
+        seeded.hub.add_commit(repo, {**folder_files(folder), "README.md": card}, branch=branch)
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+
+    done = run_cli("run", recipe, "--out", out, "--quiet", env=seeded.env)
+
+    assert done.returncode == 0, done.stderr
+    card = (out / "README.md").read_text()
+    front = front_matter(card)
+    assert front.get("license") == expected
+    assert {"merge", "mergekit", "shardmerge"} <= set(front["tags"])
+    if expected is None:
+        assert "(model A: `apache-2.0`, model B: `mit`)" in card
+    else:
+        assert "`apache-2.0`, the license both parents' model cards name." in card
