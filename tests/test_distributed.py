@@ -138,7 +138,7 @@ def _launch(
         )
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={n}", "-m"]
-        cmd += ["shardmerge.cli", *run]
+        cmd += ["shardmerge", *run]  # the README's form
     elif launcher == "torchrun-script":  # the console script, as installed
         script = shutil.which("shardmerge", path=str(BIN))
         if script is None:
@@ -148,7 +148,7 @@ def _launch(
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", f"--num_processes={n}"]
         cmd += ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-        cmd += [f"--main_process_port={_free_port()}", "-m", "shardmerge.cli", *run]
+        cmd += [f"--main_process_port={_free_port()}", "-m", "shardmerge", *run]
     return subprocess.run(
         cmd, cwd=out.parent, env=_env(**env), capture_output=True, text=True, timeout=120
     )
