@@ -723,7 +723,7 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     if pattern is None or value is None:
         return None
     label = pattern if kind == "substring" else f"re:{pattern}"
-    return Rule(pattern=pattern, kind=kind, value=value, label=label)
+    return Rule(pattern=pattern, kind=kind, value=value, label=label, where=path)
 
 
 # Bounded digits: int() refuses strings of thousands of digits (and no model has 10**12 layers).
@@ -1126,7 +1126,8 @@ def _mk_conditions(
             fallback_at = where
             default = value
         elif isinstance(pattern, str):
-            rules.append(Rule(pattern=pattern, kind="substring", value=value, label=pattern))
+            rule = Rule(pattern=pattern, kind="substring", value=value, label=pattern, where=where)
+            rules.append(rule)
     return rules, default
 
 

@@ -195,6 +195,30 @@ def _refused(
             ["merge_method", "'ties' is not supported"],
             id="mergekit-method",
         ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, rules: [{{match: '*self_attn*', value: 0.3}}]}}\n",
+            ["t.rules[0]", "'*self_attn*' matches no tensor", "globs are not", "'self_attn'"],
+            id="rule-glob-matches-nothing",
+        ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, rules: [{{regex: 'mlp\\.gate', value: 0.3}}]}}\n",
+            ["t.rules[0]", "matches no tensor", "model.layers.0."],
+            id="rule-regex-matches-nothing",
+        ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, non_layer: 0.5, rules: [{{match: mlp, layers: {{7: 0.5}}}}]}}\n",
+            ["t.rules[0].layers", "layer 7", "3 layers (0-2)"],
+            id="layer-map-beyond-depth",
+        ),
+        pytest.param(
+            "merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
+            "parameters: {{t: [{{filter: self_atn, value: 0.3}}, {{value: 0.5}}]}}\n",
+            ["parameters.t[0]", "'self_atn' matches no tensor"],
+            id="mergekit-filter-matches-nothing",
+        ),
     ],
 )
 def test_bad_recipe(capsys, setup, text, needles):

@@ -206,7 +206,8 @@ def test_failing_step_stops_the_engine_whatever_thread_meets_it(tmp_path, monkey
     write_checkpoint(path_b, b, None, config)
     for attempt in range(12):
         out = tmp_path / f"out{attempt}"
-        prepared = prepare(parse_recipe(RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")))
+        text = f"models: {{a: {path_a}, b: {path_b}}}\nt: 0.25\noutput: {{shard_size: 20KB}}\n"
+        prepared = prepare(parse_recipe(text))
         assert prepared.plan.tasks[0].name == "model.norm.weight"
         raised: list[BaseException] = []
 
