@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("output", type=Path)
     verify.add_argument("--recipe", type=Path, help="recompute tensors from the recipe's inputs")
     verify.add_argument("--full", action="store_true", help="with --recipe: recompute every tensor")
+    verify.add_argument(
+        "--fast", action="store_true", help="skip the shard digests (headers and NaN/Inf only)"
+    )
     return parser
 
 
@@ -197,7 +200,7 @@ def _verify(args: argparse.Namespace) -> int:
         from shardmerge.recipe import load_recipe
 
         prepared = pipeline.prepare(load_recipe(args.recipe))
-    report = verify_output(args.output, prepared=prepared, full=args.full)
+    report = verify_output(args.output, prepared=prepared, full=args.full, fast=args.fast)
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -273,13 +273,36 @@ def finish_output(
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
     models = (prepared.model_a, prepared.model_b)
     inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in models}
-    (work / INDEX_NAME).write_text(
-        prepared.plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
-    )
-    for record in work.glob(PROGRESS_NAME + "*"):
+    records = sorted(work.glob(PROGRESS_NAME + "*"))
+    metadata = {
+        "version": __version__,
+        "inputs": inputs,
+        "fingerprint": prepared.fingerprint,  # --resume on a finished output compares it
+        "shard_digests": _shard_digests(prepared, work, records),  # checked by verify
+    }
+    (work / INDEX_NAME).write_text(prepared.plan.index_json({"shardmerge": metadata}))
+    for record in records:
         record.unlink()
     finalize(work, out)
     return RunResult(out, prepared.plan, 0, 0, None)
+
+
+def _shard_digests(prepared: PreparedMerge, work: Path, records: list[Path]) -> dict[str, str]:
+    """Each shard's digest, as the runs that wrote it recorded it (hashed again if not)."""
+    from shardmerge.engine import file_digest
+
+    recorded: dict[str, Any] = {}
+    for path in records:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded.update(json.loads(path.read_text())["shards"])
+    digests = {}
+    for shard in prepared.plan.shards:
+        entry = recorded.get(shard.filename)
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        digests[shard.filename] = (
+            digest if isinstance(digest, str) else file_digest(work / shard.filename)
+        )
+    return digests
 
 
 @contextlib.contextmanager
