@@ -47,6 +47,7 @@ __all__ = [
     "HubModel",
     "PushResult",
     "StreamingHubSource",
+    "check_push_access",
     "download_files",
     "fetch_listing",
     "hub_error",
@@ -368,6 +369,37 @@ def push_folder(
         error = hub_error(exc, repo_id, action="push to")
         raise type(error)(f"{error} ({retry})") from exc
     return replace(result, url=str(url), commit_sha=info.oid)
+
+
+def check_push_access(repo_id: str, *, private: bool, dry_run: bool) -> None:
+    """Before a merge that ends in a push: the token works (for a real push) and ``private``
+    can apply. Reads only; the repo is created by the push itself.
+
+    Raises:
+        InputError: offline, bad token, or ``private`` with an existing public repo.
+        ShardmergeError: the Hub is unreachable or failing (retry).
+    """
+    if constants.HF_HUB_OFFLINE:
+        if dry_run:
+            return  # a dry run sends nothing
+        raise InputError(
+            f"cannot push to {repo_id}: HF_HUB_OFFLINE is set and a push needs the network"
+        )
+    try:
+        api = HfApi()
+        if not dry_run:
+            api.whoami()
+        try:
+            info = api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            return  # the push creates it
+        if private and not info.private:
+            raise InputError(
+                f"{repo_id} already exists and is public, so --private cannot apply: choose "
+                f"another name, or make it private on {constants.ENDPOINT}/{repo_id}"
+            )
+    except _HUB_ERRORS as exc:
+        raise hub_error(exc, repo_id, action="push to") from None
 
 
 def hub_error(exc: BaseException, repo_id: str, *, action: str) -> ShardmergeError:

@@ -18,17 +18,22 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from shardmerge import __version__, faults, import_torch
 from shardmerge.errors import InputError, OutputError, ShardmergeError
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
     INDEX_NAME,
+    SCRATCH_PREFIX,
+    busy_error,
     check_output_location,
     copy_files,
     finalize,
     is_tokenizer_file,
+    lock_holder,
+    output_lock,
+    output_path,
     partial_dir,
     prepare_partial,
     write_config,
@@ -69,6 +74,7 @@ class RunResult:
     skipped_shards: int
     bytes_read: int
     peak_input_bytes_on_disk: int | None = None
+    already_complete: bool = False  # --resume found the finished output of the same merge
 
 
 def prepare(
@@ -121,7 +127,118 @@ def resolve_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {requested!r} was asked for but CUDA is not available")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise InputError(
+            f"device {requested!r} was asked for but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
     return requested
+
+
+def check_device(requested: str) -> None:
+    """Refuse a device that is not there; torch is imported only for a CUDA device."""
+    if requested.startswith("cuda"):
+        resolve_device(requested)
+
+
+# What a run will do with its output: merge from scratch, resume an interrupted run, or
+# nothing (--resume found the same merge finished).
+OutputState = Literal["new", "resume", "complete"]
+
+
+def check_run(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool, device: str
+) -> OutputState:
+    """Every check ``run`` makes before it writes anything (``validate`` makes them too):
+    the device, another run on the same output, the output's location and state.
+
+    Raises:
+        InputError: naming the problem.
+    """
+    check_device(device)
+    out = output_path(out)
+    holder = lock_holder(out)
+    if holder is not None:
+        raise busy_error(out, holder)
+    return output_state(prepared, out, overwrite=overwrite, resume=resume)
+
+
+def output_state(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool
+) -> OutputState:
+    """Check the output location and what an earlier run left there (reads only)."""
+    work = partial_dir(out)
+    finished_here = None if work.exists() else written_by_this_merge(out, prepared)
+    if resume and finished_here is not None:
+        if finished_here:
+            return "complete"
+        if not overwrite:
+            raise OutputError(
+                f"{out} holds a finished merge of another recipe or other inputs; --resume "
+                "continues only the same merge: pass --overwrite to replace it"
+            )
+    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
+    needed = sum(s.file_bytes for s in prepared.plan.shards)
+    check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
+    finished = _interrupted_shards(work, prepared, resume=resume)
+    if resume:
+        return "resume"
+    if finished and not overwrite:
+        raise OutputError(
+            f"an interrupted run of this recipe left {finished} of {len(prepared.plan.shards)} "
+            f"shard(s) finished in {work}: rerun with --resume to keep them, or with "
+            "--overwrite to start over"
+        )
+    return "new"
+
+
+def written_by_this_merge(out: Path, prepared: PreparedMerge) -> bool | None:
+    """None: ``out`` is not a finished shardmerge output; else whether it is this merge's,
+    whole (same fingerprint, every shard there at its planned size)."""
+    try:
+        index = json.loads((out / INDEX_NAME).read_text())
+        fingerprint = index["metadata"]["shardmerge"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if fingerprint != prepared.fingerprint:
+        return False
+    return all(_size(out / s.filename) == s.file_bytes for s in prepared.plan.shards)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _interrupted_shards(work: Path, prepared: PreparedMerge, *, resume: bool) -> int:
+    """How many shards an interrupted run of this same merge recorded in ``work``.
+
+    Raises:
+        OutputError: ``resume`` and the records are of another recipe or other inputs.
+    """
+    finished: set[str] = set()
+    for path in sorted(work.glob(PROGRESS_NAME + "*")):
+        try:
+            record = json.loads(path.read_text())
+            shards, fingerprint = record["shards"], record["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record cut short by the crash
+        if fingerprint != prepared.fingerprint:
+            if resume:
+                raise _changed_since(work)
+            return 0  # another merge's leftovers: a new run replaces them
+        if isinstance(shards, dict):
+            finished.update(shards)
+    return len(finished & {s.filename for s in prepared.plan.shards})
+
+
+def _changed_since(work: Path) -> OutputError:
+    return OutputError(
+        f"cannot resume into {work}: the recipe or the inputs changed since the "
+        "interrupted run; run again without --resume to start over"
+    )
 
 
 def run_merge(
@@ -134,20 +251,29 @@ def run_merge(
     resume: bool = False,
     stream: bool = False,
 ) -> RunResult:
-    """Execute a prepared merge into ``out``, atomically: the folder appears only when complete."""
-    out = out.expanduser().absolute()
-    work = prepare_output(prepared, out, overwrite=overwrite, resume=resume)
-    # Config, tokenizer files and card need no tensor: they are written while the shards merge.
-    merged = merge_shards(
-        prepared,
-        out,
-        device=device,
-        quiet=quiet,
-        resume=resume,
-        stream=stream,
-        alongside=lambda: write_side_files(prepared, work),
-    )
-    finish_output(prepared, out, side_files_written=True)
+    """Execute a prepared merge into ``out``, atomically: the folder appears only when complete.
+
+    Every check comes before anything is written; the output is locked for the whole run.
+    """
+    out = output_path(out)
+    check_run(prepared, out, overwrite=overwrite, resume=resume, device=device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if prepare_output(prepared, out, overwrite=overwrite, resume=resume) == "complete":
+            shards = len(prepared.plan.shards)
+            return RunResult(out, prepared.plan, shards, 0, None, already_complete=True)
+        work = partial_dir(out)
+        # Config, tokenizer files and card need no tensor: written while the shards merge.
+        merged = merge_shards(
+            prepared,
+            out,
+            device=device,
+            quiet=quiet,
+            resume=resume,
+            stream=stream,
+            alongside=lambda: write_side_files(prepared, work),
+        )
+        finish_output(prepared, out, side_files_written=True)
     return RunResult(
         out,
         prepared.plan,
@@ -157,12 +283,15 @@ def run_merge(
     )
 
 
-def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool) -> Path:
-    """Check the output location and create (or, to resume, keep) the hidden working folder."""
-    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
-    needed = sum(s.file_bytes for s in prepared.plan.shards)
-    check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
-    return prepare_partial(out, keep=resume)
+def prepare_output(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool
+) -> OutputState:
+    """Check the output (again: the caller holds its lock now) and create (or, to resume,
+    keep) the hidden working folder, unless the same merge is already complete there."""
+    state = output_state(prepared, out, overwrite=overwrite, resume=resume)
+    if state != "complete":
+        prepare_partial(out, keep=resume)
+    return state
 
 
 @dataclass(frozen=True)
@@ -227,7 +356,7 @@ def merge_shards(
             write_json(record_path, record)
 
         needed = _input_files(plan, skip)
-        with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
             source_a = open_source(
                 prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
             )
@@ -448,10 +577,7 @@ def _resumable_shards(
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a record cut short by the crash: its shards are redone
         if fingerprint != prepared.fingerprint:
-            raise OutputError(
-                f"cannot resume into {work}: the recipe or the inputs changed since the "
-                "interrupted run; run again without --resume to start over"
-            )
+            raise _changed_since(work)
         if isinstance(shards, dict):
             recorded.update(shards)
     valid = {}

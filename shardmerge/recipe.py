@@ -69,6 +69,8 @@ __all__ = [
     "DEFAULT_SHARD_SIZE_BYTES",
     "ModelRef",
     "Recipe",
+    "is_device",
+    "is_repo_id",
     "load_recipe",
     "normalize_dtype",
     "parse_recipe",
@@ -459,7 +461,26 @@ _MERGEKIT_HINT["dtype"] = _MERGEKIT_HINT["out_dtype"] = (
     "the output dtype goes under output.dtype (mergekit configs need `merge_method: slerp`)"
 )
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
-_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The Hub's rules (as hub.looks_like_repo_id, without importing huggingface_hub): two parts of
+# [A-Za-z0-9_.-] neither starting nor ending with "-" or ".", no "--" or "..", 96 characters.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+
+
+def is_device(value: object) -> bool:
+    """Whether ``value`` names a device shardmerge runs on: auto, cpu, cuda or cuda:N."""
+    return isinstance(value, str) and _DEVICE_RE.fullmatch(value) is not None
+
+
+def is_repo_id(value: object) -> bool:
+    """Whether ``value`` is a valid Hub repo id "org/name" (no network)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= 96
+        and "--" not in value
+        and ".." not in value
+        and _REPO_ID_RE.fullmatch(value) is not None
+    )
 
 
 def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: str) -> Recipe:
@@ -483,7 +504,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
     device = "auto"
     if "device" in data:
         value = data["device"]
-        if isinstance(value, str) and _DEVICE_RE.fullmatch(value):
+        if is_device(value):
             device = value
         else:
             check.add("device", f"expected auto, cpu, cuda or cuda:N, got {_describe(value)}")
@@ -504,7 +525,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         check.keys(hub, "hub", ("push_to", "private", "stream"))
         if "push_to" in hub:
             value = hub["push_to"]
-            if isinstance(value, str) and _REPO_ID_RE.fullmatch(value):
+            if is_repo_id(value):
                 push_to = value
             else:
                 check.add(

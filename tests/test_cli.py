@@ -104,8 +104,16 @@ def test_output_refusals(tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what shardmerge wrote.
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"]) == 2
+    assert "not written by shardmerge" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0  # empty: fine
+    recipe.write_text(f"models: {{a: {a}, b: {b}}}\nt: 0.25\n")
     assert main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "t: 0.25" in (out / "README.md").read_text() and index["metadata"]["shardmerge"]
 
 
 def _env() -> dict[str, str]:

@@ -508,3 +508,35 @@ def test_offline_run_from_a_hand_built_cache(
     card = (out / "README.md").read_text()
     assert f"`{sha_a}`" in card and f"`{sha_b}`" in card
     assert folder_state(cache) == before  # the cache is an input: read, never changed
+
+
+@pytest.mark.parametrize(
+    ("token", "args", "expected"),
+    [
+        (None, ["--push-to-hub", "tester/public", "--private"], "already exists and is public"),
+        ("hf_wrong", ["--push-to-hub", "me/merged"], "not authorised (401)"),
+        ("hf_wrong", ["--push-to-hub", "me/merged", "--dry-run"], None),  # reads need no token
+    ],
+    ids=["private-into-public", "bad-token", "dry-run-bad-token"],
+)
+def test_push_target_is_checked_before_merging(
+    fake_hub: FakeHub,
+    hub_env: dict[str, str],
+    local: Locals,
+    tmp_path: Path,
+    token: str | None,
+    args: list[str],
+    expected: str | None,
+) -> None:
+    fake_hub.add_repo("tester/public", {"README.md": b"hi"})
+    env = dict(hub_env, **({"HF_TOKEN": token} if token else {}))
+    out = tmp_path / "out"
+    for command in ("validate", "run"):
+        done = run_cli(command, local.recipe, "--out", out, "--quiet", *args, env=env)
+        if expected is None:
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 2, done.stderr
+        assert expected in one_line_error(done)
+        assert not out.exists() and list(tmp_path.glob(".*")) == []  # nothing merged
+    assert not fake_hub.requests("POST") and not fake_hub.requests("PUT")
