@@ -149,7 +149,10 @@ def _checked_options(
     from shardmerge.recipe import is_device, is_repo_id
 
     problems = []
-    out = args.out or (Path(recipe.output_dir) if recipe.output_dir else None)
+    # output.dir, like the models' paths, is relative to the recipe's folder (base_dir).
+    out = args.out
+    if out is None and recipe.output_dir:
+        out = Path(os.path.normpath(Path(recipe.base_dir) / recipe.output_dir))
     if out is None and args.command == "run":
         problems.append(
             f"{args.recipe}: no output folder: pass --out DIR"

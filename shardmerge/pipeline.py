@@ -81,12 +81,24 @@ def prepare(
     recipe: Recipe, *, shard_size_bytes: int | None = None, allow_pickle: bool = False
 ) -> PreparedMerge:
     """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
-    model_a = resolve_model(recipe.model_a, "a", allow_pickle=allow_pickle)
-    model_b = resolve_model(recipe.model_b, "b", allow_pickle=allow_pickle)
+    base, other = recipe.base_dir, _other_base(recipe)
+    model_a, model_b = (
+        resolve_model(ref, key, allow_pickle=allow_pickle, base_dir=base, other_base=other)
+        for ref, key in ((recipe.model_a, "a"), (recipe.model_b, "b"))
+    )
     plan = plan_merge(
         recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
     )
     return PreparedMerge(recipe, model_a, model_b, plan)
+
+
+def _other_base(recipe: Recipe) -> str | None:
+    """Where the other convention would resolve relative paths (for a hint in errors)."""
+    if recipe.base_dir:
+        return ""  # ours: the current directory
+    if recipe.format == "mergekit" and os.path.isfile(recipe.source):
+        return os.path.dirname(os.path.abspath(recipe.source))
+    return None
 
 
 def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:

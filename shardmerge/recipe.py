@@ -51,6 +51,7 @@ one :class:`~shardmerge.errors.RecipeError`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -111,6 +112,10 @@ class Recipe:
     text: str
     source: str
     warnings: tuple[str, ...]
+    # Where relative model paths and output.dir resolve: the recipe file's folder for our
+    # format (as compose files and package manifests do), "" (the current directory) for
+    # mergekit configs, as mergekit itself does, and for recipes given as text.
+    base_dir: str = ""
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -135,7 +140,10 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], source) from None
     except OSError as exc:
         raise RecipeError([f"cannot read the recipe: {exc.strerror or exc}"], source) from None
-    return parse_recipe(text, source)
+    recipe = parse_recipe(text, source)
+    if recipe.format == "mergekit":
+        return recipe
+    return dataclasses.replace(recipe, base_dir=os.path.dirname(os.path.abspath(source)))
 
 
 def parse_recipe(text: str, source: str = "<string>") -> Recipe:
