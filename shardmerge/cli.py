@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -66,6 +67,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (required for mergekit configs)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--name", help="the model card's title (overrides output.name; default: --out's name)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier shardmerge output folder"
     )
@@ -137,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     # Every option is checked before a header is fetched or anything is written.
     out, device, push = _checked_options(args, recipe)
+    if args.name is not None:
+        recipe = dataclasses.replace(recipe, name=args.name)
     if args.command == "validate":
         return _validate(args, recipe, pipeline, out, device, push)
     return _run(args, recipe, pipeline, out, device, push)

@@ -283,7 +283,7 @@ def run_merge(
             quiet=quiet,
             resume=resume,
             stream=stream,
-            alongside=lambda: write_side_files(prepared, work),
+            alongside=lambda: write_side_files(prepared, work, out.name),
         )
         finish_output(prepared, out, side_files_written=True)
     return RunResult(
@@ -409,11 +409,11 @@ def finish_output(
     """Metadata files (unless already written) and the index last, then move into place."""
     work = partial_dir(out)
     if not side_files_written:
-        write_side_files(prepared, work)
+        write_side_files(prepared, work, out.name)
     faults.reached("before-index")
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
     models = (prepared.model_a, prepared.model_b)
-    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in models}
+    inputs = {m.key: f"{shown_name(m)}@{m.pin}" for m in models}
     records = sorted(work.glob(PROGRESS_NAME + "*"))
     metadata = {
         "version": __version__,
@@ -521,12 +521,37 @@ def push_output(
     if not report.ok:
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
     a, b = prepared.model_a, prepared.model_b
-    message = f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
+    message = f"SLERP merge of {shown_name(a)} and {shown_name(b)} (shardmerge)"
     return hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
 
 
-def write_side_files(prepared: PreparedMerge, work: Path) -> None:
-    """config, tokenizer and other small files, and the card (everything but shards and index)."""
+def shown_name(model: ResolvedModel) -> str:
+    """How the card, the index and a push name a model: its Hub id, the name the recipe gives
+    it, or its folder's name, never a path of the machine that merged."""
+    if model.hub_id:
+        return model.hub_id
+    if model.ref.name:
+        return model.ref.name
+    folder = model.origin_dir or model.local_dir
+    return Path(model.ref.ref).name or (folder.resolve().name if folder else model.ref.ref)
+
+
+def _card_recipe_text(prepared: PreparedMerge) -> str:
+    """The recipe for the card, its absolute local paths replaced by the names shown."""
+    recipe = prepared.recipe
+    text = recipe.text
+    for model in (prepared.model_a, prepared.model_b):
+        written = model.ref.ref
+        if not model.hub_id and (os.path.isabs(written) or written.startswith("~")):
+            text = text.replace(written, shown_name(model))
+    if recipe.output_dir and os.path.isabs(recipe.output_dir):
+        text = text.replace(recipe.output_dir, Path(recipe.output_dir).name)
+    return text
+
+
+def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
+    """config, tokenizer and other small files, and the card (everything but shards and index);
+    the card's title is the recipe's name, else ``out_name``."""
     from shardmerge.card import CardModel, render_card
 
     plan = prepared.plan
@@ -549,11 +574,12 @@ def write_side_files(prepared: PreparedMerge, work: Path) -> None:
     write_config(work, config, out_dtype)
     card = render_card(
         (
-            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end"),
-            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end"),
+            CardModel(shown_name(a), a.hub_id, a.pin, "t = 0 end"),
+            CardModel(shown_name(b), b.hub_id, b.pin, "t = 1 end"),
         ),
-        prepared.recipe.text,
+        _card_recipe_text(prepared),
         plan.t_table,
+        title=prepared.recipe.name or out_name,
         out_dtype=out_dtype or "as stored",
         total_bytes=plan.total_size,
         num_shards=len(plan.shards),

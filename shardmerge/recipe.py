@@ -6,7 +6,7 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
 
     models:
       a: meta-llama/Llama-3.2-1B@main    # the t = 0 end: "ref" or "ref@revision"
-      b: {path: ./my-finetune}           # the t = 1 end: or {path: ..., revision: ...}
+      b: {path: ./my-finetune}           # the t = 1 end: or {path: ..., revision: ..., name: ...}
     t:
       default: 0.5             # a number, or {gradient: [...]}; for tensors no rule matches
       non_layer: 0.5           # embeddings, final norm, lm_head (they have no layer position)
@@ -18,7 +18,8 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
         - match: mlp
           layers: {0: 0.1, 1: 0.2, "2-5": 0.9}  # "a-b" is inclusive; other layers fall through
     output:
-      dir: ./merged
+      dir: ./merged            # relative paths start from the recipe file's folder
+      name: my-merge           # the model card's title (default: the output folder's name)
       dtype: bfloat16          # default: the first model's dtype
       shard_size: 5GB          # 5GB = 5e9 bytes, 2GiB = 2 * 1024**3 bytes, or a plain int
     device: auto               # auto | cpu | cuda | cuda:N
@@ -57,7 +58,7 @@ import math
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -89,6 +90,7 @@ class ModelRef:
 
     ref: str
     revision: str | None
+    name: str | None = field(default=None, compare=False)  # how the model card names it
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Recipe:
     # format (as compose files and package manifests do), "" (the current directory) for
     # mergekit configs, as mergekit itself does, and for recipes given as text.
     base_dir: str = ""
+    name: str | None = None  # output.name: the model card's title (default: the folder's name)
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -497,13 +500,16 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
     schedule = _our_schedule(data, check)
 
     output_dir: str | None = None
+    name: str | None = None
     out_dtype: str | None = None
     shard_size = DEFAULT_SHARD_SIZE_BYTES
     output = check.mapping(data["output"], "output") if "output" in data else None
     if output is not None:
-        check.keys(output, "output", ("dir", "dtype", "shard_size"))
+        check.keys(output, "output", ("dir", "name", "dtype", "shard_size"))
         if "dir" in output:
             output_dir = check.string(output["dir"], "output.dir", "a folder path")
+        if "name" in output:
+            name = check.string(output["name"], "output.name", "a model name")
         if "dtype" in output:
             out_dtype = check.dtype(output["dtype"], "output.dtype")
         if "shard_size" in output:
@@ -570,6 +576,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         text=text,
         source=source,
         warnings=tuple(check.warnings),
+        name=name,
     )
 
 
@@ -606,9 +613,10 @@ def _our_models(data: dict[Any, Any], check: _Check) -> tuple[ModelRef, ModelRef
 
 
 def _our_model(value: Any, path: str, check: _Check) -> ModelRef | None:
-    """A model given as "ref", "ref@revision" or {path: ..., revision: ...}."""
+    """A model given as "ref", "ref@revision" or {path: ..., revision: ..., name: ...}."""
     if isinstance(value, dict):
-        check.keys(value, path, ("path", "revision"))
+        check.keys(value, path, ("path", "revision", "name"))
+        name = check.string(value["name"], _at(path, "name")) if "name" in value else None
         if "path" not in value:
             check.add(_at(path, "path"), "missing; a Hub id (org/name) or a local folder")
             return None
@@ -622,7 +630,7 @@ def _our_model(value: Any, path: str, check: _Check) -> ModelRef | None:
             )
             if revision is None:
                 return None
-        return ModelRef(ref, revision) if ref is not None else None
+        return ModelRef(ref, revision, name) if ref is not None else None
     if isinstance(value, str) and value.strip():
         return _split_revision(value, path, check)
     check.add(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -322,9 +323,9 @@ def test_failed_merge_waits_for_the_side_files(tmp_path, monkeypatch):
     real = pipeline.write_side_files
     finished = []
 
-    def slow(prepared, work):
+    def slow(prepared, work, out_name):
         time.sleep(0.5)
-        real(prepared, work)
+        real(prepared, work, out_name)
         finished.append(True)
 
     monkeypatch.setattr(pipeline, "write_side_files", slow)
@@ -345,7 +346,7 @@ def test_side_file_failure_fails_the_run(tmp_path, monkeypatch):
     fails the run, and no output folder appears."""
     from shardmerge import pipeline
 
-    def broken(prepared, work):
+    def broken(prepared, work, out_name):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline, "write_side_files", broken)
@@ -538,3 +539,33 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     for data in outputs["direct"].values():
         (header_len,) = struct.unpack("<Q", data[:8])
         assert (8 + header_len) % 4096 == 0  # the data section starts on a block boundary
+
+
+def test_card_names_local_inputs_by_folder_and_titles_by_output(tmp_path, monkeypatch):
+    path_a, path_b, _, _ = _pair(tmp_path)
+    out = tmp_path / "my-merge"
+    text = RECIPE.format(
+        a=path_a, b=f"{{path: {path_b}, name: acme/finetune}}", out=out, shard="20KB"
+    )
+    prepared = prepare(parse_recipe(text))
+    run_merge(prepared, out=out, quiet=True, device="cpu")
+    card = (out / "README.md").read_text()
+    body = card.split("\n---\n", 1)[1]
+    assert body.lstrip().startswith("# my-merge\n")  # not a generic "Merged model"
+    assert f"- `{path_a.name}` (t = 0 end)" in body and "- `acme/finetune` (t = 1 end)" in body
+    assert str(tmp_path) not in card  # no path of this machine, the recipe block included
+    # The regex rule's column keeps its backslash (as code in the header).
+    assert r"| `re:mlp\.gate_` |" in card
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert str(tmp_path) not in json.dumps(index["metadata"])
+    assert json.dumps(index["metadata"]).count(path_a.name + "@") == 1
+    from shardmerge import hub, pipeline
+
+    sent = {}
+    monkeypatch.setattr(hub, "push_folder", lambda *a, **k: sent.update(k))
+    pipeline.push_output(out, "me/merged", private=False, prepared=prepared)
+    assert sent["commit_message"] == f"SLERP merge of {path_a.name} and acme/finetune (shardmerge)"
+    named = dataclasses.replace(prepared.recipe, name="Acme SLERP 7B")
+    other = tmp_path / "other"
+    run_merge(dataclasses.replace(prepared, recipe=named), out=other, quiet=True, device="cpu")
+    assert "\n# Acme SLERP 7B\n" in (other / "README.md").read_text()

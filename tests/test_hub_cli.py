@@ -459,13 +459,14 @@ def test_failed_push_keeps_the_output_and_says_how_to_retry(
     out = tmp_path / "out"
 
     done = run_cli(
-        "run", local.recipe, "--out", out, "--quiet", "--push-to-hub", "me/merged", env=hub_env
-    )
+        "run", local.recipe, "--out", out, "--quiet", "--push-to-hub", "me/merged",
+        "--name", local.merged.name, env=hub_env,
+    )  # fmt: skip
 
     assert done.returncode == code, done.stderr
     line = one_line_error(done)
     assert "cannot push to me/merged" in line and expected in line
-    message = f"SLERP merge of {local.a} and {local.b} (shardmerge)"
+    message = f"SLERP merge of {local.a.name} and {local.b.name} (shardmerge)"  # no machine path
     upload = ["hf", "upload", "me/merged", str(out), ".", "--commit-message", message]
     retry = f"the local output is complete at {out}; to retry, upload it with: "
     assert line.endswith(f"({retry}{shlex.join(upload)})")

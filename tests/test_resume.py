@@ -252,7 +252,7 @@ def test_resume_after_an_input_changed_is_refused(resume, tmp_path):
 
 def test_two_runs_are_byte_identical(models, reference, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(engine, "CHUNK_NUMEL", CHUNK_NUMEL)
-    out = tmp_path / "again"
+    out = tmp_path / "out"  # the card's title is the folder's name
     rc = cli.main(["run", str(models.recipe), "--out", str(out), "--quiet", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     assert _folder_bytes(out) == reference
