@@ -216,13 +216,41 @@ def prepare_partial(dest: Path, *, keep: bool) -> Path:
     return work
 
 
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then each folder, so their data and names are on
+    the disk before the folder is renamed into place (a power cut cannot then leave a folder
+    that looks complete with data missing)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root, _, _ in os.walk(folder, topdown=False):
+        sync_dir(Path(root))
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a folder: its entries (creations, renames) become durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finalize(work: Path, dest: Path) -> None:
-    """Move the complete output into place; an existing ``dest`` (--overwrite) goes only after."""
+    """Move the complete output into place; an existing ``dest`` (--overwrite) goes only after.
+
+    The caller has synced ``work``; the rename itself is synced here (the parent folder).
+    """
     old = None
     if dest.exists():
         old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
         dest.rename(old)
     work.rename(dest)
+    sync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -36,6 +37,8 @@ from shardmerge.output import (
     output_path,
     partial_dir,
     prepare_partial,
+    sync_dir,
+    sync_tree,
     write_config,
     write_json,
 )
@@ -421,9 +424,18 @@ def finish_output(
         "fingerprint": prepared.fingerprint,  # --resume on a finished output compares it
         "shard_digests": _shard_digests(prepared, work, records),  # checked by verify
     }
-    (work / INDEX_NAME).write_text(prepared.plan.index_json({"shardmerge": metadata}))
+    for scratch in work.glob(SCRATCH_PREFIX + "*"):  # a killed rank's, never part of the output
+        shutil.rmtree(scratch, ignore_errors=True)
+    # Durable before it looks complete: the shards and side files, then the index, then the
+    # folder's rename. A crash before the rename leaves the records for --resume.
+    sync_tree(work)
+    index = work / INDEX_NAME
+    index.write_text(prepared.plan.index_json({"shardmerge": metadata}))
+    with open(index, "rb") as fh:
+        os.fsync(fh.fileno())
     for record in records:
         record.unlink()
+    sync_dir(work)
     finalize(work, out)
     return RunResult(out, prepared.plan, 0, 0, None)
 

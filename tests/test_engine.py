@@ -569,3 +569,35 @@ def test_card_names_local_inputs_by_folder_and_titles_by_output(tmp_path, monkey
     other = tmp_path / "other"
     run_merge(dataclasses.replace(prepared, recipe=named), out=other, quiet=True, device="cpu")
     assert "\n# Acme SLERP 7B\n" in (other / "README.md").read_text()
+
+
+def test_output_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file's data, the index and the folder are fsync'ed before the rename that makes
+    the output look complete; the rename itself is synced after (the parent folder)."""
+    path_a, path_b, _, _ = _pair(tmp_path)
+    out = tmp_path / "out"
+    text = RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")
+    prepared = prepare(parse_recipe(text))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self: Path, target: Path) -> Path:
+        events.append(("rename", f"{self} -> {target}"))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    run_merge(prepared, out=out, quiet=True, device="cpu")
+    work = tmp_path / ".out.shardmerge-partial"
+    final = events.index(("rename", f"{work} -> {out}"))
+    synced = {path for kind, path in events[:final] if kind == "fsync"}
+    files = {str(work / p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert len(files) >= 5 and files <= synced  # shards, index, config, tokenizer, card
+    assert str(work) in synced
+    index_synced = events.index(("fsync", str(work / "model.safetensors.index.json")))
+    assert all(events.index(("fsync", f)) < index_synced for f in files if "index" not in f)
+    assert ("fsync", str(tmp_path)) in events[final:]  # the rename, durable
