@@ -101,9 +101,8 @@ def resolve_model(
     from shardmerge import hub
 
     if not hub.looks_like_repo_id(ref.ref):
-        raise InputError(
-            f"models.{key}: {ref.ref!r} is not a folder ({path.absolute()}) and not a Hub repo id"
-        )
+        looked = "" if path == written else f" (looked for the folder {path.absolute()})"
+        raise InputError(f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id{looked}")
     model = hub.resolve_hub_model(ref.ref, ref.revision)
     listing = hub.fetch_listing(model)
     headers = {

@@ -603,7 +603,8 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_disk_full_mid_write_then_resume(capsys, monkeypatch, setup):
     ref = setup.root / "ref"
-    assert _main(capsys, "run", setup.recipe, "--quiet", "--out", ref)[0] == 0
+    # Titled as the resumed output will be (the card's title is the output folder's name).
+    assert _main(capsys, "run", setup.recipe, "--quiet", "--out", ref, "--name", "out")[0] == 0
     shards = len(list(ref.glob("model-*.safetensors")))
     assert shards >= 4
 
