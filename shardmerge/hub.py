@@ -41,6 +41,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from shardmerge.errors import CheckpointError, InputError, ShardmergeError
+from shardmerge.recipe import is_repo_id
 
 __all__ = [
     "HubListing",
@@ -62,10 +63,6 @@ CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 DOWNLOAD_WORKERS = 8  # parallel downloads / header reads, like snapshot_download's default
 
-# Hub rules: two parts of [A-Za-z0-9_.-] that neither start nor end with "-" or ".", no "--"
-# or "..", at most 96 characters.
-_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-_REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
 
 # What huggingface_hub raises for network, HTTP, cache and validation problems.
@@ -80,12 +77,7 @@ _HUB_ERRORS = (
 
 def looks_like_repo_id(ref: str) -> bool:
     """Whether ``ref`` is shaped like a Hub repo id ``org/name`` (no network, no disk)."""
-    return (
-        len(ref) <= 96
-        and "--" not in ref
-        and ".." not in ref
-        and _REPO_ID_RE.fullmatch(ref) is not None
-    )
+    return is_repo_id(ref)  # the recipe's check: one set of rules
 
 
 @dataclass(frozen=True)
