@@ -11,7 +11,7 @@ from shardmerge import __version__
 class CardModel:
     """One input as the card names it."""
 
-    ref: str  # Hub id or local folder as written in the recipe
+    ref: str  # Hub id, or a local folder's name (or the name the recipe gives it): no machine path
     hub_id: str | None  # set for Hub models: goes into base_model
     pin: str  # commit sha (Hub) or header fingerprint (local folder)
     role: str  # "t = 0 end (base)" / "t = 1 end"
@@ -23,6 +23,7 @@ def render_card(
     recipe_text: str,
     t_table: str,
     *,
+    title: str,
     out_dtype: str,
     total_bytes: int,
     num_shards: int,
@@ -44,7 +45,7 @@ def render_card(
         library_name="transformers",
     )
     lines = [
-        "# Merged model",
+        f"# {title}",
         "",
         f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
         "",

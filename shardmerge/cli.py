@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import sys
 import traceback
@@ -37,34 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="merge the two models of a recipe")
     run.add_argument("recipe", type=Path, help="recipe YAML (shardmerge or mergekit slerp format)")
-    run.add_argument("--out", type=Path, help="output folder (required for mergekit configs)")
-    run.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    run.add_argument(
-        "--quiet", action="store_true", help="no progress bars (nor huggingface_hub's own output)"
-    )
-    run.add_argument(
-        "--resume", action="store_true", help="reuse the verified shards of an interrupted run"
-    )
-    run.add_argument(
-        "--stream",
-        action="store_true",
-        help="Hub inputs: download each input shard just before use and delete it after",
-    )
-    run.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the result to this repo")
-    run.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    run.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="with --push-to-hub: check the target, merge, then say what the push would do",
-    )
-    run.add_argument(
-        "--revision", metavar="BRANCH", help="with --push-to-hub: push to this branch (made if new)"
-    )
-    run.add_argument(
-        "--create-pr", action="store_true", help="with --push-to-hub: open a pull request instead"
-    )
-    run.add_argument("--commit-message", help="with --push-to-hub: the commit's title")
+    _add_run_options(run)
     _add_allow_pickle(run)
 
     plan = sub.add_parser("plan", help="show the t table and output layout (headers only)")
@@ -74,15 +48,60 @@ def _parser() -> argparse.ArgumentParser:
         "--num-processes", type=int, default=1, help="also show the split across N processes"
     )
 
-    validate = sub.add_parser("validate", help="check a recipe and its models (headers only)")
+    validate = sub.add_parser(
+        "validate", help="check a recipe, its models (headers only) and run's options"
+    )
     validate.add_argument("recipe", type=Path)
+    _add_run_options(validate)
     _add_allow_pickle(validate)
 
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
     verify.add_argument("--recipe", type=Path, help="recompute tensors from the recipe's inputs")
     verify.add_argument("--full", action="store_true", help="with --recipe: recompute every tensor")
+    verify.add_argument(
+        "--fast", action="store_true", help="skip the shard digests (headers and NaN/Inf only)"
+    )
     return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``run``'s options; ``validate`` takes them too and makes the same checks."""
+    parser.add_argument("--out", type=Path, help="output folder (required for mergekit configs)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (nor huggingface_hub's own output)"
+    )
+    parser.add_argument(
+        "--name", help="the model card's title (overrides output.name; default: --out's name)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier shardmerge output folder"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the verified shards of an interrupted run (a finished output: nothing to do)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="Hub inputs: download each input shard just before use and delete it after",
+    )
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the result to this repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --push-to-hub: check the target, merge, then say what the push would do",
+    )
+    parser.add_argument(
+        "--revision", metavar="BRANCH", help="with --push-to-hub: push to this branch (made if new)"
+    )
+    parser.add_argument(
+        "--create-pr", action="store_true", help="with --push-to-hub: open a pull request instead"
+    )
+    parser.add_argument("--commit-message", help="with --push-to-hub: the commit's title")
 
 
 def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
@@ -141,36 +160,95 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     from shardmerge import pipeline
 
-    if args.command == "validate":
-        prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
-        _print_warnings(prepared.plan.warnings)
-        print(
-            f"ok: {args.recipe} merges {len(prepared.plan.tasks)} tensors "
-            f"({prepared.plan.total_size:,} bytes)"
-        )
-        return 0
     if args.command == "plan":
         if args.num_processes < 1:
             raise InputError("--num-processes must be at least 1")
         prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
         print(pipeline.describe_plan(prepared, args.num_processes))
         return 0
-    return _run(args, recipe, pipeline)
+    # Every option is checked before a header is fetched or anything is written.
+    out, device, push = _checked_options(args, recipe)
+    if args.name is not None:
+        recipe = dataclasses.replace(recipe, name=args.name)
+    if args.command == "validate":
+        return _validate(args, recipe, pipeline, out, device, push)
+    return _run(args, recipe, pipeline, out, device, push)
 
 
-def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
-    out = args.out or (Path(recipe.output_dir) if recipe.output_dir else None)
-    if out is None:
-        raise InputError(
+def _checked_options(
+    args: argparse.Namespace, recipe: Recipe
+) -> tuple[Path | None, str, str | None]:
+    """(output folder, device, push target) from the flags and the recipe, each checked."""
+    from shardmerge.recipe import is_device, is_repo_id, repo_id_hint
+
+    problems = []
+    # output.dir, like the models' paths, is relative to the recipe's folder (base_dir).
+    out = args.out
+    if out is None and recipe.output_dir:
+        out = Path(os.path.normpath(Path(recipe.base_dir) / recipe.output_dir))
+    if out is None and args.command == "run":
+        problems.append(
             f"{args.recipe}: no output folder: pass --out DIR"
             + ("" if recipe.format == "mergekit" else " or set output.dir in the recipe")
         )
+    device = args.device or recipe.device
+    if args.device is not None and not is_device(args.device):
+        problems.append(
+            f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N (shardmerge merges "
+            "on the CPU or a CUDA GPU)"
+        )
+    if args.push_to_hub is not None and not is_repo_id(args.push_to_hub):
+        hint = repo_id_hint(args.push_to_hub) or "expected org/name"
+        problems.append(f"--push-to-hub {args.push_to_hub!r}: not a Hugging Face repo id ({hint})")
     push = args.push_to_hub or recipe.push_to_hub
     for flag in ("dry_run", "private", "revision", "create_pr", "commit_message"):
         if getattr(args, flag) and not push:
             name = "--" + flag.replace("_", "-")
-            raise InputError(f"{name} needs --push-to-hub (or hub.push_to in the recipe)")
-    private = args.private or recipe.private
+            problems.append(f"{name} needs --push-to-hub (or hub.push_to in the recipe)")
+    if problems:
+        raise InputError("; ".join(problems))
+    return out, device, push
+
+
+def _validate(
+    args: argparse.Namespace,
+    recipe: Recipe,
+    pipeline: ModuleType,
+    out: Path | None,
+    device: str,
+    push: str | None,
+) -> int:
+    if push:
+        _check_push(args, recipe, pipeline, push)
+    prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
+    _print_warnings(prepared.plan.warnings)
+    if out is None:
+        pipeline.check_device(device)
+        where = "(no output folder given: pass --out to check it too)"
+    else:
+        state = pipeline.check_run(
+            prepared, out, overwrite=args.overwrite, resume=args.resume, device=device
+        )
+        where = {
+            "new": f"into {out}",
+            "resume": f"into {out}, resuming",
+            "complete": f"into {out}, already complete",
+        }[state]
+    print(
+        f"ok: {args.recipe} merges {len(prepared.plan.tasks)} tensors "
+        f"({prepared.plan.total_size:,} bytes) {where}"
+    )
+    return 0
+
+
+def _run(
+    args: argparse.Namespace,
+    recipe: Recipe,
+    pipeline: ModuleType,
+    out: Path | None,
+    device: str,
+    push: str | None,
+) -> int:
     from shardmerge import distributed
 
     hub_used = push or not all(Path(m.ref).is_dir() for m in (recipe.model_a, recipe.model_b))
@@ -181,22 +259,15 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
     if push:
         # Before any download or merge: a refused push must not cost the merge first. Every
         # rank checks, so that all of them stop alike rather than wait for rank 0.
-        target = pipeline.check_push_target(
-            recipe, push, private=private, revision=args.revision, create_pr=args.create_pr
-        )
-        state = "existing" if target.exists else "new"
-        visibility = "private" if target.private else "public"
-        if distributed.is_main_process():
-            print(
-                f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
-                file=sys.stderr,
-            )
+        _check_push(args, recipe, pipeline, push, report=distributed.is_main_process())
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
+    assert out is not None  # _checked_options requires it for run
+    pipeline.check_device(device)  # on every rank, before any of them writes
     options: dict[str, Any] = dict(
         out=out,
         overwrite=args.overwrite,
-        device=args.device or recipe.device,
+        device=device,
         quiet=args.quiet,
         resume=args.resume,
         stream=args.stream or recipe.stream,
@@ -207,7 +278,10 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
             return 0
     else:
         result = pipeline.run_merge(prepared, **options)
-    print(f"merged {len(result.plan.tasks)} tensors into {result.output_dir}")
+    if result.already_complete:
+        print(f"{result.output_dir} is already complete (same recipe and inputs): nothing to do")
+    else:
+        print(f"merged {len(result.plan.tasks)} tensors into {result.output_dir}")
     if result.skipped_shards:
         print(f"resumed: {result.skipped_shards} verified shard(s) kept", file=sys.stderr)
     if result.peak_input_bytes_on_disk is not None:
@@ -219,7 +293,7 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
         pushed = pipeline.push_output(
             result.output_dir,
             push,
-            private=private,
+            private=args.private or recipe.private,
             prepared=prepared,
             dry_run=args.dry_run,
             revision=args.revision,
@@ -264,9 +338,30 @@ def _verify(args: argparse.Namespace) -> int:
 
         recipe = pipeline.pin_recorded_revisions(load_recipe(args.recipe), args.output)
         prepared = pipeline.prepare(recipe)
-    report = verify_output(args.output, prepared=prepared, full=args.full)
+    report = verify_output(args.output, prepared=prepared, full=args.full, fast=args.fast)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _check_push(
+    args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType, push: str, report: bool = True
+) -> None:
+    """Everything a push needs, checked before any download or merge (pipeline.check_push_target:
+    repo id, not an input, online, token and its rights, visibility)."""
+    target = pipeline.check_push_target(
+        recipe,
+        push,
+        private=args.private or recipe.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
+    if report:
+        state = "existing" if target.exists else "new"
+        visibility = "private" if target.private else "public"
+        print(
+            f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
+            file=sys.stderr,
+        )
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:

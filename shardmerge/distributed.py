@@ -12,6 +12,7 @@ fared, so one failure stops them all, and each error names the rank, its host an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shardmerge.errors import InputError, ShardmergeError
-from shardmerge.output import partial_dir
+from shardmerge.output import output_lock, output_path, partial_dir
 from shardmerge.plan import MergePlan
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ WAIT_LIMIT = timedelta(days=1)
 MARKER_WAIT_S = 30.0
 # Variables a process group needs besides WORLD_SIZE (torchrun and accelerate launch set them).
 _GROUP_ENV = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+_COMPLETE = "complete"  # rank 0's answer to "preparing the output" when nothing is left to do
 
 T = TypeVar("T")
 
@@ -102,8 +104,9 @@ def run_distributed(
     import torch.distributed as dist
 
     rank, local_rank, local_world = _join()
+    run = None
     try:
-        run = _Run(prepared, Path(out).expanduser().absolute(), rank)
+        run = _Run(prepared, output_path(Path(out)), rank)
         # torchrun stops the other ranks with SIGTERM when one fails: unwind (scratch folders
         # go, the error is reported) instead of vanishing. After a failure the handler stays,
         # ignoring SIGTERM, so that this rank's report is printed before it exits.
@@ -119,6 +122,8 @@ def run_distributed(
         signal.signal(signal.SIGTERM, previous)
         return result
     finally:
+        if run is not None:
+            run.lock.close()  # rank 0's lock on the output
         dist.destroy_process_group()
 
 
@@ -137,6 +142,7 @@ class _Run:
         self.group = dist.new_group(backend="gloo", timeout=WAIT_LIMIT)
         self.who = f"rank {rank} on {socket.gethostname()}"
         self.mine = split_shards(prepared.plan, self.world)[rank]
+        self.lock = contextlib.ExitStack()  # rank 0 holds the output's lock in it
         self.terminated = False  # SIGTERM arrived
         self.quiet_signals = False  # in a collective, or reporting a failure: do not raise
 
@@ -171,6 +177,10 @@ class _Run:
             f"{self.who} could not prepare {self.out}",
             "nothing was merged",
         )
+        if tokens[0] == _COMPLETE:  # --resume found this merge finished: nothing to do
+            plan = self.prepared.plan
+            done = pipeline.RunResult(self.out, plan, len(plan.shards), 0, already_complete=True)
+            return done if self.rank == 0 else None
         self._together(
             "checking the output folder",
             lambda: self._check_marker(tokens[0]),
@@ -200,7 +210,14 @@ class _Run:
 
         if self.rank != 0:
             return None
-        pipeline.prepare_output(self.prepared, self.out, overwrite=overwrite, resume=resume)
+        pipeline.check_run(
+            self.prepared, self.out, overwrite=overwrite, resume=resume, device="cpu"
+        )
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock.enter_context(output_lock(self.out))
+        state = pipeline.prepare_output(self.prepared, self.out, overwrite=overwrite, resume=resume)
+        if state == "complete":
+            return _COMPLETE
         token = uuid.uuid4().hex
         # Shaped as an empty progress record, so finish_output clears any left by a crash.
         record = {"fingerprint": self.prepared.fingerprint, "shards": {}, "run": token}

@@ -58,6 +58,7 @@ except ImportError:  # huggingface_hub 1.x
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from shardmerge.errors import CheckpointError, InputError, ShardmergeError
+from shardmerge.recipe import is_repo_id, repo_id_hint
 
 __all__ = [
     "HubListing",
@@ -83,15 +84,8 @@ CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 DOWNLOAD_WORKERS = 8  # parallel downloads / header reads, like snapshot_download's default
 
-# Hub rules: two parts of [A-Za-z0-9_.-] that neither start nor end with "-" or ".", no "--"
-# or "..", at most 96 characters.
-_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-_REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _FULL_SHA_RE = re.compile(r"[0-9a-f]{40}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_HUB_URL_RE = re.compile(
-    r"https?://[^/]+/(?:models/)?([^/?#@]+/[^/?#@]+)(?:/(?:tree|blob|resolve)/([^/?#]+))?"
-)
 _HASH_BLOCK_BYTES = 1 << 24
 
 # What huggingface_hub raises for network, HTTP, cache and validation problems.
@@ -106,26 +100,7 @@ _HUB_ERRORS = (
 
 def looks_like_repo_id(ref: str) -> bool:
     """Whether ``ref`` is shaped like a Hub repo id ``org/name`` (no network, no disk)."""
-    return (
-        len(ref) <= 96
-        and "--" not in ref
-        and ".." not in ref
-        and _REPO_ID_RE.fullmatch(ref) is not None
-    )
-
-
-def repo_id_hint(ref: str) -> str | None:
-    """For a ``ref`` that is not a repo id, the likely fix when there is one (no network)."""
-    url = _HUB_URL_RE.match(ref)
-    if url is not None:
-        repo, revision = url.groups()
-        return f"it is a URL: write {repo + ('@' + revision if revision else '')!r}"
-    if re.fullmatch(_REPO_PART, ref) and "--" not in ref and ".." not in ref:
-        return (
-            "Hub repo ids are org/name; the Hub's old single-name models now live under an "
-            "organisation, e.g. gpt2 is openai-community/gpt2"
-        )
-    return None
+    return is_repo_id(ref)  # the recipe's check: one set of rules
 
 
 def repo_id_problem(ref: str) -> str:

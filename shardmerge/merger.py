@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import numbers
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -28,7 +29,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def enforce_types(func: _F) -> _F:
     """Check at call time that each annotated argument is an instance of its annotation.
 
-    Annotations must be plain classes; ``float`` also accepts ints, and numbers exclude bool.
+    Annotations must be plain classes; ``float`` accepts any real number (ints, numpy scalars
+    such as ``np.float32``), and numbers exclude bool.
 
     Raises:
         TypeError: an argument of the wrong type (naming the argument), at call time.
@@ -40,8 +42,9 @@ def enforce_types(func: _F) -> _F:
     for name, hint in hints.items():
         if not isinstance(hint, type):
             raise TypeError(f"enforce_types supports plain class annotations, got {hint!r}")
-        # PEP 484's numeric tower: a float parameter accepts ints too.
-        accepted[name] = (int, float) if hint is float else (hint,)
+        # PEP 484's numeric tower, widened to numbers.Real: numpy registers its scalars there, so
+        # np.float32(0.5) passes as np.float64 (a float subclass) already did.
+        accepted[name] = (numbers.Real,) if hint is float else (hint,)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,8 +54,8 @@ def enforce_types(func: _F) -> _F:
             if types is None:
                 continue
             # bool is an int subclass, but True/False as a number is almost always a mistake.
-            if not isinstance(value, types) or (int in types and isinstance(value, bool)):
-                expected = " or ".join(tp.__name__ for tp in types)
+            if not isinstance(value, types) or (numbers.Real in types and isinstance(value, bool)):
+                expected = "int or float" if numbers.Real in types else types[0].__name__
                 raise TypeError(
                     f"{func.__qualname__}() argument {name!r} must be {expected}, "
                     f"got {type(value).__name__}"
@@ -97,6 +100,7 @@ class SLERPModelMerger(nn.Module):
     @enforce_types
     def __init__(self, model1: nn.Module, model2: nn.Module, t: float = 0.5) -> None:
         super().__init__()
+        t = float(t)  # a numpy or other real scalar becomes a plain float
         check_t(t)
         self.model1 = model1
         self.model2 = model2
@@ -148,7 +152,7 @@ class SLERPModelMerger(nn.Module):
     @enforce_types
     def _slerp(w1: Tensor, w2: Tensor, t: float) -> Tensor:
         """SLERP of two same-shape tensors; see :func:`shardmerge.slerp.slerp`."""
-        return slerp(w1, w2, t)
+        return slerp(w1, w2, float(t))
 
     @staticmethod
     @enforce_types

@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from shardmerge import __version__, faults, import_torch, readahead
 from shardmerge.errors import (
@@ -31,12 +32,19 @@ from shardmerge.errors import (
 from shardmerge.inventory import TORCH_NAMES
 from shardmerge.output import (
     INDEX_NAME,
+    SCRATCH_PREFIX,
+    busy_error,
     check_output_location,
     copy_files,
     finalize,
     is_tokenizer_file,
+    lock_holder,
+    output_lock,
+    output_path,
     partial_dir,
     prepare_partial,
+    sync_dir,
+    sync_tree,
     write_config,
     write_json,
 )
@@ -75,14 +83,18 @@ class RunResult:
     skipped_shards: int
     bytes_read: int
     peak_input_bytes_on_disk: int | None = None
+    already_complete: bool = False  # --resume found the finished output of the same merge
 
 
 def prepare(
     recipe: Recipe, *, shard_size_bytes: int | None = None, allow_pickle: bool = False
 ) -> PreparedMerge:
     """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
-    model_a = resolve_model(recipe.model_a, "a", allow_pickle=allow_pickle)
-    model_b = resolve_model(recipe.model_b, "b", allow_pickle=allow_pickle)
+    base, other = recipe.base_dir, _other_base(recipe)
+    model_a, model_b = (
+        resolve_model(ref, key, allow_pickle=allow_pickle, base_dir=base, other_base=other)
+        for ref, key in ((recipe.model_a, "a"), (recipe.model_b, "b"))
+    )
     plan = plan_merge(
         recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
     )
@@ -113,6 +125,15 @@ def pin_recorded_revisions(recipe: Recipe, output: Path) -> Recipe:
             )
         refs[key] = ModelRef(ref.ref, sha)
     return replace(recipe, model_a=refs["a"], model_b=refs["b"])
+
+
+def _other_base(recipe: Recipe) -> str | None:
+    """Where the other convention would resolve relative paths (for a hint in errors)."""
+    if recipe.base_dir:
+        return ""  # ours: the current directory
+    if recipe.format == "mergekit" and os.path.isfile(recipe.source):
+        return os.path.dirname(os.path.abspath(recipe.source))
+    return None
 
 
 def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
@@ -153,7 +174,118 @@ def resolve_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {requested!r} was asked for but CUDA is not available")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise InputError(
+            f"device {requested!r} was asked for but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
     return requested
+
+
+def check_device(requested: str) -> None:
+    """Refuse a device that is not there; torch is imported only for a CUDA device."""
+    if requested.startswith("cuda"):
+        resolve_device(requested)
+
+
+# What a run will do with its output: merge from scratch, resume an interrupted run, or
+# nothing (--resume found the same merge finished).
+OutputState = Literal["new", "resume", "complete"]
+
+
+def check_run(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool, device: str
+) -> OutputState:
+    """Every check ``run`` makes before it writes anything (``validate`` makes them too):
+    the device, another run on the same output, the output's location and state.
+
+    Raises:
+        InputError: naming the problem.
+    """
+    check_device(device)
+    out = output_path(out)
+    holder = lock_holder(out)
+    if holder is not None:
+        raise busy_error(out, holder)
+    return output_state(prepared, out, overwrite=overwrite, resume=resume)
+
+
+def output_state(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool
+) -> OutputState:
+    """Check the output location and what an earlier run left there (reads only)."""
+    work = partial_dir(out)
+    finished_here = None if work.exists() else written_by_this_merge(out, prepared)
+    if resume and finished_here is not None:
+        if finished_here:
+            return "complete"
+        if not overwrite:
+            raise OutputError(
+                f"{out} holds a finished merge of another recipe or other inputs; --resume "
+                "continues only the same merge: pass --overwrite to replace it"
+            )
+    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
+    needed = sum(s.file_bytes for s in prepared.plan.shards)
+    check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
+    finished = _interrupted_shards(work, prepared, resume=resume)
+    if resume:
+        return "resume"
+    if finished and not overwrite:
+        raise OutputError(
+            f"an interrupted run of this recipe left {finished} of {len(prepared.plan.shards)} "
+            f"shard(s) finished in {work}: rerun with --resume to keep them, or with "
+            "--overwrite to start over"
+        )
+    return "new"
+
+
+def written_by_this_merge(out: Path, prepared: PreparedMerge) -> bool | None:
+    """None: ``out`` is not a finished shardmerge output; else whether it is this merge's,
+    whole (same fingerprint, every shard there at its planned size)."""
+    try:
+        index = json.loads((out / INDEX_NAME).read_text())
+        fingerprint = index["metadata"]["shardmerge"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if fingerprint != prepared.fingerprint:
+        return False
+    return all(_size(out / s.filename) == s.file_bytes for s in prepared.plan.shards)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _interrupted_shards(work: Path, prepared: PreparedMerge, *, resume: bool) -> int:
+    """How many shards an interrupted run of this same merge recorded in ``work``.
+
+    Raises:
+        OutputError: ``resume`` and the records are of another recipe or other inputs.
+    """
+    finished: set[str] = set()
+    for path in sorted(work.glob(PROGRESS_NAME + "*")):
+        try:
+            record = json.loads(path.read_text())
+            shards, fingerprint = record["shards"], record["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record cut short by the crash
+        if fingerprint != prepared.fingerprint:
+            if resume:
+                raise _changed_since(work)
+            return 0  # another merge's leftovers: a new run replaces them
+        if isinstance(shards, dict):
+            finished.update(shards)
+    return len(finished & {s.filename for s in prepared.plan.shards})
+
+
+def _changed_since(work: Path) -> OutputError:
+    return OutputError(
+        f"cannot resume into {work}: the recipe or the inputs changed since the "
+        "interrupted run; run again without --resume to start over"
+    )
 
 
 def run_merge(
@@ -166,20 +298,29 @@ def run_merge(
     resume: bool = False,
     stream: bool = False,
 ) -> RunResult:
-    """Execute a prepared merge into ``out``, atomically: the folder appears only when complete."""
-    out = out.expanduser().absolute()
-    work = prepare_output(prepared, out, overwrite=overwrite, resume=resume)
-    # Config, tokenizer files and card need no tensor: they are written while the shards merge.
-    merged = merge_shards(
-        prepared,
-        out,
-        device=device,
-        quiet=quiet,
-        resume=resume,
-        stream=stream,
-        alongside=lambda: write_side_files(prepared, work),
-    )
-    finish_output(prepared, out, side_files_written=True)
+    """Execute a prepared merge into ``out``, atomically: the folder appears only when complete.
+
+    Every check comes before anything is written; the output is locked for the whole run.
+    """
+    out = output_path(out)
+    check_run(prepared, out, overwrite=overwrite, resume=resume, device=device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if prepare_output(prepared, out, overwrite=overwrite, resume=resume) == "complete":
+            shards = len(prepared.plan.shards)
+            return RunResult(out, prepared.plan, shards, 0, None, already_complete=True)
+        work = partial_dir(out)
+        # Config, tokenizer files and card need no tensor: written while the shards merge.
+        merged = merge_shards(
+            prepared,
+            out,
+            device=device,
+            quiet=quiet,
+            resume=resume,
+            stream=stream,
+            alongside=lambda: write_side_files(prepared, work, out.name),
+        )
+        finish_output(prepared, out, side_files_written=True)
     return RunResult(
         out,
         prepared.plan,
@@ -189,12 +330,15 @@ def run_merge(
     )
 
 
-def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool) -> Path:
-    """Check the output location and create (or, to resume, keep) the hidden working folder."""
-    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
-    needed = sum(s.file_bytes for s in prepared.plan.shards)
-    check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
-    return prepare_partial(out, keep=resume)
+def prepare_output(
+    prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool
+) -> OutputState:
+    """Check the output (again: the caller holds its lock now) and create (or, to resume,
+    keep) the hidden working folder, unless the same merge is already complete there."""
+    state = output_state(prepared, out, overwrite=overwrite, resume=resume)
+    if state != "complete":
+        prepare_partial(out, keep=resume)
+    return state
 
 
 @dataclass(frozen=True)
@@ -258,7 +402,7 @@ def merge_shards(
             write_json(record_path, record)
 
         needed = _input_files(plan, skip)
-        with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
             progress = not quiet
             source_a = open_source(
                 prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0],
@@ -307,18 +451,50 @@ def finish_output(
     """Metadata files (unless already written) and the index last, then move into place."""
     work = partial_dir(out)
     if not side_files_written:
-        write_side_files(prepared, work)
+        write_side_files(prepared, work, out.name)
     faults.reached("before-index")
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
     models = (prepared.model_a, prepared.model_b)
-    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in models}
-    (work / INDEX_NAME).write_text(
-        prepared.plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
-    )
-    for record in work.glob(PROGRESS_NAME + "*"):
+    inputs = {m.key: f"{shown_name(m)}@{m.pin}" for m in models}
+    records = sorted(work.glob(PROGRESS_NAME + "*"))
+    metadata = {
+        "version": __version__,
+        "inputs": inputs,
+        "fingerprint": prepared.fingerprint,  # --resume on a finished output compares it
+        "shard_digests": _shard_digests(prepared, work, records),  # checked by verify
+    }
+    for scratch in work.glob(SCRATCH_PREFIX + "*"):  # a killed rank's, never part of the output
+        shutil.rmtree(scratch, ignore_errors=True)
+    # Durable before it looks complete: the shards and side files, then the index, then the
+    # folder's rename. A crash before the rename leaves the records for --resume.
+    sync_tree(work)
+    index = work / INDEX_NAME
+    index.write_text(prepared.plan.index_json({"shardmerge": metadata}))
+    with open(index, "rb") as fh:
+        os.fsync(fh.fileno())
+    for record in records:
         record.unlink()
+    sync_dir(work)
     finalize(work, out)
     return RunResult(out, prepared.plan, 0, 0, None)
+
+
+def _shard_digests(prepared: PreparedMerge, work: Path, records: list[Path]) -> dict[str, str]:
+    """Each shard's digest, as the runs that wrote it recorded it (hashed again if not)."""
+    from shardmerge.engine import file_digest
+
+    recorded: dict[str, Any] = {}
+    for path in records:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded.update(json.loads(path.read_text())["shards"])
+    digests = {}
+    for shard in prepared.plan.shards:
+        entry = recorded.get(shard.filename)
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        digests[shard.filename] = (
+            digest if isinstance(digest, str) else file_digest(work / shard.filename)
+        )
+    return digests
 
 
 @contextlib.contextmanager
@@ -448,9 +624,7 @@ def push_output(
     if not report.ok:
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
     a, b = prepared.model_a, prepared.model_b
-    message = commit_message or (
-        f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
-    )
+    message = commit_message or (f"SLERP merge of {shown_name(a)} and {shown_name(b)} (shardmerge)")
     return hub.push_folder(
         out,
         repo_id,
@@ -463,8 +637,33 @@ def push_output(
     )
 
 
-def write_side_files(prepared: PreparedMerge, work: Path) -> None:
-    """config, tokenizer and other small files, and the card (everything but shards and index)."""
+def shown_name(model: ResolvedModel) -> str:
+    """How the card, the index and a push name a model: its Hub id, the name the recipe gives
+    it, or its folder's name, never a path of the machine that merged."""
+    if model.hub_id:
+        return model.hub_id
+    if model.ref.name:
+        return model.ref.name
+    folder = model.origin_dir or model.local_dir
+    return Path(model.ref.ref).name or (folder.resolve().name if folder else model.ref.ref)
+
+
+def _card_recipe_text(prepared: PreparedMerge) -> str:
+    """The recipe for the card, its absolute local paths replaced by the names shown."""
+    recipe = prepared.recipe
+    text = recipe.text
+    for model in (prepared.model_a, prepared.model_b):
+        written = model.ref.ref
+        if not model.hub_id and (os.path.isabs(written) or written.startswith("~")):
+            text = text.replace(written, shown_name(model))
+    if recipe.output_dir and os.path.isabs(recipe.output_dir):
+        text = text.replace(recipe.output_dir, Path(recipe.output_dir).name)
+    return text
+
+
+def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
+    """config, tokenizer and other small files, and the card (everything but shards and index);
+    the card's title is the recipe's name, else ``out_name``."""
     from shardmerge.card import CardModel, render_card
 
     plan = prepared.plan
@@ -482,11 +681,12 @@ def write_side_files(prepared: PreparedMerge, work: Path) -> None:
     write_config(work, config, out_dtype)
     card = render_card(
         (
-            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end", _card_license(a)),
-            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end", _card_license(b)),
+            CardModel(shown_name(a), a.hub_id, a.pin, "t = 0 end", _card_license(a)),
+            CardModel(shown_name(b), b.hub_id, b.pin, "t = 1 end", _card_license(b)),
         ),
-        prepared.recipe.text,
+        _card_recipe_text(prepared),
         plan.t_table,
+        title=prepared.recipe.name or out_name,
         out_dtype=out_dtype or "as stored",
         total_bytes=plan.total_size,
         num_shards=len(plan.shards),
@@ -541,10 +741,7 @@ def _resumable_shards(
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a record cut short by the crash: its shards are redone
         if fingerprint != prepared.fingerprint:
-            raise OutputError(
-                f"cannot resume into {work}: the recipe or the inputs changed since the "
-                "interrupted run; run again without --resume to start over"
-            )
+            raise _changed_since(work)
         if isinstance(shards, dict):
             recorded.update(shards)
     valid = {}

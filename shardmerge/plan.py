@@ -18,7 +18,14 @@ from shardmerge.inventory import (
     TensorInfo,
 )
 from shardmerge.recipe import Recipe
-from shardmerge.schedule import LayerPos, ScheduleError, layer_positions, resolve_t, t_table
+from shardmerge.schedule import (
+    LayerPos,
+    ScheduleError,
+    idle_rules,
+    layer_positions,
+    resolve_t,
+    t_table,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
@@ -170,6 +177,8 @@ def plan_merge(
     problems = _compare(model_a.label, sources_a, model_b.label, sources_b)
     positions = layer_positions(sources_a)
     problems += _check_layer_range(recipe, positions)
+    idle = idle_rules(recipe.schedule, [n for n in sources_a if n in sources_b])
+    problems += [f"{recipe.source}: {problem}" for problem in idle]
 
     tasks: list[TensorTask] = []
     for name, a in sources_a.items():

@@ -6,7 +6,7 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
 
     models:
       a: meta-llama/Llama-3.2-1B@main    # the t = 0 end: "ref" or "ref@revision"
-      b: {path: ./my-finetune}           # the t = 1 end: or {path: ..., revision: ...}
+      b: {path: ./my-finetune}           # the t = 1 end: or {path: ..., revision: ..., name: ...}
     t:
       default: 0.5             # a number, or {gradient: [...]}; for tensors no rule matches
       non_layer: 0.5           # embeddings, final norm, lm_head (they have no layer position)
@@ -18,7 +18,8 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
         - match: mlp
           layers: {0: 0.1, 1: 0.2, "2-5": 0.9}  # "a-b" is inclusive; other layers fall through
     output:
-      dir: ./merged
+      dir: ./merged            # relative paths start from the recipe file's folder
+      name: my-merge           # the model card's title (default: the output folder's name)
       dtype: bfloat16          # default: the first model's dtype
       shard_size: 5GB          # 5GB = 5e9 bytes, 2GiB = 2 * 1024**3 bytes, or a plain int
     device: auto               # auto | cpu | cuda | cuda:N
@@ -51,12 +52,13 @@ one :class:`~shardmerge.errors.RecipeError`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -69,6 +71,8 @@ __all__ = [
     "DEFAULT_SHARD_SIZE_BYTES",
     "ModelRef",
     "Recipe",
+    "is_device",
+    "is_repo_id",
     "load_recipe",
     "normalize_dtype",
     "parse_recipe",
@@ -86,6 +90,7 @@ class ModelRef:
 
     ref: str
     revision: str | None
+    name: str | None = field(default=None, compare=False)  # how the model card names it
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,11 @@ class Recipe:
     text: str
     source: str
     warnings: tuple[str, ...]
+    # Where relative model paths and output.dir resolve: the recipe file's folder for our
+    # format (as compose files and package manifests do), "" (the current directory) for
+    # mergekit configs, as mergekit itself does, and for recipes given as text.
+    base_dir: str = ""
+    name: str | None = None  # output.name: the model card's title (default: the folder's name)
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -133,7 +143,10 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], source) from None
     except OSError as exc:
         raise RecipeError([f"cannot read the recipe: {exc.strerror or exc}"], source) from None
-    return parse_recipe(text, source)
+    recipe = parse_recipe(text, source)
+    if recipe.format == "mergekit":
+        return recipe
+    return dataclasses.replace(recipe, base_dir=os.path.dirname(os.path.abspath(source)))
 
 
 def parse_recipe(text: str, source: str = "<string>") -> Recipe:
@@ -466,7 +479,46 @@ _MERGEKIT_HINT["dtype"] = _MERGEKIT_HINT["out_dtype"] = (
     "the output dtype goes under output.dtype (mergekit configs need `merge_method: slerp`)"
 )
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
-_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The Hub's rules (as hub.looks_like_repo_id, without importing huggingface_hub): two parts of
+# [A-Za-z0-9_.-] neither starting nor ending with "-" or ".", no "--" or "..", 96 characters.
+# One part of a Hub repo id (org, or name).
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_ID_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+
+
+def is_device(value: object) -> bool:
+    """Whether ``value`` names a device shardmerge runs on: auto, cpu, cuda or cuda:N."""
+    return isinstance(value, str) and _DEVICE_RE.fullmatch(value) is not None
+
+
+_HUB_URL_RE = re.compile(
+    r"https?://[^/]+/(?:models/)?([^/?#@]+/[^/?#@]+)(?:/(?:tree|blob|resolve)/([^/?#]+))?"
+)
+
+
+def repo_id_hint(ref: str) -> str | None:
+    """For a ``ref`` that is not a repo id, the likely fix when there is one (no network)."""
+    url = _HUB_URL_RE.match(ref)
+    if url is not None:
+        repo, revision = url.groups()
+        return f"it is a URL: write {repo + ('@' + revision if revision else '')!r}"
+    if re.fullmatch(_REPO_PART, ref) and "--" not in ref and ".." not in ref:
+        return (
+            "Hub repo ids are org/name; the Hub's old single-name models now live under an "
+            "organisation, e.g. gpt2 is openai-community/gpt2"
+        )
+    return None
+
+
+def is_repo_id(value: object) -> bool:
+    """Whether ``value`` is a valid Hub repo id "org/name" (no network)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= 96
+        and "--" not in value
+        and ".." not in value
+        and _REPO_ID_RE.fullmatch(value) is not None
+    )
 
 
 def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: str) -> Recipe:
@@ -475,13 +527,16 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
     schedule = _our_schedule(data, check)
 
     output_dir: str | None = None
+    name: str | None = None
     out_dtype: str | None = None
     shard_size = DEFAULT_SHARD_SIZE_BYTES
     output = check.mapping(data["output"], "output") if "output" in data else None
     if output is not None:
-        check.keys(output, "output", ("dir", "dtype", "shard_size"))
+        check.keys(output, "output", ("dir", "name", "dtype", "shard_size"))
         if "dir" in output:
             output_dir = check.string(output["dir"], "output.dir", "a folder path")
+        if "name" in output:
+            name = check.string(output["name"], "output.name", "a model name")
         if "dtype" in output:
             out_dtype = check.dtype(output["dtype"], "output.dtype")
         if "shard_size" in output:
@@ -490,7 +545,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
     device = "auto"
     if "device" in data:
         value = data["device"]
-        if isinstance(value, str) and _DEVICE_RE.fullmatch(value):
+        if is_device(value):
             device = value
         else:
             check.add("device", f"expected auto, cpu, cuda or cuda:N, got {_describe(value)}")
@@ -511,7 +566,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         check.keys(hub, "hub", ("push_to", "private", "stream"))
         if "push_to" in hub:
             value = hub["push_to"]
-            if isinstance(value, str) and _REPO_ID_RE.fullmatch(value):
+            if is_repo_id(value):
                 push_to = value
             else:
                 check.add(
@@ -548,6 +603,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         text=text,
         source=source,
         warnings=tuple(check.warnings),
+        name=name,
     )
 
 
@@ -584,9 +640,10 @@ def _our_models(data: dict[Any, Any], check: _Check) -> tuple[ModelRef, ModelRef
 
 
 def _our_model(value: Any, path: str, check: _Check) -> ModelRef | None:
-    """A model given as "ref", "ref@revision" or {path: ..., revision: ...}."""
+    """A model given as "ref", "ref@revision" or {path: ..., revision: ..., name: ...}."""
     if isinstance(value, dict):
-        check.keys(value, path, ("path", "revision"))
+        check.keys(value, path, ("path", "revision", "name"))
+        name = check.string(value["name"], _at(path, "name")) if "name" in value else None
         if "path" not in value:
             check.add(_at(path, "path"), "missing; a Hub id (org/name) or a local folder")
             return None
@@ -600,7 +657,7 @@ def _our_model(value: Any, path: str, check: _Check) -> ModelRef | None:
             )
             if revision is None:
                 return None
-        return ModelRef(ref, revision) if ref is not None else None
+        return ModelRef(ref, revision, name) if ref is not None else None
     if isinstance(value, str) and value.strip():
         return _split_revision(value, path, check)
     check.add(
@@ -730,7 +787,7 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     if pattern is None or value is None:
         return None
     label = pattern if kind == "substring" else f"re:{pattern}"
-    return Rule(pattern=pattern, kind=kind, value=value, label=label)
+    return Rule(pattern=pattern, kind=kind, value=value, label=label, where=path)
 
 
 # Bounded digits: int() refuses strings of thousands of digits (and no model has 10**12 layers).
@@ -1133,7 +1190,8 @@ def _mk_conditions(
             fallback_at = where
             default = value
         elif isinstance(pattern, str):
-            rules.append(Rule(pattern=pattern, kind="substring", value=value, label=pattern))
+            rule = Rule(pattern=pattern, kind="substring", value=value, label=pattern, where=where)
+            rules.append(rule)
     return rules, default
 
 

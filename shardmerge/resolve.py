@@ -54,15 +54,34 @@ class ResolvedModel:
         return tuple(d for d in (self.local_dir, self.origin_dir) if d is not None)
 
 
-def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> ResolvedModel:
+def resolve_model(
+    ref: ModelRef,
+    key: str,
+    *,
+    allow_pickle: bool = False,
+    base_dir: str = "",
+    other_base: str | None = None,
+) -> ResolvedModel:
     """Find ``ref`` locally or on the Hub and read its headers (no tensor bytes).
 
     Args:
         allow_pickle: convert a local folder holding only ``pytorch_model*.bin`` files into
             safetensors in a scratch folder (removed at exit) instead of refusing it.
+        base_dir: the folder a relative path is resolved from ("" = the current directory).
+        other_base: the folder the other convention would use, named in the error when the
+            model is found there instead.
     """
     label = f"model {key.upper()} ({ref.ref}{'@' + ref.revision if ref.revision else ''})"
-    path = Path(ref.ref).expanduser()
+    written = Path(ref.ref).expanduser()
+    path = Path(base_dir) / written  # an absolute path stays as it is
+    elsewhere = Path(other_base) / written if other_base is not None else None
+    if not path.is_dir() and elsewhere is not None and elsewhere.is_dir():
+        # Taken as a Hub id or refused otherwise: say where the folder is.
+        raise InputError(
+            f"models.{key}: {ref.ref!r} is not a folder here ({path.absolute()}): relative "
+            f"paths in {_convention(base_dir)}; it is a folder from "
+            f"{_place(other_base or '')} ({elsewhere.absolute()}): write that path instead"
+        )
     if path.is_dir():
         if ref.revision:
             raise InputError(f"models.{key}: a revision was given for local folder {ref.ref!r}")
@@ -82,11 +101,15 @@ def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> Res
     from shardmerge import hub
 
     if not hub.looks_like_repo_id(ref.ref):
+        # A hint (a URL, a single-name id) says what was meant; else the folder looked for.
         hint = hub.repo_id_hint(ref.ref)
-        raise InputError(
-            f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id"
-            + (f" ({hint})" if hint else "")
-        )
+        if hint is not None:
+            looked = f" ({hint})"
+        elif path != written:
+            looked = f" (looked for the folder {path.absolute()})"
+        else:
+            looked = ""
+        raise InputError(f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id{looked}")
     model = hub.resolve_hub_model(ref.ref, ref.revision)
     listing = hub.fetch_listing(model)
     model = replace(model, sha256=listing.sha256)  # every download is checked against these
@@ -111,6 +134,16 @@ def resolve_model(ref: ModelRef, key: str, *, allow_pickle: bool = False) -> Res
         small_files=small,
         pin=model.sha,
     )
+
+
+def _convention(base_dir: str) -> str:
+    if base_dir:
+        return f"a shardmerge recipe start from the recipe's folder ({base_dir})"
+    return "a mergekit config start from the current directory, as in mergekit"
+
+
+def _place(folder: str) -> str:
+    return f"the recipe's folder {folder}" if folder else "the current directory"
 
 
 def open_source(

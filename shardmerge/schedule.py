@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "ScheduleError",
     "TValue",
     "find_layer",
+    "idle_rules",
     "layer_positions",
     "resolve_t",
     "t_table",
@@ -79,6 +80,7 @@ class Rule:
     kind: Literal["substring", "regex"]  # regex uses re.search
     value: TValue
     label: str  # column title in the t table, e.g. "self_attn" or "re:mlp\\.(gate|up)"
+    where: str = field(default="", compare=False)  # its place in the recipe, e.g. "t.rules[1]"
 
     def matches(self, name: str) -> bool:
         """Whether the pattern matches ``name`` (the layer check of a LayerMap is separate)."""
@@ -207,6 +209,49 @@ def _evaluate(value: float | Gradient, pos: LayerPos | None) -> float:
     return (1 - f) * anchors[i0] + f * anchors[min(i0 + 1, last)]
 
 
+_GLOB_CHARS = "*?["
+
+
+def idle_rules(schedule: Schedule, names: Sequence[str]) -> list[str]:
+    """A problem for each rule that no tensor of ``names`` matches, and for each layer a rule's
+    layer map lists beyond the depth of the stacks it matches (a silent no-op otherwise).
+
+    Returns:
+        Messages naming the rule's place in the recipe, with a hint.
+    """
+    positions = layer_positions(names)
+    problems = []
+    for k, rule in enumerate(schedule.rules):
+        where = rule.where or f"rule {k} ({rule.label!r})"
+        hits = [name for name in names if rule.matches(name)]
+        if not hits:
+            what = "regex" if rule.kind == "regex" else "substring"
+            hint = f"tensor names look like {_example(names)!r}"
+            if rule.kind == "substring" and any(c in rule.pattern for c in _GLOB_CHARS):
+                bare = rule.pattern.strip(_GLOB_CHARS) or rule.pattern
+                hint = f"globs are not patterns here: it is a plain substring (e.g. {bare!r})"
+            problems.append(f"{where}: {what} {rule.pattern!r} matches no tensor; {hint}")
+            continue
+        if not isinstance(rule.value, LayerMap):
+            continue
+        depth = max((positions[n].num_layers for n in hits if n in positions), default=0)
+        beyond = [layer for layer, _ in rule.value.values if layer >= depth]
+        if beyond:
+            have = f"{depth} layers (0-{depth - 1})" if depth else "no layers"
+            listed = ", ".join(str(layer) for layer in beyond[:5])
+            problems.append(
+                f"{where}.layers: layer {listed} is beyond the model's depth: the tensors "
+                f"{rule.pattern!r} matches have {have}"
+            )
+    return problems
+
+
+def _example(names: Sequence[str]) -> str:
+    """A tensor name inside a stack if there is one (the kind a rule usually targets)."""
+    inside = [name for name in names if find_layer(name) is not None]
+    return min(inside or names, default="")
+
+
 def t_table(schedule: Schedule, names: Sequence[str]) -> str:
     """A markdown table of the t each tensor gets, for the model card.
 
@@ -239,8 +284,9 @@ def t_table(schedule: Schedule, names: Sequence[str]) -> str:
     columns: list[str | None] = [label for label in labels if label in used]
     if None in used:
         columns.append(None)
+    # Rule labels as code: markdown would drop a regex's backslashes ("re:mlp\\.x" -> "mlp.x").
     lines = [
-        _row(["tensors", *("other" if c is None else c for c in columns)]),
+        _row(["tensors", *("other" if c is None else f"`{c}`" for c in columns)]),
         _row(["---"] * (1 + len(columns))),
     ]
     for stack, index in sorted(layer_rows):

@@ -1,4 +1,9 @@
-"""``shardmerge verify``: is an output folder whole, finite and (optionally) what the recipe makes?"""
+"""``shardmerge verify``: is an output folder whole, finite and (optionally) what the recipe makes?
+
+A folder shardmerge wrote records each shard's digest in its index (``metadata.shardmerge.
+shard_digests``); verify checks them unless ``fast``, so flipped bytes anywhere are found without
+the inputs. A single-file ``model.safetensors`` folder (no index) is checked from its header.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardmerge.errors import CheckpointError, InputError
-from shardmerge.inventory import FLOAT_DTYPES, INDEX_NAME, TensorInfo, read_header, safe_member
+from shardmerge.inventory import (
+    FLOAT_DTYPES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    TensorInfo,
+    read_header,
+    safe_member,
+)
 
 if TYPE_CHECKING:
     from shardmerge.pipeline import PreparedMerge
 
 _CHUNK_BYTES = 1 << 24
 _SAMPLE = 8  # tensors recomputed without --full
+_NO_INDEX = object()  # a single-file folder's total_size: nothing to compare
 
 
 @dataclass
@@ -27,6 +40,7 @@ class VerifyReport:
     tensors: int = 0
     total_size: int = 0
     recomputed: int = 0
+    digests_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -37,32 +51,43 @@ class VerifyReport:
             f"{'ok' if self.ok else 'FAILED'}: {self.output}: {self.tensors} tensors, "
             f"{self.total_size:,} bytes"
         )
+        if self.digests_checked:
+            head += f", {self.digests_checked} shard digest(s) checked"
         if self.recomputed:
             head += f", {self.recomputed} recomputed from the inputs"
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
 def verify_output(
-    output: Path, *, prepared: PreparedMerge | None = None, full: bool = False
+    output: Path,
+    *,
+    prepared: PreparedMerge | None = None,
+    full: bool = False,
+    fast: bool = False,
 ) -> VerifyReport:
-    """Index vs shards, header bounds, NaN/Inf, total size; with a plan, recompute tensors.
+    """Index vs shards, recorded shard digests (unless ``fast``), header bounds, NaN/Inf, total
+    size; with a plan, recompute tensors.
 
     Raises:
-        InputError: ``full`` without ``prepared`` (nothing to recompute from).
+        InputError: ``full`` without ``prepared`` (nothing to recompute from), or ``output`` is
+            not a folder.
     """
     if full and prepared is None:
         raise InputError("--full recomputes tensors from the inputs: it needs --recipe")
-    report = VerifyReport(output)
     if not output.is_dir():
-        report.problems.append(f"{output} is not a folder")
-        return report
+        raise InputError(f"{output}: {'is not a folder' if output.exists() else 'no such folder'}")
+    report = VerifyReport(output)
     tensors = _check_structure(output, report)
     if tensors is None:
         return report
     for info, data_start in tensors.values():
         if info.dtype in FLOAT_DTYPES and not _all_finite(output / info.file, data_start, info):
             report.problems.append(f"{info.file}: tensor {info.name!r} contains NaN or Inf")
-    if prepared is not None and not report.problems:
+    readable = not report.problems
+    if not fast:
+        _check_digests(output, report)
+    # A digest names only the shard; recomputation can still name the tensor that changed.
+    if prepared is not None and readable:
         _recompute(output, prepared, tensors, full, report)
     return report
 
@@ -71,19 +96,30 @@ def _check_structure(
     output: Path, report: VerifyReport
 ) -> dict[str, tuple[TensorInfo, int]] | None:
     index_path = output / INDEX_NAME
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        total_size = index["metadata"]["total_size"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        report.problems.append(f"{INDEX_NAME}: missing or invalid ({exc})")
-        return None
+    total_size: object = _NO_INDEX
+    if not index_path.exists() and (output / SINGLE_NAME).is_file():
+        # One file, no index: the header alone says what the folder holds.
+        try:
+            weight_map = dict.fromkeys(
+                read_header(output / SINGLE_NAME, SINGLE_NAME)[1], SINGLE_NAME
+            )
+        except CheckpointError as exc:
+            report.problems.append(str(exc))
+            return None
+    else:
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            total_size = index["metadata"]["total_size"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            report.problems.append(f"{INDEX_NAME}: missing or invalid ({exc})")
+            return None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         report.problems.append(f"{INDEX_NAME}: weight_map must map tensor names to shard files")
         return None
-    if not isinstance(total_size, int):
+    if total_size is not _NO_INDEX and not isinstance(total_size, int):
         report.problems.append(f"{INDEX_NAME}: total_size {total_size!r} is not an integer")
     found: dict[str, tuple[TensorInfo, int]] = {}
     unreadable: set[str] = set()
@@ -111,6 +147,34 @@ def _check_structure(
     report.tensors = len(found)
     report.total_size = actual
     return found
+
+
+def _check_digests(output: Path, report: VerifyReport) -> None:
+    """Each shard against the digest its index records (folders shardmerge wrote)."""
+    from shardmerge.engine import file_digest
+
+    try:
+        recorded = json.loads((output / INDEX_NAME).read_text())["metadata"]["shardmerge"]
+        digests = recorded["shard_digests"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not written by shardmerge (or by an older version): nothing recorded
+    if not isinstance(digests, dict):
+        report.problems.append(f"{INDEX_NAME}: shard_digests must map shard files to digests")
+        return
+    for file, digest in sorted(digests.items()):
+        try:
+            path = safe_member(output, file, f"{INDEX_NAME}: shard_digests")
+        except CheckpointError as exc:
+            report.problems.append(str(exc))
+            continue
+        if not path.is_file():
+            continue  # reported by the structure check when the index names it
+        report.digests_checked += 1
+        if file_digest(path) != digest:
+            report.problems.append(
+                f"{file}: its bytes differ from the digest recorded in {INDEX_NAME} "
+                "(damaged or changed since the merge)"
+            )
 
 
 def _read(path: Path, offset: int, size: int) -> bytes:

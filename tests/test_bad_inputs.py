@@ -195,6 +195,30 @@ def _refused(
             ["merge_method", "'ties' is not supported"],
             id="mergekit-method",
         ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, rules: [{{match: '*self_attn*', value: 0.3}}]}}\n",
+            ["t.rules[0]", "'*self_attn*' matches no tensor", "globs are not", "'self_attn'"],
+            id="rule-glob-matches-nothing",
+        ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, rules: [{{regex: 'mlp\\.gate', value: 0.3}}]}}\n",
+            ["t.rules[0]", "matches no tensor", "model.layers.0."],
+            id="rule-regex-matches-nothing",
+        ),
+        pytest.param(
+            "models: {{a: {a}, b: {b}}}\noutput: {{dir: {out}}}\n"
+            "t: {{default: 0.5, non_layer: 0.5, rules: [{{match: mlp, layers: {{7: 0.5}}}}]}}\n",
+            ["t.rules[0].layers", "layer 7", "3 layers (0-2)"],
+            id="layer-map-beyond-depth",
+        ),
+        pytest.param(
+            "merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
+            "parameters: {{t: [{{filter: self_atn, value: 0.3}}, {{value: 0.5}}]}}\n",
+            ["parameters.t[0]", "'self_atn' matches no tensor"],
+            id="mergekit-filter-matches-nothing",
+        ),
     ],
 )
 def test_bad_recipe(capsys, setup, text, needles):
@@ -579,7 +603,8 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_disk_full_mid_write_then_resume(capsys, monkeypatch, setup):
     ref = setup.root / "ref"
-    assert _main(capsys, "run", setup.recipe, "--quiet", "--out", ref)[0] == 0
+    # Titled as the resumed output will be (the card's title is the output folder's name).
+    assert _main(capsys, "run", setup.recipe, "--quiet", "--out", ref, "--name", "out")[0] == 0
     shards = len(list(ref.glob("model-*.safetensors")))
     assert shards >= 4
 
@@ -654,3 +679,136 @@ def test_read_error_names_the_input(capsys, monkeypatch, setup):
     err = _refused(capsys, setup, "model A", "reading", "Input/output error", code=1)
     assert "writing" not in err
     assert not setup.out.exists()
+
+
+# --------------------------------------------------------------------------- options, checked first
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        pytest.param(("--device", "gpu"), ["--device 'gpu'", "cuda:N"], id="device-gpu"),
+        pytest.param(("--device", "mps"), ["--device 'mps'", "cuda:N"], id="device-mps"),
+        pytest.param(
+            ("--push-to-hub", "notvalid", "--dry-run"),
+            ["--push-to-hub 'notvalid'", "org/name"],
+            id="push-repo-id",
+        ),
+        pytest.param(
+            ("--push-to-hub", "me/a--b"), ["--push-to-hub 'me/a--b'"], id="push-repo-id-dashes"
+        ),
+        pytest.param(("--dry-run",), ["--dry-run needs --push-to-hub"], id="dry-run-alone"),
+    ],
+)
+def test_bad_option_is_refused_before_anything_is_written(capsys, setup, argv, needles):
+    before = _listing(setup.root)
+    _refused(capsys, setup, *needles, argv=argv)
+    assert _listing(setup.root) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_in_the_recipe_writes_nothing(capsys, setup):
+    setup.write_recipe("models: {{a: {a}, b: {b}}}\nt: 0.5\noutput: {{dir: {out}}}\ndevice: cuda\n")
+    before = _listing(setup.root)
+    _refused(capsys, setup, "'cuda'", "CUDA is not available")
+    assert _listing(setup.root) == before  # no working folder with README, config, tokenizer
+    rc, _, err = _main(capsys, "validate", setup.recipe)
+    assert rc == 2 and "CUDA is not available" in err
+
+
+def _shardmerge_output(setup: Setup, capsys: pytest.CaptureFixture[str], out: Path) -> None:
+    rc, _, err = _main(capsys, "run", setup.recipe, "--quiet", "--out", out)
+    assert rc == 0, err
+
+
+def test_overwrite_refuses_a_folder_shardmerge_did_not_write(capsys, setup):
+    sandbox = setup.root / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "important.txt").write_text("precious")
+    setup.out = sandbox
+    _refused(
+        capsys,
+        setup,
+        str(sandbox),
+        "not written by shardmerge",
+        argv=("--out", sandbox, "--overwrite"),
+    )
+    assert (sandbox / "important.txt").read_text() == "precious"
+
+
+def test_overwrite_never_replaces_the_current_directory_or_its_parents(capsys, monkeypatch, setup):
+    out = setup.root / "merged"
+    _shardmerge_output(setup, capsys, out)  # ours: --overwrite could replace it from elsewhere
+    (out / "sub").mkdir()
+    before = _listing(setup.root)
+    for cwd, target, what in [
+        (out, ".", "the current directory"),
+        (out / "sub", "..", "a parent of the current directory"),
+    ]:
+        monkeypatch.chdir(cwd)
+        rc, _, err = _main(capsys, "run", setup.recipe, "--quiet", "--out", target, "--overwrite")
+        assert rc == 2, err
+        _assert_one_error_line(err, str(out), what)
+    monkeypatch.chdir(setup.root)
+    monkeypatch.setenv("HOME", str(out))
+    rc, _, err = _main(capsys, "run", setup.recipe, "--quiet", "--out", out, "--overwrite")
+    assert rc == 2
+    _assert_one_error_line(err, "your home folder")
+    assert _listing(setup.root) == before
+
+
+def test_overwrite_refuses_a_folder_holding_an_input(capsys, setup):
+    setup.out = setup.root
+    _refused(capsys, setup, "contains input folder", argv=("--out", setup.root, "--overwrite"))
+
+
+def test_overwrite_through_a_symlink_replaces_its_target_and_leaves_nothing(capsys, setup):
+    target = setup.root / "target"
+    _shardmerge_output(setup, capsys, target)
+    link = setup.root / "link"
+    link.symlink_to(target)
+    rc, _, err = _main(capsys, "run", setup.recipe, "--quiet", "--out", link, "--overwrite")
+    assert rc == 0, err
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / INDEX).is_file()
+    assert sorted(p.name for p in setup.root.iterdir()) == [
+        "a", "b", "link", "recipe.yaml", "target"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("prepare", "needles"),
+    [
+        pytest.param("inside-input", ["inside input folder"], id="inside-input"),
+        pytest.param("non-empty", ["not empty", "--overwrite"], id="non-empty"),
+        pytest.param("locked", ["being written by another shardmerge run", "pid"], id="locked"),
+    ],
+)
+def test_validate_refuses_what_run_refuses(capsys, setup, prepare, needles):
+    from shardmerge.output import output_lock
+
+    if prepare == "inside-input":
+        setup.out = setup.a / "merged"
+    elif prepare == "non-empty":
+        setup.out.mkdir()
+        (setup.out / "keep.txt").write_text("mine")
+    before = _listing(setup.root)
+    with output_lock(setup.out) if prepare == "locked" else _nothing():
+        for command in ("validate", "run"):
+            rc, out, err = _main(capsys, command, setup.recipe, "--out", setup.out, "--quiet")
+            assert rc == 2, (command, err)
+            _assert_one_error_line(err, *needles)
+    assert _listing(setup.root) == before
+    rc, out, err = _main(capsys, "validate", setup.recipe, "--out", setup.root / "fresh")
+    assert rc == 0, err
+    assert out.startswith(f"ok: {setup.recipe} merges 9 tensors") and "into" in out
+
+
+def _nothing():  # type: ignore[no-untyped-def]
+    import contextlib
+
+    return contextlib.nullcontext()

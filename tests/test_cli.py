@@ -104,8 +104,16 @@ def test_output_refusals(tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what shardmerge wrote.
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"]) == 2
+    assert "not written by shardmerge" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0  # empty: fine
+    recipe.write_text(f"models: {{a: {a}, b: {b}}}\nt: 0.25\n")
     assert main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "t: 0.25" in (out / "README.md").read_text() and index["metadata"]["shardmerge"]
 
 
 def _env() -> dict[str, str]:
@@ -208,3 +216,54 @@ def test_demo_command_from_readme(tmp_path):
     assert {"config.json", "tokenizer.json", "README.md", "model.safetensors.index.json"} <= {
         p.name for p in out.iterdir()
     }
+
+
+def test_relative_paths_in_our_recipes_are_from_the_recipe_folder(tmp_path, monkeypatch, capsys):
+    a, b = _pair(tmp_path / "models")
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    recipe = sub / "r.yaml"
+    recipe.write_text("models: {a: ../models/a, b: ../models/b}\nt: 0.5\noutput: {dir: out}\n")
+    for cwd in (tmp_path, sub, a):  # the same meaning from anywhere
+        monkeypatch.chdir(cwd)
+        assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+    assert main(["run", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    assert (sub / "out" / "model.safetensors.index.json").is_file()  # output.dir too
+    # Written from the current directory's point of view: the error says where each is.
+    monkeypatch.chdir(tmp_path)
+    recipe.write_text("models: {a: models/a, b: ../models/b}\nt: 0.5\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: models.a: 'models/a' is not a folder here ({sub / 'models/a'}): relative paths "
+        f"in a shardmerge recipe start from the recipe's folder ({sub}); it is a folder from the "
+        f"current directory ({Path('models/a').absolute()}): write that path instead\n"
+    )
+
+
+def test_relative_paths_in_mergekit_configs_are_from_the_current_directory(
+    tmp_path, monkeypatch, capsys
+):
+    _pair(tmp_path / "models")
+    config = tmp_path / "models" / "config.yaml"
+    config.write_text(
+        "merge_method: slerp\nbase_model: a\nmodels: [{model: b}]\nparameters: {t: 0.5}\n"
+    )
+    monkeypatch.chdir(tmp_path / "models")
+    assert main(["validate", str(config)]) == 0, capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # as mergekit would, a and b are looked for here
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "models.a: 'a' is not a folder here" in err
+    assert "a mergekit config start from the current directory, as in mergekit" in err
+    assert f"it is a folder from the recipe's folder {tmp_path / 'models'}" in err
+
+
+def test_demo_validates_from_the_recipes_folder():
+    for cwd, recipe in ((ROOT, "recipes/demo.yaml"), (ROOT / "recipes", "demo.yaml")):
+        done = subprocess.run(
+            [sys.executable, "-m", "shardmerge", "validate", recipe],
+            cwd=cwd, capture_output=True, text=True, env=_env(),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"into {ROOT / 'merged-demo'}" in done.stdout

@@ -92,8 +92,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     recipe.write_text(RECIPE.format(a=root / "a", b=root / "b"))
     prepared = prepare(load_recipe(recipe))
     assert len(prepared.plan.shards) >= 5  # so that three ranks all get work
-    result = run_merge(prepared, out=root / "single", quiet=True, device="cpu")
-    return Pair(root, recipe, prepared, folder_files(root / "single"), result.bytes_read)
+    # Named as the tests' outputs are: the model card's title is the folder's name.
+    result = run_merge(prepared, out=root / "out", quiet=True, device="cpu")
+    return Pair(root, recipe, prepared, folder_files(root / "out"), result.bytes_read)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -138,7 +139,7 @@ def _launch(
         )
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={n}", "-m"]
-        cmd += ["shardmerge.cli", *run]
+        cmd += ["shardmerge", *run]  # the README's form
     elif launcher == "torchrun-script":  # the console script, as installed
         script = shutil.which("shardmerge", path=str(BIN))
         if script is None:
@@ -148,7 +149,7 @@ def _launch(
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", f"--num_processes={n}"]
         cmd += ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
-        cmd += [f"--main_process_port={_free_port()}", "-m", "shardmerge.cli", *run]
+        cmd += [f"--main_process_port={_free_port()}", "-m", "shardmerge", *run]
     return subprocess.run(
         cmd, cwd=out.parent, env=_env(**env), capture_output=True, text=True, timeout=120
     )
@@ -300,6 +301,12 @@ def test_killed_rank_fails_the_run_and_resume_completes_it(pair, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert folder_files(out) == pair.reference
     assert 0 <= sum(_bytes_per_rank(resumed.stderr).values()) < pair.bytes_read
+    # Requeued once more (a job script always passing --resume): nothing to do, exit 0.
+    again = _launch("torchrun", 2, pair.recipe, out, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"{out} is already complete" in again.stdout
+    assert folder_files(out) == pair.reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock or scratch left
 
 
 def test_rank_report_lines_are_single_writes(monkeypatch):

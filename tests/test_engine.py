@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -206,7 +207,8 @@ def test_failing_step_stops_the_engine_whatever_thread_meets_it(tmp_path, monkey
     write_checkpoint(path_b, b, None, config)
     for attempt in range(12):
         out = tmp_path / f"out{attempt}"
-        prepared = prepare(parse_recipe(RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")))
+        text = f"models: {{a: {path_a}, b: {path_b}}}\nt: 0.25\noutput: {{shard_size: 20KB}}\n"
+        prepared = prepare(parse_recipe(text))
         assert prepared.plan.tasks[0].name == "model.norm.weight"
         raised: list[BaseException] = []
 
@@ -321,9 +323,9 @@ def test_failed_merge_waits_for_the_side_files(tmp_path, monkeypatch):
     real = pipeline.write_side_files
     finished = []
 
-    def slow(prepared, work):
+    def slow(prepared, work, out_name):
         time.sleep(0.5)
-        real(prepared, work)
+        real(prepared, work, out_name)
         finished.append(True)
 
     monkeypatch.setattr(pipeline, "write_side_files", slow)
@@ -344,7 +346,7 @@ def test_side_file_failure_fails_the_run(tmp_path, monkeypatch):
     fails the run, and no output folder appears."""
     from shardmerge import pipeline
 
-    def broken(prepared, work):
+    def broken(prepared, work, out_name):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline, "write_side_files", broken)
@@ -543,3 +545,65 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     for data in outputs["direct"].values():
         (header_len,) = struct.unpack("<Q", data[:8])
         assert (8 + header_len) % 4096 == 0  # the data section starts on a block boundary
+
+
+def test_card_names_local_inputs_by_folder_and_titles_by_output(tmp_path, monkeypatch):
+    path_a, path_b, _, _ = _pair(tmp_path)
+    out = tmp_path / "my-merge"
+    text = RECIPE.format(
+        a=path_a, b=f"{{path: {path_b}, name: acme/finetune}}", out=out, shard="20KB"
+    )
+    prepared = prepare(parse_recipe(text))
+    run_merge(prepared, out=out, quiet=True, device="cpu")
+    card = (out / "README.md").read_text()
+    body = card.split("\n---\n", 1)[1]
+    assert body.lstrip().startswith("# my-merge\n")  # not a generic "Merged model"
+    assert f"- `{path_a.name}` (t = 0 end)" in body and "- `acme/finetune` (t = 1 end)" in body
+    assert str(tmp_path) not in card  # no path of this machine, the recipe block included
+    # The regex rule's column keeps its backslash (as code in the header).
+    assert r"| `re:mlp\.gate_` |" in card
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert str(tmp_path) not in json.dumps(index["metadata"])
+    assert json.dumps(index["metadata"]).count(path_a.name + "@") == 1
+    from shardmerge import hub, pipeline
+
+    sent = {}
+    monkeypatch.setattr(hub, "push_folder", lambda *a, **k: sent.update(k))
+    pipeline.push_output(out, "me/merged", private=False, prepared=prepared)
+    assert sent["commit_message"] == f"SLERP merge of {path_a.name} and acme/finetune (shardmerge)"
+    named = dataclasses.replace(prepared.recipe, name="Acme SLERP 7B")
+    other = tmp_path / "other"
+    run_merge(dataclasses.replace(prepared, recipe=named), out=other, quiet=True, device="cpu")
+    assert "\n# Acme SLERP 7B\n" in (other / "README.md").read_text()
+
+
+def test_output_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Every file's data, the index and the folder are fsync'ed before the rename that makes
+    the output look complete; the rename itself is synced after (the parent folder)."""
+    path_a, path_b, _, _ = _pair(tmp_path)
+    out = tmp_path / "out"
+    text = RECIPE.format(a=path_a, b=path_b, out=out, shard="20KB")
+    prepared = prepare(parse_recipe(text))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self: Path, target: Path) -> Path:
+        events.append(("rename", f"{self} -> {target}"))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    run_merge(prepared, out=out, quiet=True, device="cpu")
+    work = tmp_path / ".out.shardmerge-partial"
+    final = events.index(("rename", f"{work} -> {out}"))
+    synced = {path for kind, path in events[:final] if kind == "fsync"}
+    files = {str(work / p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert len(files) >= 5 and files <= synced  # shards, index, config, tokenizer, card
+    assert str(work) in synced
+    index_synced = events.index(("fsync", str(work / "model.safetensors.index.json")))
+    assert all(events.index(("fsync", f)) < index_synced for f in files if "index" not in f)
+    assert ("fsync", str(tmp_path)) in events[final:]  # the rename, durable

@@ -459,13 +459,14 @@ def test_failed_push_keeps_the_output_and_says_how_to_retry(
     out = tmp_path / "out"
 
     done = run_cli(
-        "run", local.recipe, "--out", out, "--quiet", "--push-to-hub", "me/merged", env=hub_env
-    )
+        "run", local.recipe, "--out", out, "--quiet", "--push-to-hub", "me/merged",
+        "--name", local.merged.name, env=hub_env,
+    )  # fmt: skip
 
     assert done.returncode == code, done.stderr
     line = one_line_error(done)
     assert "cannot push to me/merged" in line and expected in line
-    message = f"SLERP merge of {local.a} and {local.b} (shardmerge)"
+    message = f"SLERP merge of {local.a.name} and {local.b.name} (shardmerge)"  # no machine path
     upload = ["hf", "upload", "me/merged", str(out), ".", "--commit-message", message]
     retry = f"the local output is complete at {out}; to retry, upload it with: "
     assert line.endswith(f"({retry}{shlex.join(upload)})")
@@ -528,7 +529,7 @@ def no_write_sent(hub: FakeHub) -> bool:
     [
         ("org/b", [], {}, "cannot push to org/b: it is one of the merge's inputs"),
         ("ORG/A", [], {}, "cannot push to ORG/A: it is one of the merge's inputs"),
-        ("merged", [], {}, "not a Hugging Face repo id: 'merged' (Hub repo ids are org/name; "),
+        ("merged", [], {}, "'merged': not a Hugging Face repo id (Hub repo ids are org/name; "),
         (
             "https://huggingface.co/me/merged",
             [],
@@ -993,3 +994,35 @@ def test_card_carries_the_parents_license_when_they_agree(
         assert "(model A: `apache-2.0`, model B: `mit`)" in card
     else:
         assert "`apache-2.0`, the license both parents' model cards name." in card
+
+
+@pytest.mark.parametrize(
+    ("token", "args", "expected"),
+    [
+        (None, ["--push-to-hub", "tester/public", "--private"], "already exists and is public"),
+        ("hf_wrong", ["--push-to-hub", "me/merged"], "the token is invalid or expired"),
+        ("hf_wrong", ["--push-to-hub", "me/merged", "--dry-run"], "the token is invalid"),
+    ],
+    ids=["private-into-public", "bad-token", "dry-run-bad-token"],
+)
+def test_validate_and_run_check_the_push_target_alike(
+    fake_hub: FakeHub,
+    hub_env: dict[str, str],
+    local: Locals,
+    tmp_path: Path,
+    token: str | None,
+    args: list[str],
+    expected: str | None,
+) -> None:
+    fake_hub.add_repo("tester/public", {"README.md": b"hi"})
+    env = dict(hub_env, **({"HF_TOKEN": token} if token else {}))
+    out = tmp_path / "out"
+    for command in ("validate", "run"):
+        done = run_cli(command, local.recipe, "--out", out, "--quiet", *args, env=env)
+        if expected is None:
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 2, done.stderr
+        assert expected in one_line_error(done)
+        assert not out.exists() and list(tmp_path.glob(".*")) == []  # nothing merged
+    assert not fake_hub.requests("POST") and not fake_hub.requests("PUT")

@@ -299,3 +299,19 @@ def test_tied_weights_stay_tied() -> None:
 def test_repr_shows_t_not_the_models() -> None:
     merger = SLERPModelMerger(nn.Linear(2, 2), nn.Linear(2, 2), 0.25)
     assert repr(merger) == "SLERPModelMerger(t=0.25)"
+
+
+def test_numpy_scalars_are_accepted_for_t():
+    import numpy as np
+
+    model1, model2 = nn.Linear(3, 3), nn.Linear(3, 3)
+    expected = SLERPModelMerger(model1, model2, t=0.25).merge().state_dict()
+    for t in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        merger = SLERPModelMerger(model1, model2, t=t)
+        assert type(merger.t) is float
+        merged = merger.merge().state_dict()
+        assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    weight, other = torch.randn(3, 3), torch.randn(3, 3)
+    assert torch.equal(
+        SLERPModelMerger._slerp(weight, other, np.float32(0.25)), slerp(weight, other, 0.25)
+    )

@@ -698,3 +698,14 @@ def test_recipe_is_frozen() -> None:
     recipe = parse_recipe(MINIMAL)
     with pytest.raises(AttributeError):
         recipe.device = "cpu"  # type: ignore[misc]
+
+
+def test_output_name_and_model_names() -> None:
+    recipe = parse_recipe(
+        "models: {a: org/a, b: {path: /data/ft, name: my-finetune}}\nt: 0.5\n"
+        "output: {dir: out, name: Acme SLERP}\n"
+    )
+    assert recipe.name == "Acme SLERP"
+    assert recipe.model_b.name == "my-finetune" and recipe.model_b.ref == "/data/ft"
+    with pytest.raises(RecipeError, match=r"models.b.name: expected a string"):
+        parse_recipe("models: {a: org/a, b: {path: /data/ft, name: [x]}}\nt: 0.5\n")

@@ -252,7 +252,55 @@ def test_resume_after_an_input_changed_is_refused(resume, tmp_path):
 
 def test_two_runs_are_byte_identical(models, reference, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(engine, "CHUNK_NUMEL", CHUNK_NUMEL)
-    out = tmp_path / "again"
+    out = tmp_path / "out"  # the card's title is the folder's name
     rc = cli.main(["run", str(models.recipe), "--out", str(out), "--quiet", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
+    assert _folder_bytes(out) == reference
+
+
+def test_rerun_without_resume_says_how_to_resume(models, reference, capsys, tmp_path):
+    out = tmp_path / "out"
+    _kill(models, out, "shard-done:2")
+    kept = _folder_bytes(_partial(out))
+    rc = cli.main(["run", str(models.recipe), "--out", str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    total = _shard_count(reference)
+    assert err.strip().splitlines() == [
+        f"error: an interrupted run of this recipe left 2 of {total} shard(s) finished in "
+        f"{_partial(out)}: rerun with --resume to keep them, or with --overwrite to start over"
+    ]
+    assert _folder_bytes(_partial(out)) == kept and not out.exists()  # nothing discarded
+
+
+def test_resume_on_a_finished_output_is_a_no_op(models, reference, resume, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert _run_subprocess(models.recipe, out).returncode == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc = cli.main(["run", str(models.recipe), "--out", str(out), "--quiet", "--resume"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out == f"{out} is already complete (same recipe and inputs): nothing to do\n"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert _folder_bytes(out) == reference
+    # Another recipe's output is not "complete": --resume says what is there.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(RECIPE.format(a=models.a, b=models.b, t=0.6))
+    rc = cli.main(["run", str(changed), "--out", str(out), "--quiet", "--resume"])
+    assert rc == 2
+    assert "finished merge of another recipe or other inputs" in capsys.readouterr().err
+
+
+def test_killed_run_leftovers_go_with_the_resume(models, reference, resume, tmp_path):
+    from shardmerge.output import lock_holder
+
+    out = tmp_path / "out"
+    _kill(models, out, "chunk-written:2")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".out.shardmerge-lock", ".out.shardmerge-partial"]  # nothing else beside
+    assert lock_holder(out) is None  # the kernel released the dead run's lock
+    assert list(_partial(out).glob(".shardmerge-scratch-*"))  # its scratch folder, inside
+    rc, err, _ = resume(models.recipe, out)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert _folder_bytes(out) == reference

@@ -218,7 +218,7 @@ def test_t_table_for_a_tiny_model() -> None:
     ]
     table = t_table(gradient_slerp("shardmerge", non_layer=0.5), names)
     assert table.splitlines() == [
-        "| tensors | self_attn | mlp | other |",
+        "| tensors | `self_attn` | `mlp` | other |",
         "| --- | --- | --- | --- |",
         "| `model.layers.0` | 0 | 1 | 0.5 |",
         "| `model.layers.1` | 0.3 | 0.7 | 0.5 |",
@@ -244,7 +244,8 @@ def test_t_table_columns_only_for_rules_in_use_and_escapes_pipes() -> None:
     )
     names = [f"model.layers.{i}.mlp.{p}_proj.weight" for i in range(2) for p in ("up", "down")]
     lines = t_table(schedule, names).splitlines()
-    assert lines[0] == r"| tensors | re:mlp\.(gate\|up) | mlp | other |"
+    # As code, so the backslash survives markdown; "\|" is GFM's pipe escape, also in code.
+    assert lines[0] == r"| tensors | `re:mlp\.(gate\|up)` | `mlp` | other |"
     assert lines[2] == "| `model.layers.0` | 0.3 | 0.1 | - |"
     assert lines[3] == "| `model.layers.1` | 0.3 | - | 0.5 |"
 
@@ -262,7 +263,7 @@ def test_t_table_joins_distinct_values_in_one_cell() -> None:
     )
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"]
     assert t_table(schedule, names).splitlines() == [
-        "| tensors | mlp |",
+        "| tensors | `mlp` |",
         "| --- | --- |",
         "| `model.layers.0` | 0.125/0.25 |",
     ]

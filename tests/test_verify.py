@@ -161,8 +161,8 @@ def test_recipe_sample_catches_a_tampered_value(capsys, tmp_path):
     out, recipe = _merge(tmp_path, layers=2)  # 6 tensors: the sample is all of them
     rc, text = _verify(capsys, out, "--recipe", recipe)
     assert rc == 0, text
-    _put_float32(out, Q1, 0, 0.125)  # finite and plausible: only recomputation sees it
-    assert _verify(capsys, out)[0] == 0
+    _put_float32(out, Q1, 0, 0.125)  # finite and plausible: only digests and recomputation see it
+    assert _verify(capsys, out, "--fast")[0] == 0
     rc, text = _verify(capsys, out, "--recipe", recipe)
     assert rc == 1
     assert f"tensor {Q1!r} differs from what the recipe makes" in text
@@ -186,7 +186,55 @@ def test_full_needs_a_recipe(capsys, out):
     assert err.strip() == "error: --full recomputes tensors from the inputs: it needs --recipe"
 
 
-def test_missing_folder(capsys, tmp_path):
-    rc, text = _verify(capsys, tmp_path / "nowhere")
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_bad_path_is_bad_input(capsys, tmp_path, kind):
+    target = tmp_path / "nowhere"
+    if kind == "file":
+        target.write_text("not a model")
+    rc = cli.main(["verify", str(target)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    reason = "no such folder" if kind == "missing" else "is not a folder"
+    assert captured.err == f"error: {target}: {reason}\n"
+
+
+def test_flipped_bytes_are_found_by_the_recorded_digests(capsys, out):
+    index = json.loads((out / INDEX).read_text())
+    digests = index["metadata"]["shardmerge"]["shard_digests"]
+    assert set(digests) == set(index["weight_map"].values())
+    shard, offset, _ = _locate(out, Q1)
+    data = bytearray(shard.read_bytes())
+    data[offset : offset + 16] = bytes(b ^ 0x01 for b in data[offset : offset + 16])  # low bits
+    shard.write_bytes(bytes(data))
+    rc, text = _verify(capsys, out)
     assert rc == 1
-    assert "nowhere is not a folder" in text
+    assert f"{shard.name}: its bytes differ from the digest recorded" in text
+    assert len(text.strip().splitlines()) == 2
+    rc, text = _verify(capsys, out, "--fast")  # headers and NaN/Inf only: the flip passes
+    assert rc == 0, text
+
+
+def test_good_output_checks_every_digest(capsys, merged):
+    rc, text = _verify(capsys, merged[0])
+    shards = len(set(json.loads((merged[0] / INDEX).read_text())["weight_map"].values()))
+    assert rc == 0
+    assert f"{shards} shard digest(s) checked" in text
+
+
+def test_single_file_model_folder(capsys, tmp_path):
+    folder = write_checkpoint(tmp_path / "single", _tensors(0, 2), None, {"model_type": "llama"})
+    rc, text = _verify(capsys, folder)
+    assert rc == 0, text
+    assert text.startswith(f"ok: {folder}: 6 tensors")
+    _put_single_nan(folder / "model.safetensors", Q1)
+    rc, text = _verify(capsys, folder)
+    assert rc == 1
+    assert f"tensor {Q1!r} contains NaN or Inf" in text
+
+
+def _put_single_nan(path: Path, name: str) -> None:
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    begin = 8 + length + json.loads(data[8 : 8 + length])[name]["data_offsets"][0]
+    data[begin : begin + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(data))
