@@ -83,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
         help="Hub inputs: download each shard just before use and delete it after",
     )
 
+    evaluate = sub.add_parser(
+        "eval", help="perplexity and KL of a merged model vs its parents (transformers extra)"
+    )
+    evaluate.add_argument("output", type=Path, help="the merged model's folder")
+    evaluate.add_argument(
+        "--against", nargs=2, type=Path, required=True, metavar=("A", "B"), help="parent folders"
+    )
+    evaluate.add_argument("--text", type=Path, help="UTF-8 text file (default: a built-in sample)")
+    evaluate.add_argument(
+        "--max-tokens", type=int, default=1024, help="tokens scored (default 1024)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
     verify.add_argument("--recipe", type=Path, help="recompute tensors from the recipe's inputs")
@@ -128,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _verify(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "eval":
+        return _eval(args)
     recipe = load_recipe(args.recipe)
     for warning in recipe.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -246,6 +261,20 @@ def _compare(args: argparse.Namespace) -> int:
         write_plot(comparison, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from shardmerge.evaluate import evaluate_merge
+
+    report = evaluate_merge(
+        args.output,
+        tuple(args.against),
+        text_path=args.text,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:
