@@ -11,14 +11,16 @@ the model size.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shardmerge import import_torch
+from shardmerge import import_torch, readahead
 from shardmerge.errors import CheckpointError, InputError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo
 from shardmerge.plan import CHUNK_NUMEL, _cap, _compare, _sources, _ties_embeddings
@@ -131,6 +133,11 @@ def _stream_sums(
         for side, info in enumerate(task.infos):
             remaining[side, info.file] = remaining.get((side, info.file), 0) + 1
 
+    # The engine's read-ahead hints, started when a read waits for the disk (readahead.py).
+    hints = readahead.ReadAhead(_read_spans(tasks, sources))
+    for r in readers:
+        r.on_slow_read = hints.start
+
     def read_loop() -> None:
         try:
             for index, task in enumerate(tasks):
@@ -142,6 +149,7 @@ def _stream_sums(
                     for reader, info, raw in zip(readers, task.infos, slot, strict=True):
                         size = DTYPE_SIZES[info.dtype]
                         reader.read_into(info, start * size, bytes_view(raw)[: count * size])
+                    hints.advance(count * sum(DTYPE_SIZES[i.dtype] for i in task.infos))
                     ready.put((index, start, count, slot))
                 for side, info in enumerate(task.infos):
                     remaining[side, info.file] -= 1
@@ -157,6 +165,11 @@ def _stream_sums(
     scratch = similarity.scratch_buffer(sub or CHUNK_NUMEL, dev)
     reader = threading.Thread(target=read_loop, name="shardmerge-compare-read", daemon=True)
     reader.start()
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # A core for the reader: with every core in torch's pool, OpenMP's spinning workers
+        # fought it (medium pair, 2 cores: 3.5-22 s per run; one thread: 3.6-4.2 s).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     try:
         while (item := ready.get()) is not _STOP:
             assert isinstance(item, tuple)
@@ -173,15 +186,42 @@ def _stream_sums(
                 label = models[("a", "b", "base").index(bad)].label
                 raise CheckpointError(f"{label}: tensor {task.name!r} contains NaN or Inf values")
     finally:
+        torch.set_num_threads(threads)
         stop.set()
         while reader.is_alive():
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)
+        hints.close()
         for r in readers:
             r.close_all()
     if errors:
         raise errors[0]
     return [(task.name, s) for task, s in zip(tasks, sums, strict=True)]
+
+
+def _read_spans(tasks: list[_Task], sources: list[ShardSource]) -> Iterator[list[readahead.Span]]:
+    """The byte ranges of each chunk the reader reads, in its order (local files only: a
+    streamed shard may not be on the disk yet)."""
+    from shardmerge.engine import LocalSource
+
+    paths: dict[tuple[int, str], str | None] = {}
+    for task in tasks:
+        for start in range(0, task.numel, CHUNK_NUMEL):
+            count = min(CHUNK_NUMEL, task.numel - start)
+            spans = []
+            for side, info in enumerate(task.infos):
+                if (side, info.file) not in paths:
+                    source = sources[side]
+                    local = isinstance(source, LocalSource)
+                    try:
+                        paths[side, info.file] = str(source.fetch(info.file)) if local else None
+                    except InputError:
+                        paths[side, info.file] = None  # the reader reports it
+                size = DTYPE_SIZES[info.dtype]
+                spans.append(
+                    readahead.Span(paths[side, info.file], info.begin + start * size, count * size)
+                )
+            yield spans
 
 
 def _take(

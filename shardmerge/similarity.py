@@ -97,7 +97,7 @@ def _cosine(dot: float, sq_x: float, sq_y: float) -> float | None:
 
 
 def scratch_buffer(numel: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Float32 room for ``numel`` elements of up to 5 rows (a, b, base, two work rows)."""
+    """Float32 room for ``numel`` elements in 5 rows: a, b, a - b, a - base, b - base."""
     return torch.empty(5, -(-numel // BLOCK), BLOCK, dtype=torch.float32, device=device)
 
 
@@ -123,54 +123,68 @@ def accumulate(
     step = n if sub <= 0 else max(BLOCK, sub - sub % BLOCK)
     for s in range(0, n, max(step, 1)):
         e = min(s + step, n)
-        parts = [a[s:e], b[s:e]] + ([] if base is None else [base[s:e]])
-        _accumulate_piece(sums, _load(scratch, parts), with_base=base is not None)
+        if base is None:
+            x = _load(scratch, [(0, a[s:e]), (1, b[s:e])], rows=3)
+        else:
+            x = _load(scratch, [(0, a[s:e]), (1, b[s:e]), (4, base[s:e])], rows=5)
+        _accumulate_piece(sums, x)
     sums.numel += n
 
 
-def _load(scratch: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Copy ``parts`` into the first rows of ``scratch`` as float32 blocks, the last block
-    zero-padded (zeros add nothing to any sum and are neither sign)."""
-    n = parts[0].numel()
+def _load(scratch: torch.Tensor, parts: list[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor:
+    """Copy each (row, part) into ``scratch`` as float32 blocks, the last block zero-padded
+    (zeros add nothing to any sum and are neither sign); returns the first ``rows`` rows."""
+    n = parts[0][1].numel()
     full, tail = divmod(n, BLOCK)
     blocks = full + (1 if tail else 0)
-    x = scratch[:, :blocks]
-    for row, part in enumerate(parts):
+    x = scratch[:rows, :blocks]
+    if tail:
+        x[:, full].zero_()
+    for row, part in parts:
         if full:
             x[row, :full].copy_(part[: full * BLOCK].view(full, BLOCK))
         if tail:
-            x[row, full].zero_()
             x[row, full, :tail].copy_(part[full * BLOCK :])
     return x
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """(x.x, x.y, y.y) of two (blocks, BLOCK) float32 rows: float32 per block, float64 total."""
-    pair = torch.stack((x, y), dim=1)  # (blocks, 2, BLOCK)
-    gram = torch.bmm(pair, pair.transpose(1, 2)).sum(0, dtype=torch.float64).tolist()
-    return gram[0][0], gram[0][1], gram[1][1]
+# Row pairs whose dot products are summed: (a, a), (a, b), (b, b), (a - b, a - b), then with a
+# base (a - base, a - base), (a - base, b - base), (b - base, b - base).
+_PAIRS = ((0, 0), (0, 1), (1, 1), (2, 2), (3, 3), (3, 4), (4, 4))
 
 
-def _accumulate_piece(sums: Sums, x: torch.Tensor, *, with_base: bool) -> None:
-    a, b, work = x[0], x[1], x[3]
-    sq_a, dot, sq_b = _gram(a, b)
-    sums.sq_a += sq_a
-    sums.dot += dot
-    sums.sq_b += sq_b
-    torch.sub(a, b, out=work)
-    sums.sq_diff += torch.bmm(work.unsqueeze(1), work.unsqueeze(2)).sum(dtype=torch.float64).item()
-    if not with_base:
-        return
-    base = x[2]
-    a.sub_(base)  # the task vectors, in place: a and b are not needed any more
-    b.sub_(base)
-    task_sq_a, task_dot, task_sq_b = _gram(a, b)
-    sums.task_sq_a += task_sq_a
-    sums.task_dot += task_dot
-    sums.task_sq_b += task_sq_b
-    torch.mul(a, b, out=work)
-    sums.sign_agree += int(torch.count_nonzero(work > 0))
-    sums.sign_total += int(torch.count_nonzero(work))
+def _accumulate_piece(sums: Sums, x: torch.Tensor) -> None:
+    """Rows of ``x``: a, b, then a - b; with a base (in row 4) also a - base and b - base.
+    Each pair's dot product per block (float32, ``vecdot``: one pass over two cached rows, 2-3x
+    faster here than one batched Gram product of all rows), the blocks added up in float64."""
+    torch.sub(x[0], x[1], out=x[2])
+    with_base = x.shape[0] == 5
+    if with_base:
+        torch.sub(x[0], x[4], out=x[3])
+        torch.sub(x[1], x[4], out=x[4])  # b - base in place (elementwise: aliasing is safe)
+    pairs = _PAIRS if with_base else _PAIRS[:4]
+    dots = torch.empty(len(pairs) + 2, x.shape[1], dtype=x.dtype, device=x.device)
+    for k, (i, j) in enumerate(pairs):
+        torch.linalg.vecdot(x[i], x[j], out=dots[k])
+    if with_base:
+        # sign((a - base) * (b - base)) is +1 where the task vectors agree, -1 where they
+        # conflict, 0 where either is zero: its sum and its count of non-zeros per block are
+        # small integers, exact in float32.
+        signs = torch.mul(x[3], x[4], out=x[2]).sign_()
+        torch.sum(signs, dim=1, out=dots[-2])
+        torch.linalg.vecdot(signs, signs, out=dots[-1])
+    totals = dots.sum(1, dtype=torch.float64).tolist()
+    sums.sq_a += totals[0]
+    sums.dot += totals[1]
+    sums.sq_b += totals[2]
+    sums.sq_diff += totals[3]
+    if with_base:
+        sums.task_sq_a += totals[4]
+        sums.task_dot += totals[5]
+        sums.task_sq_b += totals[6]
+        net, nonzero = round(totals[7]), round(totals[8])
+        sums.sign_agree += (nonzero + net) // 2
+        sums.sign_total += nonzero
 
 
 # --------------------------------------------------------------------------- grouping
