@@ -124,7 +124,10 @@ def _curves(ax: Any, comparison: Comparison, kinds: list[str]) -> None:
         linestyle="--",
         linewidth=1,
     )
-    twin.set_ylabel("relative L2 distance |A - B| / |A| (dashed)", color="tab:red")
+    distances = [_value(ly.total.rel_l2) for ly in comparison.layers]
+    top = max((d for d in distances if not math.isnan(d)), default=0.0)
+    twin.set_ylim(0, top * 1.15 or 1.0)  # from 0: autoscaling blew up differences of 1e-3
+    twin.set_ylabel("rel. L2 |A - B| / |A| (dashed)", color="tab:red")
     twin.tick_params(axis="y", colors="tab:red")
 
 

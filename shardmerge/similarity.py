@@ -3,7 +3,8 @@
 No files: :func:`accumulate` adds one chunk of flat tensors to a tensor's running :class:`Sums`,
 and :func:`summarize` groups finished sums by layer and module type into a :class:`Comparison`.
 Every statistic is a ratio of sums that add up over chunks and over tensors, so a group's
-numbers are those of its tensors taken as one concatenated vector (a large tensor counts more).
+numbers are those of its tensors taken as one concatenated vector: a tensor counts by its squared
+norm (RMSNorm weights, all near 1, can outweigh a layer's matrices in a small model).
 
 * cosine: a.b / (|a| |b|);
 * relative L2 distance: |a - b| / |a| (relative to the first model);

@@ -258,3 +258,16 @@ def test_compare_hub_models_with_stream(
     local = json.loads(capsys.readouterr().out)
     assert hub["tensors"] == local["tensors"]
     assert hub["models"]["a"] == f"model A (org/a@{sha[:12]})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_statistics(tmp_path: Path) -> None:
+    paths = [str(p) for p in _write(tmp_path, _models(dtype=torch.bfloat16))]
+    cpu, _ = compare.compare_models(paths, device="cpu")
+    gpu, _ = compare.compare_models(paths, device="cuda")
+    for x, y in zip(cpu.tensors, gpu.tensors, strict=True):
+        assert x.name == y.name
+        assert (x.sums.sign_agree, x.sums.sign_total) == (y.sums.sign_agree, y.sums.sign_total)
+        for key, value in x.sums.metrics(with_base=True).items():
+            assert y.sums.metrics(with_base=True)[key] == pytest.approx(value, rel=1e-5), key
