@@ -90,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--against", nargs=2, type=Path, required=True, metavar=("A", "B"), help="parent folders"
     )
-    evaluate.add_argument("--text", type=Path, help="UTF-8 text file (default: a built-in sample)")
     evaluate.add_argument(
-        "--max-tokens", type=int, default=1024, help="tokens scored (default 1024)"
+        "--text", type=Path, metavar="FILE", help="UTF-8 text file (default: a built-in sample)"
+    )
+    evaluate.add_argument(
+        "--max-tokens", type=int, default=1024, metavar="N", help="tokens scored (default 1024)"
     )
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 

@@ -252,12 +252,13 @@ def test_compare_hub_models_with_stream(
     paths = _write(tmp_path, _models())
     sha = fake_hub.add_repo("org/a", folder_files(paths[0]))
     fake_hub.add_repo("org/b", folder_files(paths[1]))
-    assert main(["compare", f"org/a@{sha}", "org/b", "--json", "--stream"]) == 0
-    hub = json.loads(capsys.readouterr().out)
     assert main(["compare", str(paths[0]), str(paths[1]), "--json"]) == 0
     local = json.loads(capsys.readouterr().out)
-    assert hub["tensors"] == local["tensors"]
-    assert hub["models"]["a"] == f"model A (org/a@{sha[:12]})"
+    for stream in (["--stream"], []):  # shard by shard into a scratch folder, or the HF cache
+        assert main(["compare", f"org/a@{sha}", "org/b", "--json", *stream]) == 0
+        hub = json.loads(capsys.readouterr().out)
+        assert hub["tensors"] == local["tensors"]
+        assert hub["models"]["a"] == f"model A (org/a@{sha[:12]})"
 
 
 @pytest.mark.gpu
