@@ -142,7 +142,6 @@ def evaluate_merge(
 
     merged_logprobs: list[torch.Tensor] = []
     scores = []
-    problems: list[str] = []
     for role, path in (("merged", merged), ("A", parents[0]), ("B", parents[1])):
         model = _load(transformers, torch, path, dev)
         nll, count, kl_sum = 0.0, 0, 0.0
