@@ -55,6 +55,38 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(validate)
     _add_allow_pickle(validate)
 
+    compare = sub.add_parser(
+        "compare", help="per-layer similarity of two models (and of their task vectors)"
+    )
+    compare.add_argument("model_a", metavar="A", help="Hub id[@revision] or local folder")
+    compare.add_argument("model_b", metavar="B", help="Hub id[@revision] or local folder")
+    compare.add_argument("--base", help="common base model: also compare the task vectors")
+    compare.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    compare.add_argument("--json", action="store_true", help="print JSON (per tensor too)")
+    compare.add_argument(
+        "--plot", type=Path, metavar="FILE", help="write a picture (.png/.svg/.pdf)"
+    )
+    compare.add_argument(
+        "--stream",
+        action="store_true",
+        help="Hub inputs: download each shard just before use and delete it after",
+    )
+
+    evaluate = sub.add_parser(
+        "eval", help="perplexity and KL of a merged model vs its parents (transformers extra)"
+    )
+    evaluate.add_argument("output", type=Path, help="the merged model's folder")
+    evaluate.add_argument(
+        "--against", nargs=2, type=Path, required=True, metavar=("A", "B"), help="parent folders"
+    )
+    evaluate.add_argument(
+        "--text", type=Path, metavar="FILE", help="UTF-8 text file (default: a built-in sample)"
+    )
+    evaluate.add_argument(
+        "--max-tokens", type=int, default=1024, metavar="N", help="tokens scored (default 1024)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
     verify.add_argument("--recipe", type=Path, help="recompute tensors from the recipe's inputs")
@@ -155,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "verify":
         return _verify(args)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "eval":
+        return _eval(args)
     recipe = load_recipe(args.recipe)
     for warning in recipe.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -362,6 +398,47 @@ def _check_push(
             f"push target {target.url}: {state} {visibility} repo, writable by {target.user}",
             file=sys.stderr,
         )
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from shardmerge.compare import compare_models
+
+    if args.plot is not None:  # before any work: a missing extra or folder is reported at once
+        from shardmerge.plot import check_plot_path, require_matplotlib
+
+        require_matplotlib()
+        check_plot_path(args.plot)
+    refs = [args.model_a, args.model_b] + ([args.base] if args.base else [])
+    comparison, warnings = compare_models(refs, device=args.device, stream=args.stream)
+    _print_warnings(warnings)
+    from shardmerge import similarity
+
+    if args.json:
+        print(json.dumps(similarity.to_json(comparison), indent=2))
+    else:
+        print(similarity.render_table(comparison))
+    if args.plot is not None:
+        from shardmerge.plot import write_plot
+
+        write_plot(comparison, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from shardmerge.evaluate import evaluate_merge
+
+    report = evaluate_merge(
+        args.output,
+        tuple(args.against),
+        text_path=args.text,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:

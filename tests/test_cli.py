@@ -124,14 +124,17 @@ def test_help_and_validate_do_not_import_torch(tmp_path):
     a, b = _pair(tmp_path)
     recipe = _recipe(tmp_path, f"models: {{a: {a}, b: {b}}}\nt: 0.5\n")
     code = (
-        "import sys; from shardmerge.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from shardmerge.cli import main\n"
+        "try: rc = main(sys.argv[1:])\n"
+        "except SystemExit as exc: rc = exc.code\n"  # --help
         "print(sorted(m for m in ('torch', 'huggingface_hub') if m in sys.modules)); sys.exit(rc)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, "validate", str(recipe)],
-        capture_output=True, text=True, env=_env(), check=True,
-    )  # fmt: skip
-    assert done.stdout.strip().endswith("[]")
+    for args in (["validate", str(recipe)], ["plan", str(recipe)], ["--help"], ["compare", "-h"]):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env()
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("[]"), args
 
 
 def test_command_exit_after_torch_keeps_code_output_and_exit_handlers(tmp_path):

@@ -1,0 +1,233 @@
+"""``shardmerge compare``: stream two models (and a base) once and measure how they differ.
+
+The I/O edge around :mod:`shardmerge.similarity`: model references are resolved and checked
+against each other from headers alone (every mismatch reported at once, before a byte of tensor
+data is read), then a reader thread fills a small fixed pool of chunk slots with the raw bytes
+of every input (the engine's reader: ``preadv``, no mapping) while the calling thread adds each
+chunk to its tensor's sums, on the CPU or a CUDA device. Memory stays at a few chunks whatever
+the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shardmerge import import_torch, readahead
+from shardmerge.errors import CheckpointError, InputError
+from shardmerge.inventory import DTYPE_SIZES, TensorInfo
+from shardmerge.plan import CHUNK_NUMEL, _cap, _compare, _sources, _ties_embeddings
+from shardmerge.recipe import ModelRef
+from shardmerge.resolve import ResolvedModel, open_source, resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from shardmerge.engine import ShardSource
+    from shardmerge.similarity import Comparison, Sums
+
+# Chunk slots in flight: one being added up, the others read ahead.
+SLOTS = 4
+_STOP = object()
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """ "org/name@revision" or a local folder (taken whole, even with an "@" in its path)."""
+    if Path(text).expanduser().is_dir():
+        return ModelRef(text, None)
+    ref, at, revision = text.rpartition("@")
+    if at and ref.strip() and revision.strip():
+        return ModelRef(ref, revision)
+    if at:
+        raise InputError(f"{text!r}: expected 'ref@revision' with both parts non-empty")
+    return ModelRef(text, None)
+
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    infos: tuple[TensorInfo, ...]  # a, b (, base)
+
+    @property
+    def numel(self) -> int:
+        return self.infos[0].numel
+
+
+def match_models(models: list[ResolvedModel]) -> tuple[list[_Task], list[str], list[str]]:
+    """The tensors to compare, in the first model's file order; the integer tensors skipped; and
+    warnings. Raises a CheckpointError listing every mismatch with the first model."""
+    warnings: list[str] = []
+    tied = _ties_embeddings(models[0].inventory)
+    sources = [_sources(m.inventory, tied, warnings) for m in models]
+    problems: list[str] = []
+    for other, model in zip(sources[1:], models[1:], strict=True):
+        problems += _compare(models[0].label, sources[0], model.label, other)
+    if problems:
+        raise CheckpointError(_cap(problems))
+    tasks, skipped = [], []
+    for name, info in sources[0].items():
+        if not info.is_float:
+            skipped.append(name)
+            continue
+        tasks.append(_Task(name, tuple(s[name] for s in sources)))
+    return tasks, skipped, warnings
+
+
+def compare_models(
+    refs: list[str], *, device: str = "auto", stream: bool = False
+) -> tuple[Comparison, list[str]]:
+    """Compare models ``refs`` = [a, b] or [a, b, base]; returns (Comparison, warnings).
+
+    Raises:
+        InputError: a reference that is neither a folder nor a Hub id, mismatched models, or an
+            input tensor holding NaN or Inf (named with its model).
+    """
+    keys = ("a", "b", "base")[: len(refs)]
+    models = [resolve_model(parse_model_ref(r), k) for r, k in zip(refs, keys, strict=True)]
+    tasks, skipped, warnings = match_models(models)
+    from shardmerge.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="shardmerge-compare-") as scratch:
+        sources = [
+            open_source(
+                m, stream=stream, workdir=Path(scratch), files=[t.infos[i].file for t in tasks]
+            )
+            for i, m in enumerate(models)
+        ]
+        results = _stream_sums(tasks, models, sources, dev)
+    from shardmerge import similarity
+
+    labels = {k: m.label for k, m in zip(keys, models, strict=True)}
+    comparison = similarity.summarize(results, labels, with_base=len(models) == 3, skipped=skipped)
+    return comparison, warnings
+
+
+def _stream_sums(
+    tasks: list[_Task], models: list[ResolvedModel], sources: list[ShardSource], dev_name: str
+) -> list[tuple[str, Sums]]:
+    import_torch()  # the CLI's first torch import, with the collector paused
+    import torch
+
+    from shardmerge import similarity
+    from shardmerge.engine import TORCH_DTYPES, _Reader, bytes_view
+
+    dev = torch.device(dev_name)
+    readers = [_Reader(s, m.label) for s, m in zip(sources, models, strict=True)]
+    itemsize = max((DTYPE_SIZES[i.dtype] for t in tasks for i in t.infos), default=4)
+    free: queue.Queue[list[torch.Tensor]] = queue.Queue()
+    for _ in range(SLOTS):
+        free.put([torch.empty(CHUNK_NUMEL * itemsize, dtype=torch.uint8) for _ in models])
+    ready: queue.Queue[object] = queue.Queue()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    remaining: dict[tuple[int, str], int] = {}
+    for task in tasks:
+        for side, info in enumerate(task.infos):
+            remaining[side, info.file] = remaining.get((side, info.file), 0) + 1
+
+    # The engine's read-ahead hints, started when a read waits for the disk (readahead.py).
+    hints = readahead.ReadAhead(_read_spans(tasks, sources))
+    for r in readers:
+        r.on_slow_read = hints.start
+
+    def read_loop() -> None:
+        try:
+            for index, task in enumerate(tasks):
+                for start in range(0, task.numel, CHUNK_NUMEL):
+                    slot = _take(free, stop)
+                    if slot is None:
+                        return
+                    count = min(CHUNK_NUMEL, task.numel - start)
+                    for reader, info, raw in zip(readers, task.infos, slot, strict=True):
+                        size = DTYPE_SIZES[info.dtype]
+                        reader.read_into(info, start * size, bytes_view(raw)[: count * size])
+                    hints.advance(count * sum(DTYPE_SIZES[i.dtype] for i in task.infos))
+                    ready.put((index, start, count, slot))
+                for side, info in enumerate(task.infos):
+                    remaining[side, info.file] -= 1
+                    if remaining[side, info.file] == 0:
+                        readers[side].close(info.file)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            errors.append(exc)
+        finally:
+            ready.put(_STOP)
+
+    sums = [similarity.Sums() for _ in tasks]
+    sub = similarity.sub_numel(dev)
+    scratch = similarity.scratch_buffer(sub or CHUNK_NUMEL, dev)
+    reader = threading.Thread(target=read_loop, name="shardmerge-compare-read", daemon=True)
+    reader.start()
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # A core for the reader: with every core in torch's pool, OpenMP's spinning workers
+        # fought it (medium pair, 2 cores: 3.5-22 s per run; one thread: 3.6-4.2 s).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        while (item := ready.get()) is not _STOP:
+            assert isinstance(item, tuple)
+            index, start, count, slot = item
+            task = tasks[index]
+            typed = [
+                raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype]).to(dev)
+                for raw, info in zip(slot, task.infos, strict=True)
+            ]
+            base = typed[2] if len(typed) == 3 else None
+            similarity.accumulate(sums[index], typed[0], typed[1], base, scratch, sub=sub)
+            free.put(slot)  # the sums are read back (a sync on CUDA): the slot is free
+            if start + count == task.numel and (bad := sums[index].non_finite()) is not None:
+                label = models[("a", "b", "base").index(bad)].label
+                raise CheckpointError(f"{label}: tensor {task.name!r} contains NaN or Inf values")
+    finally:
+        torch.set_num_threads(threads)
+        stop.set()
+        while reader.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        hints.close()
+        for r in readers:
+            r.close_all()
+    if errors:
+        raise errors[0]
+    return [(task.name, s) for task, s in zip(tasks, sums, strict=True)]
+
+
+def _read_spans(tasks: list[_Task], sources: list[ShardSource]) -> Iterator[list[readahead.Span]]:
+    """The byte ranges of each chunk the reader reads, in its order (local files only: a
+    streamed shard may not be on the disk yet)."""
+    from shardmerge.engine import LocalSource
+
+    paths: dict[tuple[int, str], str | None] = {}
+    for task in tasks:
+        for start in range(0, task.numel, CHUNK_NUMEL):
+            count = min(CHUNK_NUMEL, task.numel - start)
+            spans = []
+            for side, info in enumerate(task.infos):
+                if (side, info.file) not in paths:
+                    source = sources[side]
+                    local = isinstance(source, LocalSource)
+                    try:
+                        paths[side, info.file] = str(source.fetch(info.file)) if local else None
+                    except InputError:
+                        paths[side, info.file] = None  # the reader reports it
+                size = DTYPE_SIZES[info.dtype]
+                spans.append(
+                    readahead.Span(paths[side, info.file], info.begin + start * size, count * size)
+                )
+            yield spans
+
+
+def _take(
+    pool: queue.Queue[list[torch.Tensor]], stop: threading.Event
+) -> list[torch.Tensor] | None:
+    while not stop.is_set():
+        with contextlib.suppress(queue.Empty):
+            return pool.get(timeout=0.1)
+    return None
