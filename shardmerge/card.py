@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardmerge import __version__
@@ -18,13 +19,15 @@ class CardModel:
 
 
 def render_card(
-    models: tuple[CardModel, CardModel],
+    models: Sequence[CardModel],
     recipe_text: str,
     t_table: str,
     *,
     out_dtype: str,
     total_bytes: int,
     num_shards: int,
+    method: str = "slerp",
+    random_seed: int | None = None,
 ) -> str:
     """Front matter (base_model, tags, library_name) and a body with method, models, t table,
     recipe and version."""
@@ -35,32 +38,50 @@ def render_card(
     base_models = [m.hub_id for m in models if m.hub_id]
     data = ModelCardData(
         base_model=base_models or None,
-        tags=["merge", "slerp", "shardmerge", "mergekit-compatible"],
+        tags=["merge", method, "shardmerge", "mergekit-compatible"],
         library_name="transformers",
     )
-    lines = [
-        "# Merged model",
-        "",
-        f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
-        "",
-        "## Method",
-        "",
-        "Spherical linear interpolation of each pair of tensors, each tensor taken as one "
-        "vector (mergekit's `slerp` semantics): t = 0 gives the first model, t = 1 the second; "
-        "nearly (anti)parallel tensors are interpolated linearly. Integer buffers take the "
-        f"rounded linear interpolation. Output dtype: `{out_dtype}`, {num_shards} shard(s), "
-        f"{total_bytes:,} bytes of tensors.",
-        "",
-        "## Models",
-        "",
-    ]
+    sizes = f"Output dtype: `{out_dtype}`, {num_shards} shard(s), {total_bytes:,} bytes of tensors."
+    if method == "slerp":
+        lines = [
+            "# Merged model",
+            "",
+            f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
+            "",
+            "## Method",
+            "",
+            "Spherical linear interpolation of each pair of tensors, each tensor taken as one "
+            "vector (mergekit's `slerp` semantics): t = 0 gives the first model, t = 1 the "
+            "second; nearly (anti)parallel tensors are interpolated linearly. Integer buffers "
+            f"take the rounded linear interpolation. {sizes}",
+            "",
+            "## Models",
+            "",
+        ]
+    else:
+        from shardmerge.methods import get_method
+
+        seed = "" if random_seed is None else f" Random masks: seed {random_seed}."
+        lines = [
+            "# Merged model",
+            "",
+            f"This model is a `{method}` merge of {len(models)} checkpoints, made with "
+            f"shardmerge {__version__}.",
+            "",
+            "## Method",
+            "",
+            f"`{method}` ({get_method(method).summary}), with mergekit's semantics.{seed} {sizes}",
+            "",
+            "## Models",
+            "",
+        ]
     for m in models:
         name = f"[{m.hub_id}](https://huggingface.co/{m.hub_id})" if m.hub_id else f"`{m.ref}`"
         kind = "revision" if m.hub_id else "header fingerprint"
         lines.append(f"- {name} ({m.role}), {kind} `{m.pin}`")
     lines += [
         "",
-        "## Per-layer t",
+        "## Per-layer t" if method == "slerp" else "## Per-layer parameters",
         "",
         t_table.rstrip(),
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -26,14 +27,15 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardmerge",
-        description="Streaming, bounded-memory SLERP merges of sharded safetensors checkpoints.",
+        description="Streaming, bounded-memory merges (SLERP, linear, task arithmetic, TIES, "
+        "DARE, breadcrumbs) of sharded safetensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="merge the two models of a recipe")
-    run.add_argument("recipe", type=Path, help="recipe YAML (shardmerge or mergekit slerp format)")
+    run = sub.add_parser("run", help="merge the models of a recipe")
+    run.add_argument("recipe", type=Path, help="recipe YAML (shardmerge or mergekit format)")
     run.add_argument("--out", type=Path, help="output folder (required for mergekit configs)")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -52,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="with --push-to-hub: merge, then list what would be uploaded without uploading",
+    )
+    run.add_argument(
+        "--random-seed",
+        type=int,
+        metavar="N",
+        help="seed of random masks (dare_ties, dare_linear); overrides the recipe's; default 0",
     )
     _add_allow_pickle(run)
 
@@ -143,6 +151,8 @@ def _run(args: argparse.Namespace, recipe: Recipe, pipeline: ModuleType) -> int:
         raise InputError("--dry-run needs --push-to-hub (or hub.push_to in the recipe)")
     from shardmerge import distributed
 
+    if args.random_seed is not None:
+        recipe = dataclasses.replace(recipe, random_seed=args.random_seed)
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
     options: dict[str, Any] = dict(

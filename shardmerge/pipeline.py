@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from shardmerge import __version__, faults, import_torch
 from shardmerge.errors import InputError, OutputError, ShardmergeError
 from shardmerge.inventory import TORCH_NAMES
+from shardmerge.methods import get_method
 from shardmerge.output import (
     INDEX_NAME,
     check_output_location,
@@ -47,16 +48,25 @@ PROGRESS_NAME = ".shardmerge-progress.json"
 @dataclass(frozen=True)
 class PreparedMerge:
     recipe: Recipe
-    model_a: ResolvedModel
-    model_b: ResolvedModel
+    models: tuple[ResolvedModel, ...]  # in the recipe's order (recipe.models)
     plan: MergePlan
 
     @property
+    def model_a(self) -> ResolvedModel:
+        return self.models[0]
+
+    @property
+    def model_b(self) -> ResolvedModel:
+        return self.models[1]
+
+    @property
     def fingerprint(self) -> str:
-        """Identity of what the run will produce: recipe, pinned inputs and output layout."""
+        """Identity of what the run will produce: recipe, seed, pinned inputs, output layout."""
         digest = hashlib.sha256()
         digest.update(self.recipe.text.encode())
-        digest.update(self.model_a.pin.encode() + b"\0" + self.model_b.pin.encode())
+        digest.update(b"\0".join(m.pin.encode() for m in self.models))
+        if self.plan.method != "slerp":
+            digest.update(f"\0{self.plan.method}\0seed={self.plan.random_seed}".encode())
         for shard in self.plan.shards:
             digest.update(shard.filename.encode() + shard.header)
         return digest.hexdigest()
@@ -74,21 +84,35 @@ class RunResult:
 def prepare(
     recipe: Recipe, *, shard_size_bytes: int | None = None, allow_pickle: bool = False
 ) -> PreparedMerge:
-    """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
-    model_a = resolve_model(recipe.model_a, "a", allow_pickle=allow_pickle)
-    model_b = resolve_model(recipe.model_b, "b", allow_pickle=allow_pickle)
-    plan = plan_merge(
-        recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
+    """Resolve every model and plan the merge from headers alone (no tensor bytes read)."""
+    models = tuple(
+        resolve_model(ref, key, allow_pickle=allow_pickle)
+        for ref, key in zip(recipe.models, _resolve_keys(recipe), strict=True)
     )
-    return PreparedMerge(recipe, model_a, model_b, plan)
+    plan = plan_merge(recipe, *(m.inventory for m in models), shard_size_bytes=shard_size_bytes)
+    return PreparedMerge(recipe, models, plan)
+
+
+def _resolve_keys(recipe: Recipe) -> tuple[str, ...]:
+    """Short names of the models for labels and records: a, b (SLERP); base, 1, 2, ..."""
+    if recipe.method == "slerp":
+        return ("a", "b")
+    first = recipe.first_merged
+    return ("base",) * first + tuple(str(i + 1) for i in range(len(recipe.models) - first))
 
 
 def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
     """Human-readable plan: models, t table, shard layout, totals, memory estimate."""
     plan = prepared.plan
-    lines = [
-        f"model A (t=0): {prepared.model_a.label}  [{prepared.model_a.pin}]",
-        f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
+    if plan.method == "slerp":
+        lines = [
+            f"model A (t=0): {prepared.model_a.label}  [{prepared.model_a.pin}]",
+            f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
+        ]
+    else:
+        lines = [f"method: {plan.method}  (random seed {plan.random_seed})"]
+        lines += [f"{m.label}  [{m.pin}]" for m in prepared.models]
+    lines += [
         "",
         plan.t_table.rstrip(),
         "",
@@ -159,7 +183,7 @@ def run_merge(
 
 def prepare_output(prepared: PreparedMerge, out: Path, *, overwrite: bool, resume: bool) -> Path:
     """Check the output location and create (or, to resume, keep) the hidden working folder."""
-    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
+    inputs = [d for m in prepared.models for d in m.input_dirs]
     needed = sum(s.file_bytes for s in prepared.plan.shards)
     check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
     return prepare_partial(out, keep=resume)
@@ -195,7 +219,7 @@ def merge_shards(
     wanted_early = not device.startswith("cuda") and plan.input_bytes >= slots_bytes
     slots_memory = _fault_in(slots_bytes) if wanted_early else None
     torch = import_torch()
-    from shardmerge.engine import execute_plan
+    from shardmerge.passes import execute
 
     # Started now rather than before: it and torch's import are both Python code (they would
     # share the GIL), and torch's import waited for modules they both import (filelock).
@@ -216,7 +240,7 @@ def merge_shards(
         record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
         record: dict[str, Any] = {
             "fingerprint": prepared.fingerprint,
-            "inputs": {m.key: m.pin for m in (prepared.model_a, prepared.model_b)},
+            "inputs": {m.key: m.pin for m in prepared.models},
             "shards": {},
         }
         record["shards"].update({k: v for k, v in done.items()})
@@ -228,20 +252,18 @@ def merge_shards(
 
         needed = _input_files(plan, skip)
         with tempfile.TemporaryDirectory(prefix=".shardmerge-", dir=out.parent) as scratch:
-            source_a = open_source(
-                prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0]
-            )
-            source_b = open_source(
-                prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1]
-            )
+            sources = [
+                open_source(m, stream=stream, workdir=Path(scratch), files=files)
+                for m, files in zip(prepared.models, needed, strict=True)
+            ]
             todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
             bar = _progress_bar(todo, quiet)
             try:
-                result = execute_plan(
+                result = execute(
                     plan,
-                    source_a,
-                    source_b,
+                    sources,
                     work,
+                    labels=[m.label for m in prepared.models],
                     device=dev,
                     skip_shards=skip,
                     on_progress=bar.update if bar else None,
@@ -256,7 +278,7 @@ def merge_shards(
             finally:
                 if bar:
                     bar.close()
-            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
+            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in sources]
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
     streamed = [p for p in peaks if p is not None]
     return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
@@ -271,8 +293,7 @@ def finish_output(
         write_side_files(prepared, work)
     faults.reached("before-index")
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
-    models = (prepared.model_a, prepared.model_b)
-    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in models}
+    inputs = {m.key: f"{m.hub_id or m.ref.ref}@{m.pin}" for m in prepared.models}
     (work / INDEX_NAME).write_text(
         prepared.plan.index_json({"shardmerge": {"version": __version__, "inputs": inputs}})
     )
@@ -340,10 +361,11 @@ def _fault_in(nbytes: int) -> Callable[[], mmap.mmap | None]:
     return result
 
 
-def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list[str]]:
+def _input_files(plan: MergePlan, skip: frozenset[int]) -> list[list[str]]:
     """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    return [t.a.file for t in tasks], [t.b.file for t in tasks]
+    count = len(tasks[0].inputs) if tasks else len(plan.tasks[0].inputs) if plan.tasks else 2
+    return [[t.inputs[i].file for t in tasks] for i in range(count)]
 
 
 def push_output(
@@ -356,8 +378,9 @@ def push_output(
     report = verify_output(out)
     if not report.ok:
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
-    a, b = prepared.model_a, prepared.model_b
-    message = f"SLERP merge of {a.hub_id or a.ref.ref} and {b.hub_id or b.ref.ref} (shardmerge)"
+    names = " and ".join(m.hub_id or m.ref.ref for m in prepared.models)
+    method = "SLERP" if prepared.plan.method == "slerp" else prepared.plan.method
+    message = f"{method} merge of {names} (shardmerge)"
     return hub.push_folder(out, repo_id, private=private, commit_message=message, dry_run=dry_run)
 
 
@@ -383,16 +406,24 @@ def write_side_files(prepared: PreparedMerge, work: Path) -> None:
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
     write_config(work, config, out_dtype)
+    if plan.method == "slerp":
+        roles = ["t = 0 end", "t = 1 end"]
+    else:
+        first = prepared.recipe.first_merged
+        roles = ["base"] * first + [f"model {i + 1}" for i in range(len(prepared.models) - first)]
+    uses_seed = plan.method != "slerp" and get_method(plan.method).uses_seed
     card = render_card(
-        (
-            CardModel(a.ref.ref, a.hub_id, a.pin, "t = 0 end"),
-            CardModel(b.ref.ref, b.hub_id, b.pin, "t = 1 end"),
-        ),
+        [
+            CardModel(m.ref.ref, m.hub_id, m.pin, role)
+            for m, role in zip(prepared.models, roles, strict=True)
+        ],
         prepared.recipe.text,
         plan.t_table,
         out_dtype=out_dtype or "as stored",
         total_bytes=plan.total_size,
         num_shards=len(plan.shards),
+        method=plan.method,
+        random_seed=plan.random_seed if uses_seed else None,
     )
     (work / "README.md").write_text(card)
 

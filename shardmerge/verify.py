@@ -142,8 +142,11 @@ def _recompute(
     full: bool,
     report: VerifyReport,
 ) -> None:
-    from shardmerge.engine import LocalSource, execute_plan
-    from shardmerge.plan import MergePlan, layout_shards
+    from dataclasses import replace
+
+    from shardmerge.engine import LocalSource
+    from shardmerge.passes import execute
+    from shardmerge.plan import layout_shards
 
     tasks = list(prepared.plan.tasks)
     missing = [t.name for t in tasks if t.name not in tensors]
@@ -153,19 +156,15 @@ def _recompute(
         )
         return
     chosen = tasks if full else random.Random(0).sample(tasks, min(_SAMPLE, len(tasks)))
-    models = (prepared.model_a, prepared.model_b)
+    models = prepared.models
     if any(m.local_dir is None for m in models):
         report.problems.append("--recipe recomputation needs local input folders")
         return
     with tempfile.TemporaryDirectory(prefix="shardmerge-verify-") as scratch:
         for task in chosen:
-            sub = MergePlan(layout_shards([task], 1 << 62), False, (), "")
-            execute_plan(
-                sub,
-                LocalSource(models[0].local_dir, models[0].label),  # type: ignore[arg-type]
-                LocalSource(models[1].local_dir, models[1].label),  # type: ignore[arg-type]
-                Path(scratch),
-            )
+            sub = replace(prepared.plan, shards=layout_shards([task], 1 << 62), warnings=())
+            sources = [LocalSource(m.local_dir, m.label) for m in models]  # type: ignore[arg-type]
+            execute(sub, sources, Path(scratch))
             shard = sub.shards[0]
             expected_path = Path(scratch) / shard.filename
             info, start = tensors[task.name]

@@ -221,9 +221,15 @@ def test_mergekit_multi_slice_is_rejected() -> None:
     assert problem.startswith("slices: frankenmerge/multi-slice configs are not supported")
 
 
-def test_mergekit_other_methods_are_rejected() -> None:
-    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: ties"))
-    assert problem == "merge_method: 'ties' is not supported; shardmerge only does slerp"
+def test_mergekit_unsupported_methods_are_rejected_with_the_supported_list() -> None:
+    supported = (
+        "supported methods: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, linear, "
+        "slerp, task_arithmetic, ties"
+    )
+    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: della"))
+    assert problem == f"merge_method: 'della' is not supported by shardmerge yet; {supported}"
+    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: tie"))
+    assert problem == f"merge_method: unknown merge method 'tie'; {supported}"
 
 
 def test_mergekit_union_tokenizer_is_rejected() -> None:
