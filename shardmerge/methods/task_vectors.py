@@ -176,30 +176,49 @@ class TaskVectorMerge:
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
         base = inputs[0]
+        dtype = base.dtype
         if not self.models:
             return base
-        deltas = base.new_empty((len(self.models), base.numel()))
-        for i, (model, delta) in enumerate(zip(self.models, self._deltas(inputs), strict=True)):
-            deltas[i] = self._sparsified(model, self.factors[i], delta, start)
-        weights = torch.tensor([m.weight for m in self.models], dtype=deltas.dtype)
-        weights = weights.to(deltas.device).unsqueeze_(-1)
-        deltas.mul_(weights)
+        # mergekit stacks the deltas and uses sum(dim=0); a merge-dtype sum over dim 0 is a
+        # float32 accumulation in model order rounded once, which is what _sum_rounded does
+        # without the stack (half the memory traffic; the tests check it bit for bit).
+        weights = [torch.tensor(m.weight, dtype=dtype, device=base.device) for m in self.models]
+        weighted = [
+            self._sparsified(model, self.factors[i], delta, start) * weights[i]
+            for i, (model, delta) in enumerate(zip(self.models, self._deltas(inputs), strict=True))
+        ]
         if self.family.consensus:
-            sign = deltas.sign()
-            elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-            mask = sign == elected
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
+            # The elected sign is that of the summed weighted deltas, zero counting as positive;
+            # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
+            positive = _sum_rounded(weighted, dtype) >= 0
+            takes = [torch.where(positive, d > 0, d < 0) for d in weighted]
+            mixed = _sum_rounded(
+                [d * t.to(dtype) for d, t in zip(weighted, takes, strict=True)], dtype
+            )
+            divisor = _sum_rounded(
+                [t.to(dtype) * w for t, w in zip(takes, weights, strict=True)], dtype
+            )
+            divisor = torch.where(divisor == 0, torch.ones((), dtype=dtype), divisor)
         else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < DIVISOR_EPS] = 1
+            mixed = _sum_rounded(weighted, dtype)
+            divisor = torch.stack(weights).sum(dim=0)
+            if divisor.abs() < DIVISOR_EPS:
+                divisor = torch.ones((), dtype=dtype, device=base.device)
         if self.normalize:
             mixed /= divisor
         if self.lambda_ != 1:
             mixed *= self.lambda_
-        return (base + mixed).to(base.dtype)
+        return (base + mixed).to(dtype)
+
+
+def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum(parts) accumulated in float32 (float64 for float64) in order, rounded to ``dtype``
+    once: torch's sum(dim=0) of the stacked parts, for 16-bit dtypes."""
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = parts[0].to(acc_dtype, copy=True)
+    for part in parts[1:]:
+        acc.add_(part)
+    return acc.to(dtype)
 
 
 def _block_l1(x: torch.Tensor) -> list[float]:
