@@ -945,6 +945,11 @@ def _mk_model_parameters(value: Any, path: str, check: _Check) -> None:
     for key in params:
         if key == "t":
             check.add(_at(path, "t"), _T_UNDER_MODEL)
+        elif key in _MK_KNOWN_PARAMS:  # e.g. a weight left in a config made from a template
+            check.warnings.append(
+                f"{_at(path, key)}: ignored; slerp takes no per-model parameters (mergekit "
+                "ignores it too)"
+            )
         else:
             check.add(_at(path, key), "slerp takes no per-model parameters (only a global t)")
 

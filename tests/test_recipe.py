@@ -704,3 +704,17 @@ def test_recipe_is_frozen() -> None:
     recipe = parse_recipe(MINIMAL)
     with pytest.raises(AttributeError):
         recipe.device = "cpu"  # type: ignore[misc]
+
+
+def test_mergekit_slerp_ignores_template_parameters_with_a_warning() -> None:
+    text = MERGEKIT_MODELS.replace(
+        f"  - model: {PLATYPUS}\n", f"  - model: {PLATYPUS}\n    parameters:\n      weight: 0.3\n"
+    )
+    recipe = parse_recipe(text)
+    assert recipe.model_b == ModelRef(PLATYPUS, None)
+    assert any(
+        w.startswith("models[1].parameters.weight: ignored; slerp takes no per-model")
+        for w in recipe.warnings
+    )
+    bad = text.replace("weight: 0.3", "wieght: 0.3")
+    assert the_problem(bad).startswith("models[1].parameters.wieght: slerp takes no per-model")
