@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardmerge",
         description="Streaming, bounded-memory merges (SLERP, linear, task arithmetic, TIES, "
-        "DARE, breadcrumbs) of sharded safetensors checkpoints.",
+        "DARE, breadcrumbs, DELLA) of sharded safetensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         "--random-seed",
         type=int,
         metavar="N",
-        help="seed of random masks (dare_ties, dare_linear); overrides the recipe's; default 0",
+        help="seed of random masks (DARE, DELLA); overrides the recipe's; default 0",
     )
     _add_allow_pickle(run)
 

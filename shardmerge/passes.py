@@ -65,12 +65,21 @@ def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [(0, 0)]
 
 
+def _method_chunk(chunk: int, row_aligned: bool, row_len: int) -> int:
+    """A method's chunk: whole rows when it needs them (at least one row, even past ``chunk``)."""
+    if not row_aligned or row_len <= 0:
+        return chunk
+    return max(1, chunk // row_len) * row_len
+
+
 def merge_tensor(
     job: TensorJob, method: str, inputs: Sequence[torch.Tensor], chunk_numel: int | None = None
 ) -> torch.Tensor:
     """Merge in-memory flat inputs (merge dtype) exactly as the engine does, chunk by chunk."""
-    merge = get_method(method).start(job)
-    spans = _spans(job.numel, chunk_numel or _chunk_numel())
+    spec = get_method(method)
+    merge = spec.start(job)
+    chunk = _method_chunk(chunk_numel or _chunk_numel(), spec.row_aligned, job.row_len)
+    spans = _spans(job.numel, chunk)
     for p in range(merge.passes):
         for s, e in spans:
             merge.reduce(p, [x[s:e] for x in inputs], s)
@@ -161,8 +170,16 @@ def execute_passes(
         for i in range(len(readers))
     ]
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
+    pool_ids: set[int] = set()
     for _ in range(SLOTS):
-        free.put([torch.empty(chunk * size, dtype=torch.uint8) for size in itemsizes])
+        slot = [torch.empty(chunk * size, dtype=torch.uint8) for size in itemsizes]
+        pool_ids.add(id(slot))
+        free.put(slot)
+
+    def release(slot: list[torch.Tensor]) -> None:
+        if id(slot) in pool_ids:  # an oversized row's own buffers are simply dropped
+            free.put(slot)
+
     ready: queue.Queue[object] = queue.Queue(maxsize=SLOTS)
     to_write: queue.Queue[object] = queue.Queue(maxsize=SLOTS)
     errors: list[BaseException] = []
@@ -176,7 +193,13 @@ def execute_passes(
         return None
 
     def read(task: TensorTask, start: int, end: int, which: Sequence[int]) -> list[torch.Tensor]:
-        slot = take()
+        slot: list[torch.Tensor] | None
+        if end - start > chunk:
+            # A row longer than a chunk (row-aligned methods; in practice a large 1-D tensor):
+            # buffers of its own, outside the pool.
+            slot = [torch.empty((end - start) * size, dtype=torch.uint8) for size in itemsizes]
+        else:
+            slot = take()
         if slot is None:
             raise _Stopped
         for i in which:
@@ -197,7 +220,8 @@ def execute_passes(
                         readers[i].close(info.file)
 
     def _task_items(task: TensorTask, shard: int) -> Iterator[_Item]:
-        spans = _spans(task.inputs[0].numel, chunk)
+        row_len = _row_len(task)
+        spans = _spans(task.inputs[0].numel, _method_chunk(chunk, method.row_aligned, row_len))
         if not task.is_float:  # integer/bool tensors come from the first input, as stored
             for s, e in spans:
                 yield _Item(task, shard, "copy", 0, s, e, None, read(task, s, e, [0]), False, True)
@@ -269,7 +293,7 @@ def execute_passes(
                 shard_index, data, slot = entry
                 write(shard_index, data)
                 if slot is not None:
-                    free.put(slot)
+                    release(slot)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             errors.append(exc)
             stop.set()
@@ -288,7 +312,7 @@ def execute_passes(
                 if info.dtype != task.out_dtype:
                     typed = raw.view(TORCH_DTYPES[info.dtype]).to(TORCH_DTYPES[task.out_dtype])
                     to_write.put((item.shard, typed.view(torch.uint8), None))
-                    free.put(item.slot)
+                    release(item.slot)
                 else:
                     to_write.put((item.shard, raw, item.slot))  # freed once written
                 continue
@@ -299,13 +323,13 @@ def execute_passes(
                 if item.end_of_pass:
                     item.merge.end_pass(item.pass_index)
                 if item.release:
-                    free.put(item.slot)
+                    release(item.slot)
                 continue
             merged = item.merge.combine(inputs, item.start)
             del inputs
             out = merged.to(TORCH_DTYPES[task.out_dtype]).reshape(-1)
             data = out.cpu().contiguous().view(torch.uint8)
-            free.put(item.slot)
+            release(item.slot)
             to_write.put((item.shard, data, None))
 
     reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
@@ -350,7 +374,13 @@ def _job(plan: MergePlan, task: TensorTask, dev: torch.device) -> TensorJob:
         shared=task.shared,
         seed=plan.random_seed,
         device=dev,
+        row_len=_row_len(task),
     )
+
+
+def _row_len(task: TensorTask) -> int:
+    """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
+    return task.shape[-1] if len(task.shape) >= 2 else max(1, task.inputs[0].numel)
 
 
 def _typed_inputs(item: _Item, dev: torch.device) -> list[torch.Tensor]:

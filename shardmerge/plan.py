@@ -281,6 +281,10 @@ def _resolve_params(
             value = resolve_t(_as_schedule(schedule), name, pos)
             _check_range(param, value, where, name)
             values[param.name] = value
+        problem = spec.check(values) if spec.check is not None else None
+        if problem is not None:
+            key = recipe.model_keys[recipe.first_merged + i]
+            raise ScheduleError(f"{key}.parameters: {problem}")
         per_model.append(values)
     shared: dict[str, float | bool] = {}
     for param in spec.shared:

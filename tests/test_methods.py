@@ -32,7 +32,8 @@ def _dense_top(delta: torch.Tensor, m: int) -> torch.Tensor:
     return mask
 
 
-def _dense_sparsify(kind, delta, density, gamma, rescale, key):
+def _dense_sparsify(kind, delta, density, gamma, rescale, key, epsilon=0.15, row=0):
+    row = row or delta.numel()
     delta = delta.reshape(-1)
     n = delta.numel()
     if kind is None or density >= 1:
@@ -48,6 +49,16 @@ def _dense_sparsify(kind, delta, density, gamma, rescale, key):
         top = n - n_bottom - target
         mask = _dense_top(delta, top + target) & ~_dense_top(delta, top)
         work = delta
+    elif kind == "della":
+        work = delta.to(torch.float32) if delta.dtype == torch.float16 else delta
+        rows = delta.view(-1, row)
+        order = torch.sort(rows.abs(), dim=1, stable=True).indices
+        ranks = order.argsort(dim=1).to(work.dtype) + 1  # a permutation's inverse: exact
+        low, high = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
+        rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+        u = rng.uniform_bits(key, 0, n, delta.device).to(torch.float32)
+        mask = u < probs.reshape(-1).to(torch.float32) * float(1 << rng.UNIT_BITS)
     else:
         mask = rng.keep_mask(key, 0, n, density, delta.device)
         work = delta.to(torch.float32) if delta.dtype == torch.float16 else delta
@@ -68,10 +79,14 @@ FAMILIES = {
     "dare_linear": ("random", False, False, True),
     "breadcrumbs": ("magnitude_outliers", False, False, False),
     "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+    "della": ("della", True, True, True),
+    "della_linear": ("della", False, False, True),
 }
 
 
-def dense_task_vectors(method, base, models, weights, densities, gammas, shared, name, seed):
+def dense_task_vectors(
+    method, base, models, weights, densities, gammas, shared, name, seed, epsilons=None
+):
     kind, consensus, normalize, rescale = FAMILIES[method]
     normalize = shared.get("normalize", normalize)
     rescale = shared.get("rescale", rescale)
@@ -79,7 +94,10 @@ def dense_task_vectors(method, base, models, weights, densities, gammas, shared,
     deltas = []
     for i, x in enumerate(models):
         key = rng.stream_key(seed, name, i)
-        deltas.append(_dense_sparsify(kind, x - base, densities[i], gammas[i], rescale, key))
+        eps = 0.15 if epsilons is None else epsilons[i]
+        row = base.shape[-1] if base.dim() >= 2 else base.numel()
+        delta = _dense_sparsify(kind, x - base, densities[i], gammas[i], rescale, key, eps, row)
+        deltas.append(delta)
     stacked = torch.stack([d.reshape(-1) for d in deltas])
     w = torch.tensor(weights, dtype=stacked.dtype).unsqueeze(-1)
     stacked = stacked * w
@@ -134,7 +152,7 @@ def _inputs(dtype, n=10_000, k=3, ties=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("method", list(FAMILIES))
+@pytest.mark.parametrize("method", [m for m in FAMILIES if not m.startswith("della")])
 def test_task_vector_methods_match_the_dense_reference_at_any_chunk_size(method, dtype):
     base, models = _inputs(dtype, ties=True)
     weights, densities, gammas = [0.6, -0.3, 1.1], [0.35, 0.7, 1.0], [0.02, 0.0, 0.1]
@@ -310,6 +328,11 @@ CONFIGS = {
         "  - model: {m1}\n  - model: {m2}\n"
         "parameters: {{density: 0.5, weight: 0.5, normalize: true}}\ndtype: bfloat16\n"
     ),
+    "della": (
+        "merge_method: della\nbase_model: {m0}\nmodels:\n"
+        "  - model: {m1}\n    parameters: {{density: 0.6, epsilon: 0.1, weight: 0.5}}\n"
+        "  - model: {m2}\n    parameters: {{density: 0.5, weight: 0.5}}\ndtype: bfloat16\n"
+    ),
     "breadcrumbs_ties": (
         "merge_method: breadcrumbs_ties\nbase_model: {m0}\nmodels:\n"
         "  - model: {m1}\n    parameters: {{density: 0.8, gamma: 0.05, weight: 0.5}}\n"
@@ -344,6 +367,11 @@ def _expected(method: str, states: list[dict], seed: int) -> dict[str, torch.Ten
             weights, densities = [0.4, 0.5], [0.53, 0.6]
         elif method == "dare_linear":
             weights, densities, shared = [0.5, 0.5], [0.5, 0.5], {"normalize": True}
+        elif method == "della":
+            out[name] = dense_task_vectors(
+                method, base, models, [0.5, 0.5], [0.6, 0.5], gammas, {}, name, seed, [0.1, 0.15]
+            )
+            continue
         else:
             weights, densities, gammas = [0.5, 0.5], [0.8, 0.7], [0.05, 0.01]
         out[name] = dense_task_vectors(
@@ -427,7 +455,7 @@ def test_agrees_with_mergekit(tmp_path, capsys, method):
         base = states[0][name]
         if method in ("linear", "task_arithmetic"):
             assert _max_steps(mine, other) <= 1, name
-        elif method.startswith("dare"):
+        elif method.startswith(("dare", "della")):
             # Random masks differ (mergekit's come from torch's global generator): compare
             # the L1 norm of the change where there are enough elements for it to be stable.
             if mine.numel() >= 4096:
@@ -603,3 +631,70 @@ def test_dare_is_byte_identical_after_a_kill_and_resume_and_across_processes(tmp
         proc = _launch("env", 2, recipe, tmp_path / "two")
         assert proc.returncode == 0, proc.stderr
         assert _shard_bytes(tmp_path / "two") == reference
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_the_dense_reference_with_whole_rows_per_chunk(method, dtype):
+    base, models = _inputs(dtype, n=100 * 60, ties=True)  # 60 rows of 100
+    weights, densities, epsilons = [0.6, -0.3, 1.1], [0.35, 0.7, 1.0], [0.1, 0.2, 0.15]
+    _, _, normalize, rescale = FAMILIES[method]
+    shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+    params = tuple(
+        {"weight": w, "density": d, "epsilon": e}
+        for w, d, e in zip(weights, densities, epsilons, strict=True)
+    )
+    job = TensorJob("layers.1.w", base.numel(), dtype, params, shared, 4, row_len=100)
+    shaped = [t.view(60, 100) for t in (base, *models)]
+    expected = dense_task_vectors(
+        method,
+        shaped[0],
+        shaped[1:],
+        weights,
+        densities,
+        [0.0] * 3,
+        shared,
+        "layers.1.w",
+        4,
+        epsilons,
+    ).reshape(-1)
+    for chunk in (150, 1024, 1 << 20):  # 1, 10 and all 60 rows per chunk
+        got = passes.merge_tensor(job, method, [base, *models], chunk)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (method, chunk)
+
+
+def test_della_epsilon_outside_the_unit_interval_is_refused(tmp_path, capsys):
+    folders, _ = _family(tmp_path)
+    recipe = tmp_path / "della.yml"
+    recipe.write_text(
+        f"merge_method: della\nbase_model: {folders[0]}\nmodels:\n"
+        f"  - model: {folders[1]}\n    parameters: {{weight: 1, density: 0.9, epsilon: 0.2}}\n"
+    )
+    rc = cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "models[0].parameters: density 0.9 +/- epsilon 0.2 must stay inside (0, 1)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_della_rows_longer_than_a_chunk(tmp_path, capsys, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    base = {"model.layers.0.w": torch.randn(3, 3000, generator=g), "norm": torch.randn(5000)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    states = [{k: v.to(torch.bfloat16) for k, v in s.items()} for s in (base, tuned)]
+    config = {"model_type": "llama", "tie_word_embeddings": True}
+    folders = [write_checkpoint(tmp_path / f"m{j}", s, None, config) for j, s in enumerate(states)]
+    recipe = tmp_path / "della.yml"
+    recipe.write_text(
+        f"method: della_linear\nbase: {folders[0]}\n"
+        f"models: [{{path: {folders[1]}, weight: 0.8, density: 0.5}}]\n"
+    )
+    monkeypatch.setattr(passes, "CHUNK_NUMEL", 1024)  # rows of 3000 and 5000 elements
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    got = _read(tmp_path / "out")
+    for name, b in states[0].items():
+        expected = dense_task_vectors(
+            "della_linear", b, [states[1][name]], [0.8], [0.5], [0.0], {}, name, 0
+        )
+        assert torch.equal(got[name], expected), name
+    capsys.readouterr()

@@ -13,6 +13,8 @@ from shardmerge.methods import (
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    della,
+    della_linear,
     linear,
     slerp,
     task_arithmetic,
@@ -31,12 +33,12 @@ _MODULES = (
     dare_linear,
     breadcrumbs,
     breadcrumbs_ties,
+    della,
+    della_linear,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
 NOT_IMPLEMENTED = (
-    "della",
-    "della_linear",
     "model_stock",
     "nuslerp",
     "multislerp",

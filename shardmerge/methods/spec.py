@@ -51,6 +51,7 @@ class TensorJob:
     shared: Mapping[str, float | bool]
     seed: int
     device: Any = "cpu"  # a torch.device or its name
+    row_len: int = 0  # elements per row (the last dimension; a 1-D tensor is one row)
 
 
 class TensorMerge(Protocol):
@@ -76,6 +77,9 @@ class MethodSpec:
     start: Callable[[TensorJob], TensorMerge]
     summary: str
     uses_seed: bool = False
+    row_aligned: bool = False  # chunks hold whole rows (per-row statistics)
+    # Per model: a problem with the combination of its parameter values, or None.
+    check: Callable[[dict[str, float]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

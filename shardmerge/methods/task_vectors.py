@@ -50,7 +50,7 @@ class _Model:
         self.weight = float(params["weight"])
         self.density = float(params.get("density", 1.0))
         n = job.numel
-        self.kind: Literal["keep", "zero", "select", "random"] = "keep"
+        self.kind: Literal["keep", "zero", "select", "random", "della"] = "keep"
         self.selector: RankSelector | None = None
         self.counts: tuple[int, ...] = ()
         if family.sparsify is None or self.density >= 1:
@@ -71,8 +71,14 @@ class _Model:
             top = n - n_bottom - target
             self.counts = (top + target, top)
         else:
-            self.kind = "random"
+            if family.sparsify == "della_magprune" and self.density <= 0:
+                self.kind = "zero"
+                return
+            self.kind = "random" if family.sparsify == "random" else "della"
             self.key = rng.stream_key(job.seed, job.name, index)
+            self.epsilon = float(params.get("epsilon", 0.15))
+            self.row = job.row_len or n
+            self.work_dtype = torch.float32 if job.dtype == torch.float16 else job.dtype
             return
         self.kind = "select"
         self.selector = RankSelector(n, self.counts, key_space(job.dtype))
@@ -81,18 +87,47 @@ class _Model:
 
     @property
     def sparsified(self) -> bool:
-        return self.kind in ("select", "random")
+        return self.kind in ("select", "random", "della")
+
+    @property
+    def drawn(self) -> bool:
+        """Random masks: drawn and rescaled in mergekit's working dtype."""
+        return self.kind in ("random", "della")
 
     def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         """Keep mask (bool) of the next chunk in flat order."""
         if self.kind == "random":
             return rng.keep_mask(self.key, start, delta.numel(), self.density, delta.device)
+        if self.kind == "della":
+            return self._della_mask(delta, start)
         assert self.selector is not None
         keys = magnitude_keys(delta)
         keep = self.selector.mask(keys, 0)
         if len(self.counts) == 2:  # breadcrumbs: not among the top ``top`` (outliers)
             keep.logical_and_(self.selector.mask(keys, 1).logical_not_())
         return keep
+
+    def _della_mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """DELLA's MagPrune: within each row (the chunk holds whole rows), the keep probability
+        grows linearly with the rank of |delta| from density - epsilon to density + epsilon;
+        mergekit's arithmetic (ranks and probabilities in the working dtype). Ties in |delta|
+        rank by index (stable sort; mergekit's argsort orders them arbitrarily)."""
+        rows = delta.view(-1, self.row)
+        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        positions = torch.arange(self.row, device=delta.device).expand_as(order)
+        ranks = torch.empty_like(order).scatter_(1, order, positions)
+        ranked = ranks.to(self.work_dtype) + 1
+        if self.row > 1:
+            low = ranked.min(dim=1, keepdim=True).values
+            high = ranked.max(dim=1, keepdim=True).values
+            rank_norm = ((ranked - low) / (high - low)).clamp(0, 1)
+        else:  # one element per row: mergekit divides 0 by 0 here; the middle probability
+            rank_norm = torch.full_like(ranked, 0.5)
+        probs = (self.density - self.epsilon) + rank_norm * 2 * self.epsilon
+        draws = rng.uniform_bits(self.key, start, delta.numel(), delta.device)
+        # u < p: u uniform on [0, 2**UNIT_BITS), exact in float32 (p's resolution 2**-24).
+        scaled = probs.reshape(-1).to(torch.float32) * float(1 << rng.UNIT_BITS)
+        return draws.to(torch.float32) < scaled
 
 
 class TaskVectorMerge:
@@ -133,8 +168,9 @@ class TaskVectorMerge:
                 continue
             work = self._work(model, delta)
             masked = work * model.mask(delta, start).to(work.dtype)
-            before.extend(_block_l1(work))
-            after.extend(_block_l1(masked))
+            block = model.row if model.kind == "della" else L1_BLOCK  # whole rows per chunk
+            before.extend(_block_l1(work, block))
+            after.extend(_block_l1(masked, block))
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.select_passes:
@@ -146,7 +182,7 @@ class TaskVectorMerge:
         for i, (model, (before, after)) in enumerate(zip(self.models, self._l1, strict=True)):
             if not model.sparsified:
                 continue
-            dtype = self.random_dtype if model.kind == "random" else self.dtype
+            dtype = self.random_dtype if model.drawn else self.dtype
             # mergekit sums in the working dtype: the exact sum, rounded to it, is what it gets
             # up to its own float32 accumulation error.
             b = torch.tensor(math.fsum(before), dtype=torch.float64).to(dtype)
@@ -159,7 +195,7 @@ class TaskVectorMerge:
                 model.selector.restart()
 
     def _work(self, model: _Model, delta: torch.Tensor) -> torch.Tensor:
-        return delta.to(self.random_dtype) if model.kind == "random" else delta
+        return delta.to(self.random_dtype) if model.drawn else delta
 
     def _sparsified(
         self, model: _Model, factor: torch.Tensor | None, delta: torch.Tensor, start: int
@@ -221,13 +257,13 @@ def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return acc.to(dtype)
 
 
-def _block_l1(x: torch.Tensor) -> list[float]:
-    """float64 sums of |x| over consecutive L1_BLOCK-element blocks (the last may be short)."""
+def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
+    """float64 sums of |x| over consecutive ``block``-element blocks (the last may be short)."""
     n = x.numel()
-    full = n - n % L1_BLOCK
+    full = n - n % block
     sums: list[float] = []
     if full:
-        blocks = x[:full].abs().view(-1, L1_BLOCK)
+        blocks = x[:full].abs().view(-1, block)
         sums = blocks.sum(dim=1, dtype=torch.float64).tolist()
     if n > full:
         sums.append(float(x[full:].abs().sum(dtype=torch.float64)))
