@@ -227,14 +227,12 @@ class TaskVectorMerge:
             # The elected sign is that of the summed weighted deltas, zero counting as positive;
             # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
             positive = _sum_rounded(weighted, dtype) >= 0
-            takes = [torch.where(positive, d > 0, d < 0) for d in weighted]
-            mixed = _sum_rounded(
-                [d * t.to(dtype) for d, t in zip(weighted, takes, strict=True)], dtype
-            )
-            divisor = _sum_rounded(
-                [t.to(dtype) * w for t, w in zip(takes, weights, strict=True)], dtype
-            )
-            divisor = torch.where(divisor == 0, torch.ones((), dtype=dtype), divisor)
+            # (d > 0) == positive, and d != 0: bool ops (torch.where on bools is slow here).
+            takes = [(d > 0).eq_(positive).logical_and_(d != 0).to(dtype) for d in weighted]
+            # d * take, not a masked fill: a dropped negative delta is -0.0, as in mergekit.
+            mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
+            divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
+            divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = _sum_rounded(weighted, dtype)
             divisor = torch.stack(weights).sum(dim=0)
