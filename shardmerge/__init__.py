@@ -1,4 +1,4 @@
-"""shardmerge: streaming, bounded-memory SLERP merging of sharded safetensors checkpoints.
+"""shardmerge: streaming, bounded-memory merging of sharded safetensors checkpoints.
 
 Importing the package is cheap (no torch); ``SLERPModelMerger`` loads torch on first use so
 ``shardmerge --help`` and ``shardmerge validate`` start fast. The tensor-level function is
@@ -13,9 +13,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SLERPModelMerger", "__version__"]
+__all__ = ["SLERPModelMerger", "__version__", "merge"]
 
 if TYPE_CHECKING:
+    from shardmerge.api import merge
     from shardmerge.merger import SLERPModelMerger
 
 
@@ -41,6 +42,10 @@ def import_torch() -> ModuleType:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "merge":
+        from shardmerge.api import merge
+
+        return merge
     if name == "SLERPModelMerger":
         from shardmerge.merger import SLERPModelMerger
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardmerge import __version__
@@ -19,7 +20,7 @@ class CardModel:
 
 
 def render_card(
-    models: tuple[CardModel, CardModel],
+    models: Sequence[CardModel],
     recipe_text: str,
     t_table: str,
     *,
@@ -27,6 +28,8 @@ def render_card(
     out_dtype: str,
     total_bytes: int,
     num_shards: int,
+    method: str = "slerp",
+    random_seed: int | None = None,
 ) -> str:
     """Front matter (base_model, license, tags, library_name) and a body with method, models,
     license, t table, recipe and version. Links follow ``HF_ENDPOINT``."""
@@ -36,30 +39,48 @@ def render_card(
 
     base_models = [m.hub_id for m in models if m.hub_id]
     licenses = [m.license for m in models]
-    # Carried only when both parents' cards name the same one: a merge is bound by both.
-    shared = licenses[0] if licenses[0] is not None and licenses[0] == licenses[1] else None
+    # Carried only when every parent's card names the same one: a merge is bound by all.
+    shared = licenses[0] if licenses[0] is not None and len(set(licenses)) == 1 else None
     data = ModelCardData(
         base_model=base_models or None,
         license=shared,
-        tags=["merge", "mergekit", "slerp", "shardmerge", "mergekit-compatible"],
+        tags=["merge", "mergekit", method, "shardmerge", "mergekit-compatible"],
         library_name="transformers",
     )
-    lines = [
-        f"# {title}",
-        "",
-        f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
-        "",
-        "## Method",
-        "",
-        "Spherical linear interpolation of each pair of tensors, each tensor taken as one "
-        "vector (mergekit's `slerp` semantics): t = 0 gives the first model, t = 1 the second; "
-        "nearly (anti)parallel tensors are interpolated linearly. Integer buffers take the "
-        f"rounded linear interpolation. Output dtype: `{out_dtype}`, {num_shards} shard(s), "
-        f"{total_bytes:,} bytes of tensors.",
-        "",
-        "## Models",
-        "",
-    ]
+    sizes = f"Output dtype: `{out_dtype}`, {num_shards} shard(s), {total_bytes:,} bytes of tensors."
+    if method == "slerp":
+        lines = [
+            f"# {title}",
+            "",
+            f"This model is a SLERP merge of two checkpoints, made with shardmerge {__version__}.",
+            "",
+            "## Method",
+            "",
+            "Spherical linear interpolation of each pair of tensors, each tensor taken as one "
+            "vector (mergekit's `slerp` semantics): t = 0 gives the first model, t = 1 the "
+            "second; nearly (anti)parallel tensors are interpolated linearly. Integer buffers "
+            f"take the rounded linear interpolation. {sizes}",
+            "",
+            "## Models",
+            "",
+        ]
+    else:
+        from shardmerge.methods import get_method
+
+        seed = "" if random_seed is None else f" Random masks: seed {random_seed}."
+        lines = [
+            f"# {title}",
+            "",
+            f"This model is a `{method}` merge of {len(models)} checkpoints, made with "
+            f"shardmerge {__version__}.",
+            "",
+            "## Method",
+            "",
+            f"`{method}` ({get_method(method).summary}), with mergekit's semantics.{seed} {sizes}",
+            "",
+            "## Models",
+            "",
+        ]
     for m in models:
         name = f"[{m.hub_id}]({constants.ENDPOINT}/{m.hub_id})" if m.hub_id else f"`{m.ref}`"
         kind = "revision" if m.hub_id else "header fingerprint"
@@ -69,16 +90,15 @@ def render_card(
         lines.append(f"`{shared}`, the license both parents' model cards name.")
     else:
         named = ", ".join(
-            f"model {'AB'[i]}: `{lic}`" if lic else f"model {'AB'[i]}: none"
-            for i, lic in enumerate(licenses)
+            f"`{m.ref}`: `{m.license}`" if m.license else f"`{m.ref}`: none" for m in models
         )
         lines.append(
             f"Not set: the parents' model cards do not name one same license ({named}). "
-            "Check both parents' terms before publishing."
+            "Check every parent's terms before publishing."
         )
     lines += [
         "",
-        "## Per-layer t",
+        "## Per-layer t" if method == "slerp" else "## Per-layer parameters",
         "",
         t_table.rstrip(),
         "",

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardmerge",
-        description="Streaming, bounded-memory SLERP merges of sharded safetensors checkpoints.",
+        description="Streaming, bounded-memory merges (SLERP, linear, task arithmetic, TIES, "
+        "DARE, breadcrumbs, DELLA) of sharded safetensors checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
     parser.add_argument(
@@ -36,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="merge the two models of a recipe")
-    run.add_argument("recipe", type=Path, help="recipe YAML (shardmerge or mergekit slerp format)")
+    run = sub.add_parser("run", help="merge the models of a recipe")
+    run.add_argument("recipe", type=Path, help="recipe YAML (shardmerge or mergekit format)")
     _add_run_options(run)
     _add_allow_pickle(run)
 
@@ -134,6 +135,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--create-pr", action="store_true", help="with --push-to-hub: open a pull request instead"
     )
     parser.add_argument("--commit-message", help="with --push-to-hub: the commit's title")
+    parser.add_argument(
+        "--random-seed",
+        type=int,
+        metavar="N",
+        help="seed of random masks (DARE, DELLA); overrides the recipe's; default 0",
+    )
 
 
 def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +213,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     out, device, push = _checked_options(args, recipe)
     if args.name is not None:
         recipe = dataclasses.replace(recipe, name=args.name)
+    if args.random_seed is not None:
+        recipe = dataclasses.replace(recipe, random_seed=args.random_seed)
     if args.command == "validate":
         return _validate(args, recipe, pipeline, out, device, push)
     return _run(args, recipe, pipeline, out, device, push)

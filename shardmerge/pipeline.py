@@ -30,6 +30,7 @@ from shardmerge.errors import (
     ShardmergeError,
 )
 from shardmerge.inventory import TORCH_NAMES
+from shardmerge.methods import get_method
 from shardmerge.output import (
     INDEX_NAME,
     SCRATCH_PREFIX,
@@ -49,7 +50,7 @@ from shardmerge.output import (
     write_json,
 )
 from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, plan_merge
-from shardmerge.recipe import ModelRef, Recipe
+from shardmerge.recipe import Recipe
 from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
 
 if TYPE_CHECKING:
@@ -61,16 +62,25 @@ PROGRESS_NAME = ".shardmerge-progress.json"
 @dataclass(frozen=True)
 class PreparedMerge:
     recipe: Recipe
-    model_a: ResolvedModel
-    model_b: ResolvedModel
+    models: tuple[ResolvedModel, ...]  # in the recipe's order (recipe.models)
     plan: MergePlan
 
     @property
+    def model_a(self) -> ResolvedModel:
+        return self.models[0]
+
+    @property
+    def model_b(self) -> ResolvedModel:
+        return self.models[1]
+
+    @property
     def fingerprint(self) -> str:
-        """Identity of what the run will produce: recipe, pinned inputs and output layout."""
+        """Identity of what the run will produce: recipe, seed, pinned inputs, output layout."""
         digest = hashlib.sha256()
         digest.update(self.recipe.text.encode())
-        digest.update(self.model_a.pin.encode() + b"\0" + self.model_b.pin.encode())
+        digest.update(b"\0".join(m.pin.encode() for m in self.models))
+        if self.plan.method != "slerp":
+            digest.update(f"\0{self.plan.method}\0seed={self.plan.random_seed}".encode())
         for shard in self.plan.shards:
             digest.update(shard.filename.encode() + shard.header)
         return digest.hexdigest()
@@ -89,16 +99,22 @@ class RunResult:
 def prepare(
     recipe: Recipe, *, shard_size_bytes: int | None = None, allow_pickle: bool = False
 ) -> PreparedMerge:
-    """Resolve both models and plan the merge from headers alone (no tensor bytes read)."""
+    """Resolve every model and plan the merge from headers alone (no tensor bytes read)."""
     base, other = recipe.base_dir, _other_base(recipe)
-    model_a, model_b = (
+    models = tuple(
         resolve_model(ref, key, allow_pickle=allow_pickle, base_dir=base, other_base=other)
-        for ref, key in ((recipe.model_a, "a"), (recipe.model_b, "b"))
+        for ref, key in zip(recipe.models, _resolve_keys(recipe), strict=True)
     )
-    plan = plan_merge(
-        recipe, model_a.inventory, model_b.inventory, shard_size_bytes=shard_size_bytes
-    )
-    return PreparedMerge(recipe, model_a, model_b, plan)
+    plan = plan_merge(recipe, *(m.inventory for m in models), shard_size_bytes=shard_size_bytes)
+    return PreparedMerge(recipe, models, plan)
+
+
+def _resolve_keys(recipe: Recipe) -> tuple[str, ...]:
+    """Short names of the models for labels and records: a, b (SLERP); base, 1, 2, ..."""
+    if recipe.method == "slerp":
+        return ("a", "b")
+    first = recipe.first_merged
+    return ("base",) * first + tuple(str(i + 1) for i in range(len(recipe.models) - first))
 
 
 def pin_recorded_revisions(recipe: Recipe, output: Path) -> Recipe:
@@ -113,8 +129,8 @@ def pin_recorded_revisions(recipe: Recipe, output: Path) -> Recipe:
         recorded = index["metadata"]["shardmerge"]["inputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return recipe  # not our output, or no record: verify reports what it finds
-    refs = {"a": recipe.model_a, "b": recipe.model_b}
-    for key, ref in list(refs.items()):
+    refs = list(recipe.models)
+    for index, (key, ref) in enumerate(zip(_resolve_keys(recipe), recipe.models, strict=True)):
         entry = recorded.get(key) if isinstance(recorded, dict) else None
         if Path(ref.ref).is_dir() or not isinstance(entry, str) or "@" not in entry:
             continue
@@ -123,8 +139,8 @@ def pin_recorded_revisions(recipe: Recipe, output: Path) -> Recipe:
             raise InputError(
                 f"models.{key}: the recipe names {ref.ref}, but {output} was made from {repo}"
             )
-        refs[key] = ModelRef(ref.ref, sha)
-    return replace(recipe, model_a=refs["a"], model_b=refs["b"])
+        refs[index] = replace(ref, revision=sha)
+    return replace(recipe, models=tuple(refs))
 
 
 def _other_base(recipe: Recipe) -> str | None:
@@ -139,9 +155,15 @@ def _other_base(recipe: Recipe) -> str | None:
 def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
     """Human-readable plan: models, t table, shard layout, totals, memory estimate."""
     plan = prepared.plan
-    lines = [
-        f"model A (t=0): {prepared.model_a.label}  [{prepared.model_a.pin}]",
-        f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
+    if plan.method == "slerp":
+        lines = [
+            f"model A (t=0): {prepared.model_a.label}  [{prepared.model_a.pin}]",
+            f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
+        ]
+    else:
+        lines = [f"method: {plan.method}  (random seed {plan.random_seed})"]
+        lines += [f"{m.label}  [{m.pin}]" for m in prepared.models]
+    lines += [
         "",
         plan.t_table.rstrip(),
         "",
@@ -224,7 +246,7 @@ def output_state(
                 f"{out} holds a finished merge of another recipe or other inputs; --resume "
                 "continues only the same merge: pass --overwrite to replace it"
             )
-    inputs = [d for m in (prepared.model_a, prepared.model_b) for d in m.input_dirs]
+    inputs = [d for m in prepared.models for d in m.input_dirs]
     needed = sum(s.file_bytes for s in prepared.plan.shards)
     check_output_location(out, inputs, overwrite=overwrite, needed_bytes=needed)
     finished = _interrupted_shards(work, prepared, resume=resume)
@@ -373,7 +395,7 @@ def merge_shards(
     # From a cold disk the first chunks of local inputs load while torch imports.
     readahead.hint_start(_first_reads(prepared, only_shards))
     torch = import_torch()
-    from shardmerge.engine import execute_plan
+    from shardmerge.passes import execute
 
     # Started now rather than before: it and torch's import are both Python code (they would
     # share the GIL), and torch's import waited for modules they both import (filelock).
@@ -391,7 +413,7 @@ def merge_shards(
         record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
         record: dict[str, Any] = {
             "fingerprint": prepared.fingerprint,
-            "inputs": {m.key: m.pin for m in (prepared.model_a, prepared.model_b)},
+            "inputs": {m.key: m.pin for m in prepared.models},
             "shards": {},
         }
         record["shards"].update({k: v for k, v in done.items()})
@@ -403,23 +425,20 @@ def merge_shards(
 
         needed = _input_files(plan, skip)
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
-            progress = not quiet
-            source_a = open_source(
-                prepared.model_a, stream=stream, workdir=Path(scratch), files=needed[0],
-                progress=progress,
-            )  # fmt: skip
-            source_b = open_source(
-                prepared.model_b, stream=stream, workdir=Path(scratch), files=needed[1],
-                progress=progress,
-            )  # fmt: skip
+            sources = [
+                open_source(
+                    m, stream=stream, workdir=Path(scratch), files=files, progress=not quiet
+                )
+                for m, files in zip(prepared.models, needed, strict=True)
+            ]
             todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
             bar = _progress_bar(todo, quiet)
             try:
-                result = execute_plan(
+                result = execute(
                     plan,
-                    source_a,
-                    source_b,
+                    sources,
                     work,
+                    labels=[m.label for m in prepared.models],
                     device=dev,
                     skip_shards=skip,
                     on_progress=bar.update if bar else None,
@@ -427,7 +446,7 @@ def merge_shards(
                     host_memory=host_memory,
                 )
             except NonFiniteInputError as exc:  # bad input: named by its repo or folder
-                model = prepared.model_a if exc.model_key == "a" else prepared.model_b
+                model = next(m for m in prepared.models if m.key == exc.model_key)
                 raise CheckpointError(
                     f"tensor {exc.tensor!r} in {model.label} contains NaN or Inf values"
                 ) from None
@@ -439,7 +458,7 @@ def merge_shards(
             finally:
                 if bar:
                     bar.close()
-            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in (source_a, source_b)]
+            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in sources]
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
     streamed = [p for p in peaks if p is not None]
     return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
@@ -454,8 +473,7 @@ def finish_output(
         write_side_files(prepared, work, out.name)
     faults.reached("before-index")
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
-    models = (prepared.model_a, prepared.model_b)
-    inputs = {m.key: f"{shown_name(m)}@{m.pin}" for m in models}
+    inputs = {m.key: f"{shown_name(m)}@{m.pin}" for m in prepared.models}
     records = sorted(work.glob(PROGRESS_NAME + "*"))
     metadata = {
         "version": __version__,
@@ -559,23 +577,23 @@ def _first_reads(
     prepared: PreparedMerge, only_shards: frozenset[int] | None
 ) -> Iterator[readahead.Span]:
     """The local input ranges the merge reads first, roughly in the engine's order (a hint)."""
-    folders = (prepared.model_a.local_dir, prepared.model_b.local_dir)
+    slerp = prepared.plan.method == "slerp"
     for index, shard in enumerate(prepared.plan.shards):
         if only_shards is not None and index not in only_shards:
             continue
         for task in shard.tasks:
-            for folder, info, used in (
-                (folders[0], task.a, task.t != 1.0),
-                (folders[1], task.b, task.t != 0.0),
-            ):
-                if folder is not None and used:
-                    yield readahead.Span(str(folder / info.file), info.begin, info.nbytes)
+            for i, (model, info) in enumerate(zip(prepared.models, task.inputs, strict=True)):
+                # SLERP's t = 0 reads nothing of B, t = 1 nothing of A.
+                unused = slerp and task.t == (1.0 if i == 0 else 0.0)
+                if model.local_dir is not None and not unused:
+                    yield readahead.Span(str(model.local_dir / info.file), info.begin, info.nbytes)
 
 
-def _input_files(plan: MergePlan, skip: frozenset[int]) -> tuple[list[str], list[str]]:
+def _input_files(plan: MergePlan, skip: frozenset[int]) -> list[list[str]]:
     """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    return [t.a.file for t in tasks], [t.b.file for t in tasks]
+    count = len(tasks[0].inputs) if tasks else len(plan.tasks[0].inputs) if plan.tasks else 2
+    return [[t.inputs[i].file for t in tasks] for i in range(count)]
 
 
 def check_push_target(
@@ -590,7 +608,7 @@ def check_push_target(
     the inputs are the recipe's models that are not local folders."""
     from shardmerge import hub
 
-    inputs = [m.ref for m in (recipe.model_a, recipe.model_b) if not Path(m.ref).is_dir()]
+    inputs = [m.ref for m in recipe.models if not Path(m.ref).is_dir()]
     return hub.check_push_target(
         repo_id, inputs=inputs, private=private, revision=revision, create_pr=create_pr
     )
@@ -623,8 +641,9 @@ def push_output(
     report = verify_output(out)
     if not report.ok:
         raise ShardmergeError(f"not pushing {out}: verification failed: {report.problems[0]}")
-    a, b = prepared.model_a, prepared.model_b
-    message = commit_message or (f"SLERP merge of {shown_name(a)} and {shown_name(b)} (shardmerge)")
+    names = " and ".join(shown_name(m) for m in prepared.models)
+    method = "SLERP" if prepared.plan.method == "slerp" else prepared.plan.method
+    message = commit_message or f"{method} merge of {names} (shardmerge)"
     return hub.push_folder(
         out,
         repo_id,
@@ -652,7 +671,7 @@ def _card_recipe_text(prepared: PreparedMerge) -> str:
     """The recipe for the card, its absolute local paths replaced by the names shown."""
     recipe = prepared.recipe
     text = recipe.text
-    for model in (prepared.model_a, prepared.model_b):
+    for model in prepared.models:
         written = model.ref.ref
         if not model.hub_id and (os.path.isabs(written) or written.startswith("~")):
             text = text.replace(written, shown_name(model))
@@ -679,17 +698,25 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
     write_config(work, config, out_dtype)
+    if plan.method == "slerp":
+        roles = ["t = 0 end", "t = 1 end"]
+    else:
+        first = prepared.recipe.first_merged
+        roles = ["base"] * first + [f"model {i + 1}" for i in range(len(prepared.models) - first)]
+    uses_seed = plan.method != "slerp" and get_method(plan.method).uses_seed
     card = render_card(
-        (
-            CardModel(shown_name(a), a.hub_id, a.pin, "t = 0 end", _card_license(a)),
-            CardModel(shown_name(b), b.hub_id, b.pin, "t = 1 end", _card_license(b)),
-        ),
+        [
+            CardModel(shown_name(m), m.hub_id, m.pin, role, _card_license(m))
+            for m, role in zip(prepared.models, roles, strict=True)
+        ],
         _card_recipe_text(prepared),
         plan.t_table,
         title=prepared.recipe.name or out_name,
         out_dtype=out_dtype or "as stored",
         total_bytes=plan.total_size,
         num_shards=len(plan.shards),
+        method=plan.method,
+        random_seed=plan.random_seed if uses_seed else None,
     )
     (work / "README.md").write_text(card)
 

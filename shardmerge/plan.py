@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from shardmerge.errors import CheckpointError
 from shardmerge.inventory import (
@@ -17,9 +17,11 @@ from shardmerge.inventory import (
     ModelInventory,
     TensorInfo,
 )
+from shardmerge.methods import MethodSpec, Param, get_method
 from shardmerge.recipe import Recipe
 from shardmerge.schedule import (
     LayerPos,
+    Schedule,
     ScheduleError,
     idle_rules,
     layer_positions,
@@ -39,6 +41,10 @@ MIN_SLOTS = 4
 # between their sums and their output, saving a second read; larger ones (embeddings) are read
 # twice.
 RESIDENT_NUMEL = MIN_SLOTS * CHUNK_NUMEL
+# The pass engine (every method but SLERP): elements per chunk and chunk slots (one chunk of
+# every input each); see shardmerge.passes.
+PASS_CHUNK_NUMEL = 1 << 20
+PASS_SLOTS = 6
 # Where each output shard's data section starts: a whole number of disk blocks.
 DATA_ALIGN = 4096
 _MAX_LISTED = 20
@@ -46,17 +52,36 @@ _MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: its two sources, its t, and where it goes in the output shard."""
+    """One output tensor: its sources, its parameters, and where it goes in the output shard.
+
+    ``inputs`` are in the method's order: SLERP's (t = 0 end, t = 1 end); a method with a base
+    (base, model 1, ...); otherwise (model 1, ...). ``model_params`` and ``shared`` are the
+    method's parameters resolved for this tensor (SLERP's t is ``t``).
+    """
 
     name: str
     t: float
-    a: TensorInfo
-    b: TensorInfo
+    inputs: tuple[TensorInfo, ...]
     out_dtype: str
     shape: tuple[int, ...]
     out_begin: int
     layer: LayerPos | None
     input_dtype: str | None = None  # mergekit `dtype`: inputs are cast to it before the math
+    model_params: tuple[Mapping[str, float], ...] = ()
+    shared: Mapping[str, float | bool] = field(default_factory=dict)
+
+    @property
+    def a(self) -> TensorInfo:
+        return self.inputs[0]
+
+    @property
+    def b(self) -> TensorInfo:
+        return self.inputs[1]
+
+    @property
+    def merge_dtype(self) -> str:
+        """The dtype the math runs in: mergekit's ``dtype``, else the first input's."""
+        return self.input_dtype or self.inputs[0].dtype
 
     @property
     def out_nbytes(self) -> int:
@@ -92,7 +117,9 @@ class MergePlan:
     shards: tuple[OutputShard, ...]
     tied_embeddings: bool
     warnings: tuple[str, ...]
-    t_table: str
+    t_table: str  # SLERP's t table, or every scheduled parameter's table
+    method: str = "slerp"
+    random_seed: int = 0
 
     @property
     def tasks(self) -> tuple[TensorTask, ...]:
@@ -105,7 +132,7 @@ class MergePlan:
 
     @property
     def input_bytes(self) -> int:
-        return sum(t.a.nbytes + t.b.nbytes for t in self.tasks)
+        return sum(info.nbytes for t in self.tasks for info in t.inputs)
 
     def index_json(self, extra_metadata: Mapping[str, object] | None = None) -> str:
         weight_map = {t.name: s.filename for s in self.shards for t in s.tasks}
@@ -139,9 +166,7 @@ class ChunkBuffers:
 
 def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
     tasks = plan.tasks
-    in_itemsize = max(
-        (max(DTYPE_SIZES[t.a.dtype], DTYPE_SIZES[t.b.dtype]) for t in tasks), default=4
-    )
+    in_itemsize = max((max(DTYPE_SIZES[i.dtype] for i in t.inputs) for t in tasks), default=4)
     out_itemsize = max((DTYPE_SIZES[t.out_dtype] for t in tasks), default=4)
     slot_bytes = CHUNK_NUMEL * (2 * in_itemsize + out_itemsize)
     # More slots smooth out a slow write or read; as many as fit the budget, 4 (a resident
@@ -153,41 +178,61 @@ def chunk_buffers(plan: MergePlan) -> ChunkBuffers:
 def estimate_peak_bytes(plan: MergePlan) -> int:
     """The engine's working set: the chunk slots and the runtime (the float32 scratch pairs are
     4 MiB per compute thread). Independent of the model's size."""
+    if plan.method != "slerp":
+        # The pass engine: its slots (one chunk of every input each) and a combine's
+        # temporaries (about eight K-input float32-sized copies of one chunk, measured).
+        inputs = max((len(t.inputs) for t in plan.tasks), default=2)
+        width = max((DTYPE_SIZES[i.dtype] for t in plan.tasks for i in t.inputs), default=4)
+        slots = PASS_SLOTS * PASS_CHUNK_NUMEL * inputs * width
+        return slots + 8 * inputs * 4 * PASS_CHUNK_NUMEL + RUNTIME_BYTES
     buffers = chunk_buffers(plan)
     return buffers.total_bytes + RUNTIME_BYTES
 
 
 def plan_merge(
     recipe: Recipe,
-    model_a: ModelInventory,
-    model_b: ModelInventory,
-    *,
+    *models: ModelInventory,
     shard_size_bytes: int | None = None,
 ) -> MergePlan:
-    """Check the two models against each other and the recipe; lay out the output.
+    """Check the models against each other and the recipe; lay out the output.
+
+    ``models`` are in the recipe's order (``recipe.models``).
 
     Raises:
-        CheckpointError: listing every mismatch and every tensor without a t, all at once.
+        CheckpointError: listing every mismatch and every tensor without a parameter, at once.
     """
     warnings: list[str] = []
-    tied = _ties_embeddings(model_a)
-    sources_a = _sources(model_a, tied, warnings)
-    sources_b = _sources(model_b, tied, warnings)
+    first = models[0]
+    tied = _ties_embeddings(first)
+    sources = [_sources(model, tied, warnings) for model in models]
 
-    problems = _compare(model_a.label, sources_a, model_b.label, sources_b)
-    positions = layer_positions(sources_a)
+    problems: list[str] = []
+    for model, other in zip(models[1:], sources[1:], strict=True):
+        problems += _compare(first.label, sources[0], model.label, other)
+    positions = layer_positions(sources[0])
     problems += _check_layer_range(recipe, positions)
-    idle = idle_rules(recipe.schedule, [n for n in sources_a if n in sources_b])
-    problems += [f"{recipe.source}: {problem}" for problem in idle]
+    spec = None if recipe.method == "slerp" else get_method(recipe.method)
+    if spec is None:
+        # A rule of the t schedule that matches no tensor is a mistake (a glob, a layer past
+        # the depth), not something to drop silently.
+        common = [n for n in sources[0] if all(n in other for other in sources[1:])]
+        idle = idle_rules(recipe.schedule, common)
+        problems += [f"{recipe.source}: {problem}" for problem in idle]
 
     tasks: list[TensorTask] = []
-    for name, a in sources_a.items():
-        b = sources_b.get(name)
-        if b is None:
+    for name, a in sources[0].items():
+        inputs = tuple(s.get(name) for s in sources)
+        if any(info is None for info in inputs):
             continue
         pos = positions.get(name)
+        t = 0.0
+        model_params: tuple[dict[str, float], ...] = ()
+        shared: dict[str, float | bool] = {}
         try:
-            t = resolve_t(recipe.schedule, name, pos)
+            if spec is None:
+                t = resolve_t(recipe.schedule, name, pos)
+            else:
+                model_params, shared = _resolve_params(recipe, spec, name, pos)
         except ScheduleError as exc:
             problems.append(str(exc))
             continue
@@ -195,24 +240,107 @@ def plan_merge(
             TensorTask(
                 name=name,
                 t=t,
-                a=a,
-                b=b,
+                inputs=tuple(i for i in inputs if i is not None),
                 out_dtype=_output_dtype(recipe, a),
                 shape=a.shape,
                 out_begin=0,
                 layer=pos,
                 input_dtype=_input_dtype(recipe, a),
+                model_params=model_params,
+                shared=shared,
             )
         )
     if problems:
-        raise CheckpointError(_cap(problems))
+        raise CheckpointError(_cap(list(dict.fromkeys(problems))))
     limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
+    names = [t.name for t in tasks]
     return MergePlan(
         shards=layout_shards(tasks, limit),
         tied_embeddings=tied,
         warnings=tuple(warnings),
-        t_table=t_table(recipe.schedule, [t.name for t in tasks]),
+        t_table=t_table(recipe.schedule, names) if spec is None else params_table(recipe, names),
+        method=recipe.method,
+        random_seed=recipe.random_seed or 0,
     )
+
+
+def _resolve_params(
+    recipe: Recipe, spec: MethodSpec, name: str, pos: LayerPos | None
+) -> tuple[tuple[dict[str, float], ...], dict[str, float | bool]]:
+    """A tensor's per-model and shared parameter values (defaults where not given).
+
+    Raises:
+        ScheduleError: a required parameter is missing or a value is out of range.
+    """
+    per_model = []
+    for i, given in enumerate(recipe.model_params):
+        values: dict[str, float] = {}
+        for param in spec.per_model:
+            where = f"{recipe.model_keys[recipe.first_merged + i]}.parameters.{param.name}"
+            schedule = given.get(param.name)
+            if schedule is None:
+                if param.default is None:
+                    raise ScheduleError(
+                        f"{where}: missing; {spec.name} needs a {param.name} for every model"
+                    )
+                values[param.name] = float(param.default)
+                continue
+            value = resolve_t(_as_schedule(schedule), name, pos)
+            _check_range(param, value, where, name)
+            values[param.name] = value
+        problem = spec.check(values) if spec.check is not None else None
+        if problem is not None:
+            key = recipe.model_keys[recipe.first_merged + i]
+            raise ScheduleError(f"{key}.parameters: {problem}")
+        per_model.append(values)
+    shared: dict[str, float | bool] = {}
+    for param in spec.shared:
+        given_shared = recipe.shared_params.get(param.name)
+        if given_shared is None:
+            if param.default is None:
+                raise ScheduleError(f"parameters.{param.name}: missing; {spec.name} needs it")
+            shared[param.name] = param.default
+        elif isinstance(given_shared, bool):
+            shared[param.name] = given_shared
+        else:
+            value = resolve_t(given_shared, name, pos)
+            _check_range(param, value, f"parameters.{param.name}", name)
+            shared[param.name] = value
+    weights = sum(m["weight"] for m in per_model)
+    if spec.name == "linear" and shared.get("normalize") and weights == 0:
+        raise ScheduleError(
+            "models: the weights sum to 0 and normalize divides by their sum (mergekit would "
+            "write NaN); change a weight or set normalize: false"
+        )
+    return tuple(per_model), shared
+
+
+def _as_schedule(value: Schedule | bool) -> Schedule:
+    assert isinstance(value, Schedule)
+    return value
+
+
+def _check_range(param: Param, value: float, where: str, name: str) -> None:
+    if (param.low is not None and value < param.low) or (
+        param.high is not None and value > param.high
+    ):
+        raise ScheduleError(f"{where}: {value:g} is outside [{param.low:g}, {param.high:g}]")
+
+
+def params_table(recipe: Recipe, names: Sequence[str]) -> str:
+    """Every scheduled parameter's per-layer table (markdown), for ``plan`` and the card."""
+    parts = []
+    for i, given in enumerate(recipe.model_params):
+        key = recipe.model_keys[recipe.first_merged + i]
+        for param_name, schedule in given.items():
+            if isinstance(schedule, Schedule):
+                parts.append(f"{param_name} of {key}:\n\n" + t_table(schedule, names))
+    for param_name, value in recipe.shared_params.items():
+        if isinstance(value, Schedule):
+            parts.append(f"{param_name}:\n\n" + t_table(value, names))
+        else:
+            parts.append(f"{param_name}: {str(value).lower()}\n")
+    return "\n".join(parts)
 
 
 def layout_shards(tasks: list[TensorTask], shard_size_bytes: int) -> tuple[OutputShard, ...]:

@@ -97,9 +97,9 @@ class ModelRef:
 class Recipe:
     """A validated recipe; see the module docstring for both formats."""
 
-    model_a: ModelRef  # t = 0 end (mergekit: base_model)
-    model_b: ModelRef  # t = 1 end
-    schedule: Schedule
+    # SLERP: (t = 0 end, t = 1 end); a method with a base: (base, model 1, ...); else the models.
+    models: tuple[ModelRef, ...]
+    schedule: Schedule  # SLERP's t (other methods: model_params and shared_params)
     input_dtype: str | None  # mergekit `dtype`: inputs are cast to it before merging
     out_dtype: str | None  # None => input_dtype, else the first model's stored dtype
     output_dir: str | None
@@ -119,6 +119,26 @@ class Recipe:
     # mergekit configs, as mergekit itself does, and for recipes given as text.
     base_dir: str = ""
     name: str | None = None  # output.name: the model card's title (default: the folder's name)
+    method: str = "slerp"
+    model_keys: tuple[str, ...] = ("a", "b")  # how messages and records name each model
+    # Other methods: per merged model (the base excluded), parameter -> schedule; and the
+    # shared parameters (booleans as given, numbers as schedules).
+    model_params: tuple[Mapping[str, Schedule], ...] = ()
+    shared_params: Mapping[str, Schedule | bool] = field(default_factory=dict)
+    random_seed: int | None = None  # random masks (DARE); None: 0, recorded in the card
+
+    @property
+    def model_a(self) -> ModelRef:
+        return self.models[0]
+
+    @property
+    def model_b(self) -> ModelRef:
+        return self.models[1]
+
+    @property
+    def first_merged(self) -> int:
+        """Index in ``models`` of the first merged model (1 when models[0] is a base)."""
+        return len(self.models) - len(self.model_params) if self.model_params else 0
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -396,20 +416,23 @@ class _Check:
         self.add(path, f"expected true or false, got {_describe(value)}")
         return None
 
-    def t(self, value: Any, path: str) -> float | None:
-        """A t value: a finite number in [0, 1] (bools are not numbers here)."""
+    def t(self, value: Any, path: str, bounded: bool = True) -> float | None:
+        """A t value: a finite number in [0, 1] (bools are not numbers here); ``bounded``
+        False: any finite number (weights, lambda; ranges are checked per method)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.add(path, f"expected a number between 0 and 1, got {_describe(value)}")
+            wanted = "a number between 0 and 1" if bounded else "a number"
+            self.add(path, f"expected {wanted}, got {_describe(value)}")
             return None
         if isinstance(value, float) and not math.isfinite(value):  # huge ints overflow isfinite
-            self.add(path, f"t must be a finite number between 0 and 1, got {value}")
+            what = "t must be a finite number between 0 and 1" if bounded else "not finite"
+            self.add(path, f"{what}, got {value}")
             return None
-        if not 0 <= value <= 1:
+        if bounded and not 0 <= value <= 1:
             self.add(path, f"{value} is outside [0, 1]")
             return None
         return float(value)
 
-    def gradient(self, value: Any, path: str) -> Gradient | None:
+    def gradient(self, value: Any, path: str, bounded: bool = True) -> Gradient | None:
         """A list of at least one t anchor."""
         if not isinstance(value, list):
             self.add(path, f"expected a list of numbers (gradient anchors), got {_describe(value)}")
@@ -417,7 +440,7 @@ class _Check:
         if not value:
             self.add(path, "a gradient needs at least one anchor")
             return None
-        anchors = [self.t(v, _at(path, i)) for i, v in enumerate(value)]
+        anchors = [self.t(v, _at(path, i), bounded) for i, v in enumerate(value)]
         if any(a is None for a in anchors):
             return None
         return Gradient(tuple(a for a in anchors if a is not None))
@@ -459,7 +482,11 @@ def _split_revision(text: str, path: str, check: _Check) -> ModelRef | None:
 
 # --------------------------------------------------------------------------- our format
 
-_TOP_KEYS = ("models", "t", "output", "device", "tokenizer_from", "hub")
+_TOP_KEYS = ("method", "models", "t", "output", "device", "tokenizer_from", "hub")
+# Our format with a method other than slerp (models with parameters, a base, shared parameters).
+_METHOD_TOP_KEYS = (
+    "method", "base", "models", "parameters", "random_seed", "output", "device", "hub",
+)  # fmt: skip
 _MERGEKIT_ONLY = (
     "base_model",
     "slices",
@@ -522,6 +549,9 @@ def is_repo_id(value: object) -> bool:
 
 
 def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: str) -> Recipe:
+    method = data.get("method", "slerp")
+    if method != "slerp":
+        return _parse_ours_method(data, check, text, source, method)
     check.keys(data, "", _TOP_KEYS, hint=_MERGEKIT_HINT)
     model_a, model_b = _our_models(data, check)
     schedule = _our_schedule(data, check)
@@ -586,8 +616,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         )
 
     return Recipe(
-        model_a=model_a,
-        model_b=model_b,
+        models=(model_a, model_b),
         schedule=schedule,
         input_dtype=None,
         out_dtype=out_dtype,
@@ -673,42 +702,49 @@ def _our_schedule(data: dict[Any, Any], check: _Check) -> Schedule:
     if "t" not in data:
         check.add("t", "missing; e.g. `t: 0.5`, or a mapping with default, non_layer and rules")
         return fallback
-    raw = data["t"]
+    return _our_scheduled(data["t"], "t", check) or fallback
+
+
+def _our_scheduled(raw: Any, path: str, check: _Check, bounded: bool = True) -> Schedule | None:
+    """A scheduled value (t, or any method parameter): a number, or a mapping with default,
+    non_layer and rules; ``bounded``: every number in [0, 1]."""
     if isinstance(raw, list):
         check.add(
-            "t",
-            "a bare list is not a t here; for a gradient write "
-            "`t: {default: {gradient: [...]}, non_layer: ...}`",
+            path,
+            f"a bare list is not a {path} here; for a gradient write "
+            f"`{path}: {{default: {{gradient: [...]}}, non_layer: ...}}`",
         )
-        return fallback
+        return None
     if not isinstance(raw, dict):
-        value = check.t(raw, "t")
+        value = check.t(raw, path, bounded)
         return Schedule(rules=(), default=value, non_layer=value, style="shardmerge")
 
-    check.keys(raw, "t", ("default", "non_layer", "rules"))
+    check.keys(raw, path, ("default", "non_layer", "rules"))
     default: TValue | None = None
     if "default" in raw:
-        default = _our_value(raw["default"], "t.default", check)
-    non_layer = check.t(raw["non_layer"], "t.non_layer") if "non_layer" in raw else None
+        default = _our_value(raw["default"], f"{path}.default", check, bounded)
+    non_layer = (
+        check.t(raw["non_layer"], f"{path}.non_layer", bounded) if "non_layer" in raw else None
+    )
 
     rules: list[Rule] = []
     needs_non_layer: list[str] = []  # why tensors outside the stacks need an explicit t
     if "rules" in raw:
         items = raw["rules"]
         if not isinstance(items, list):
-            check.add("t.rules", f"expected a list of rules, got {_describe(items)}")
+            check.add(f"{path}.rules", f"expected a list of rules, got {_describe(items)}")
             items = []
         for i, item in enumerate(items):
-            rule = _our_rule(item, f"t.rules[{i}]", check)
+            rule = _our_rule(item, f"{path}.rules[{i}]", check, bounded)
             if rule is None:
                 continue
             rules.append(rule)
             if not isinstance(rule.value, float):
                 kind = "gradient" if isinstance(rule.value, Gradient) else "layers"
-                needs_non_layer.append(f"t.rules[{i}] uses {kind}")
+                needs_non_layer.append(f"{path}.rules[{i}] uses {kind}")
 
     if "default" not in raw and "rules" not in raw:
-        check.add("t", "give a default, rules, or both")
+        check.add(path, "give a default, rules, or both")
     if "default" not in raw:
         needs_non_layer.insert(0, "there is no default")
     elif isinstance(default, Gradient):
@@ -716,31 +752,33 @@ def _our_schedule(data: dict[Any, Any], check: _Check) -> Schedule:
     if "non_layer" not in raw:
         if needs_non_layer:
             check.add(
-                "t.non_layer",
+                f"{path}.non_layer",
                 f"missing; it is required because {needs_non_layer[0]}: tensors outside the "
                 "layer stacks (embeddings, final norm, lm_head) have no layer position, so give "
-                "them an explicit t (mergekit would silently use a gradient's first anchor)",
+                "them an explicit value (mergekit would silently use a gradient's first anchor)",
             )
         elif isinstance(default, float):
             non_layer = default
     return Schedule(rules=tuple(rules), default=default, non_layer=non_layer, style="shardmerge")
 
 
-def _our_value(value: Any, path: str, check: _Check) -> float | Gradient | None:
+def _our_value(
+    value: Any, path: str, check: _Check, bounded: bool = True
+) -> float | Gradient | None:
     """A number or {gradient: [...]}."""
     if isinstance(value, dict):
         check.keys(value, path, ("gradient",))
         if "gradient" not in value:
             check.add(path, "expected a number or {gradient: [...]}")
             return None
-        return check.gradient(value["gradient"], _at(path, "gradient"))
+        return check.gradient(value["gradient"], _at(path, "gradient"), bounded)
     if isinstance(value, list):
         check.add(path, "a bare list is not a t here; write {gradient: [...]}")
         return None
-    return check.t(value, path)
+    return check.t(value, path, bounded)
 
 
-def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
+def _our_rule(item: Any, path: str, check: _Check, bounded: bool = True) -> Rule | None:
     rule = check.mapping(
         item, path, "a rule mapping (match or regex, and value, gradient or layers)"
     )
@@ -778,11 +816,11 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
     elif len(values) > 1:
         check.add(path, f"give only one of value, gradient and layers (got {' and '.join(values)})")
     elif values[0] == "value":
-        value = check.t(rule["value"], _at(path, "value"))
+        value = check.t(rule["value"], _at(path, "value"), bounded)
     elif values[0] == "gradient":
-        value = check.gradient(rule["gradient"], _at(path, "gradient"))
+        value = check.gradient(rule["gradient"], _at(path, "gradient"), bounded)
     else:
-        value = _layer_map(rule["layers"], _at(path, "layers"), check)
+        value = _layer_map(rule["layers"], _at(path, "layers"), check, bounded)
 
     if pattern is None or value is None:
         return None
@@ -794,7 +832,7 @@ def _our_rule(item: Any, path: str, check: _Check) -> Rule | None:
 _RANGE_RE = re.compile(r"([0-9]{1,12})(?:\s*-\s*([0-9]{1,12}))?")
 
 
-def _layer_map(value: Any, path: str, check: _Check) -> LayerMap | None:
+def _layer_map(value: Any, path: str, check: _Check, bounded: bool = True) -> LayerMap | None:
     """{index: t, "a-b": t} (inclusive ranges) -> LayerMap; overlapping keys are errors."""
     mapping = check.mapping(value, path, "a mapping of layer indices or 'a-b' ranges to t")
     if mapping is None:
@@ -817,7 +855,7 @@ def _layer_map(value: Any, path: str, check: _Check) -> LayerMap | None:
         if problem is not None:
             check.add(where, problem)
             ok = False
-        t = check.t(raw_t, where)
+        t = check.t(raw_t, where, bounded)
         ok = ok and t is not None
         if problem is None and span is not None:
             spans.append((span[0], span[1], str(key), t or 0.0))
@@ -881,9 +919,9 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
     check.keys(data, "", _MK_KEYS, unsupported=_MK_UNSUPPORTED)
     method = data["merge_method"]
     if not isinstance(method, str):
-        check.add("merge_method", f"expected slerp, got {_describe(method)}")
+        check.add("merge_method", f"expected a method name such as slerp, got {_describe(method)}")
     elif method != "slerp":
-        check.add("merge_method", f"{method!r} is not supported; shardmerge only does slerp")
+        return _parse_mergekit_method(data, check, text, source, method)
 
     base: ModelRef | None = None
     base_text = ""
@@ -928,8 +966,7 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
     tokenizer = _mk_tokenizer(data, base, base_text, other, check)
 
     return Recipe(
-        model_a=base or _PLACEHOLDER,
-        model_b=other[0] if other is not None else _PLACEHOLDER,
+        models=(base or _PLACEHOLDER, other[0] if other is not None else _PLACEHOLDER),
         schedule=Schedule(rules=tuple(rules), default=default, non_layer=None, style="mergekit"),
         input_dtype=input_dtype,
         out_dtype=out_dtype,
@@ -971,6 +1008,11 @@ def _mk_model_parameters(value: Any, path: str, check: _Check) -> None:
     for key in params:
         if key == "t":
             check.add(_at(path, "t"), _T_UNDER_MODEL)
+        elif key in _MK_KNOWN_PARAMS:  # e.g. a weight left in a config made from a template
+            check.warnings.append(
+                f"{_at(path, key)}: ignored; slerp takes no per-model parameters (mergekit "
+                "ignores it too)"
+            )
         else:
             check.add(_at(path, key), "slerp takes no per-model parameters (only a global t)")
 
@@ -1137,15 +1179,17 @@ def _mk_parameters(data: dict[Any, Any], check: _Check) -> Any:
     return params.get("t")
 
 
-def _mk_t(value: Any, path: str, check: _Check) -> tuple[list[Rule], TValue | None]:
+def _mk_t(
+    value: Any, path: str, check: _Check, bounded: bool = True
+) -> tuple[list[Rule], TValue | None]:
     """(rules, fallback) of a mergekit parameter value: number, gradient or conditions."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return _mk_conditions(value, path, check)
+        return _mk_conditions(value, path, check, bounded)
     if isinstance(value, list):
         if any(isinstance(v, dict) for v in value):
             check.add(path, "mixes numbers (a gradient) with {filter, value} conditions")
             return [], None
-        return [], check.gradient(value, path)
+        return [], check.gradient(value, path, bounded)
     if isinstance(value, dict):
         check.add(
             path,
@@ -1153,11 +1197,11 @@ def _mk_t(value: Any, path: str, check: _Check) -> tuple[list[Rule], TValue | No
             "conditions, got a mapping",
         )
         return [], None
-    return [], check.t(value, path)
+    return [], check.t(value, path, bounded)
 
 
 def _mk_conditions(
-    items: list[dict[Any, Any]], path: str, check: _Check
+    items: list[dict[Any, Any]], path: str, check: _Check, bounded: bool = True
 ) -> tuple[list[Rule], TValue | None]:
     rules: list[Rule] = []
     default: TValue | None = None
@@ -1171,9 +1215,9 @@ def _mk_conditions(
         raw = item["value"]
         value: float | Gradient | None
         if isinstance(raw, list):
-            value = check.gradient(raw, _at(where, "value"))
+            value = check.gradient(raw, _at(where, "value"), bounded)
         else:
-            value = check.t(raw, _at(where, "value"))
+            value = check.t(raw, _at(where, "value"), bounded)
         pattern = item.get("filter")
         is_fallback = pattern is None or pattern == "*"
         if not is_fallback:
@@ -1262,3 +1306,377 @@ def _mk_tokenizer_choice(
     if base is not None and other is not None:
         check.add(path, f"{value!r} is neither base nor one of the two models")
     return "a"
+
+
+# Parameter names mergekit methods take: under a method that does not use one, mergekit ignores
+# it (configs made from templates carry them), so shardmerge warns instead of refusing.
+_MK_KNOWN_PARAMS = (
+    "t", "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
+    "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "nuslerp_weight", "select_topk",
+    "max_iter", "tol", "eps", "scale", "consensus_method",
+)  # fmt: skip
+
+
+def _parse_mergekit_method(
+    data: dict[Any, Any], check: _Check, text: str, source: str, name: str
+) -> Recipe:
+    """A mergekit config of a method other than slerp: base_model, models: with any number of
+    entries and their parameters, top-level parameters (per-model ones there are every model's
+    fallback, as in mergekit's lookup)."""
+    from shardmerge.methods import METHODS, MethodSpec, unknown_method_message
+
+    spec: MethodSpec | None = METHODS.get(name)
+    if spec is None:
+        check.add("merge_method", unknown_method_message(name))
+        return _placeholder(text, source, check)
+    if "slices" in data:
+        check.add("slices", f"not supported for {name}; list whole models under models:")
+    base: ModelRef | None = None
+    if "base_model" in data:
+        base = _mk_ref(data["base_model"], "base_model", check)
+    elif spec.base == "required":
+        check.add(
+            "base_model",
+            f"missing; {name} needs a base_model (the model task vectors are taken from)",
+        )
+    top_model, shared = _mk_method_params(
+        data.get("parameters", {}), "parameters", spec, check, top=True
+    )
+    merged: list[tuple[ModelRef, str, dict[str, Schedule]]] = []
+    if "models" not in data:
+        check.add("models", "missing; give models: (a list of {model: ..., parameters: ...})")
+    elif not isinstance(data["models"], list) or not data["models"]:
+        check.add(
+            "models",
+            f"expected a non-empty list of {{model: ...}}, got {_describe(data['models'])}",
+        )
+    else:
+        for i, entry in enumerate(data["models"]):
+            path = f"models[{i}]"
+            item = check.mapping(entry, path, "a mapping {model: ..., parameters: ...}")
+            if item is None:
+                continue
+            check.keys(item, path, ("model", "parameters"))
+            if "model" not in item:
+                check.add(_at(path, "model"), "missing; the model reference")
+                continue
+            ref = _mk_ref(item["model"], _at(path, "model"), check)
+            own, _ = _mk_method_params(
+                item.get("parameters", {}), _at(path, "parameters"), spec, check, top=False
+            )
+            if ref is None:
+                continue
+            if spec.base == "required" and ref == base:
+                if own:
+                    check.warnings.append(
+                        f"{path}.parameters: ignored; the base_model takes no parameters in {name}"
+                    )
+                continue
+            if any(ref == seen for seen, _, _ in merged):
+                check.add(_at(path, "model"), f"{item['model']!r} is listed twice")
+                continue
+            merged.append((ref, path, own))
+    if base is not None and spec.base != "required" and all(ref != base for ref, _, _ in merged):
+        merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
+    if not merged and "models" in data:
+        check.add("models", f"{name} needs at least one model besides the base_model")
+    model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
+    for (_, path, _), params in zip(merged, model_params, strict=True):
+        for param in spec.per_model:
+            if param.default is None and param.name not in params:
+                check.add(
+                    f"{path}.parameters.{param.name}",
+                    f"missing; {name} needs a {param.name} for every model (here or in the "
+                    "top-level parameters)",
+                )
+    refs = tuple(ref for ref, _, _ in merged)
+    keys = tuple(path for _, path, _ in merged)
+    if spec.base == "required":
+        refs = (base or _PLACEHOLDER, *refs)
+        keys = ("base_model", *keys)
+    tokenizer = _mk_method_tokenizer(data, refs, check)
+    input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
+    out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
+    return Recipe(
+        models=refs,
+        schedule=_NO_SCHEDULE,
+        input_dtype=input_dtype,
+        out_dtype=out_dtype,
+        output_dir=None,
+        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
+        device="auto",
+        tokenizer_source=tokenizer,
+        layer_range=None,
+        push_to_hub=None,
+        private=False,
+        stream=False,
+        format="mergekit",
+        text=text,
+        source=source,
+        warnings=tuple(check.warnings),
+        method=name,
+        model_keys=keys,
+        model_params=model_params,
+        shared_params=shared,
+    )
+
+
+_NO_SCHEDULE = Schedule(rules=(), default=None, non_layer=None, style="mergekit")
+
+
+def _placeholder(text: str, source: str, check: _Check) -> Recipe:
+    """Stands in for a recipe whose problems are being reported (never returned to callers)."""
+    return Recipe(
+        models=(_PLACEHOLDER, _PLACEHOLDER),
+        schedule=_NO_SCHEDULE,
+        input_dtype=None,
+        out_dtype=None,
+        output_dir=None,
+        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
+        device="auto",
+        tokenizer_source="a",
+        layer_range=None,
+        push_to_hub=None,
+        private=False,
+        stream=False,
+        format="mergekit",
+        text=text,
+        source=source,
+        warnings=tuple(check.warnings),
+    )
+
+
+def _mk_method_params(
+    value: Any, path: str, spec: Any, check: _Check, *, top: bool
+) -> tuple[dict[str, Schedule], dict[str, Schedule | bool]]:
+    """(per-model parameters, shared parameters) of one parameters: block."""
+    per_model: dict[str, Schedule] = {}
+    shared: dict[str, Schedule | bool] = {}
+    params = check.mapping(value, path)
+    if params is None:
+        return per_model, shared
+    names = [p.name for p in spec.params]
+    for key, raw in params.items():
+        where = _at(path, key)
+        param = spec.param(str(key))
+        if param is None:
+            if key in _MK_KNOWN_PARAMS:
+                check.warnings.append(f"{where}: ignored; {spec.name} does not use {key}")
+            else:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else "expected one of " + ", ".join(names)
+                )
+                check.add(where, f"unknown parameter for {spec.name}; {hint}")
+            continue
+        if not param.per_model and not top:
+            check.warnings.append(
+                f"{where}: ignored; {key} is shared by all models in {spec.name} (mergekit "
+                "ignores it here): put it under the top-level parameters"
+            )
+            continue
+        if param.kind == "bool":
+            flag = check.boolean(raw, where)
+            if flag is not None:
+                shared[param.name] = flag
+            continue
+        rules, default = _mk_t(raw, where, check, bounded=False)
+        schedule = Schedule(rules=tuple(rules), default=default, non_layer=None, style="mergekit")
+        _check_param_range(param, schedule, where, check)
+        if param.per_model:
+            per_model[param.name] = schedule
+        else:
+            shared[param.name] = schedule
+    return per_model, shared
+
+
+def _with_fallback(own: dict[str, Schedule], top: dict[str, Schedule]) -> dict[str, Schedule]:
+    """A model's parameters, falling back to the top-level ones (mergekit's lookup order: a
+    condition list without a fallback hands unmatched tensors on to the next level)."""
+    merged = dict(top)
+    for key, schedule in own.items():
+        below = top.get(key)
+        if below is not None and schedule.default is None:
+            schedule = Schedule(
+                rules=schedule.rules + below.rules,
+                default=below.default,
+                non_layer=None,
+                style="mergekit",
+            )
+        merged[key] = schedule
+    return merged
+
+
+def _mk_method_tokenizer(
+    data: dict[Any, Any], refs: tuple[ModelRef, ...], check: _Check
+) -> Literal["a", "b"]:
+    """Methods other than slerp copy the tokenizer of the base (or the first model)."""
+    for key in ("tokenizer_source", "tokenizer"):
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, dict):
+            value = value.get("source")
+            key = "tokenizer.source"
+        if value == "base" or (refs and isinstance(value, str) and value == refs[0].ref):
+            continue
+        if value == "union":
+            check.add(key, _UNION)
+        else:
+            check.add(
+                key,
+                f"{_describe(value)}: only base (the base_model's, or the first model's, "
+                "tokenizer) is supported for this method",
+            )
+    return "a"
+
+
+def _check_param_range(param: Any, schedule: Schedule, where: str, check: _Check) -> None:
+    """Every number a schedule can give must be in the parameter's range (density in [0, 1])."""
+    if param.low is None and param.high is None:
+        return
+    values: list[float] = []
+    for value in [rule.value for rule in schedule.rules] + [schedule.default]:
+        if isinstance(value, Gradient):
+            values += value.anchors
+        elif isinstance(value, LayerMap):
+            values += [v for _, v in value.values]
+        elif value is not None:
+            values.append(value)
+    for value in values:
+        if (param.low is not None and value < param.low) or (
+            param.high is not None and value > param.high
+        ):
+            check.add(where, f"{value:g} is outside [{param.low:g}, {param.high:g}]")
+            return
+
+
+def _parse_ours_method(
+    data: dict[Any, Any], check: _Check, text: str, source: str, name: Any
+) -> Recipe:
+    """Our format for any method but slerp::
+
+        method: ties
+        base: ./base                      # the model task vectors are taken from
+        models:                           # name -> "ref" or {path, revision, parameters...}
+          chat: {path: ./chat, weight: 0.6, density: 0.5}
+          code: {path: org/code@v2, weight: {default: 0.4, non_layer: 0.3}}
+        parameters: {normalize: true, density: 0.7}   # shared ones, and per-model defaults
+        random_seed: 1
+
+    Every number may be scheduled per layer exactly like ``t``.
+    """
+    from shardmerge.methods import METHODS, unknown_method_message
+
+    if not isinstance(name, str):
+        check.add("method", f"expected a method name such as ties, got {_describe(name)}")
+        return _placeholder(text, source, check)
+    spec = METHODS.get(name)
+    if spec is None:
+        check.add("method", unknown_method_message(name))
+        return _placeholder(text, source, check)
+    check.keys(data, "", _METHOD_TOP_KEYS, hint=_MERGEKIT_HINT)
+    per_model_names = [p.name for p in spec.per_model]
+
+    def scheduled(raw: Any, path: str, param: Any) -> Schedule | bool | None:
+        if param.kind == "bool":
+            return check.boolean(raw, path)
+        schedule = _our_scheduled(raw, path, check, bounded=False)
+        if schedule is not None:
+            _check_param_range(param, schedule, path, check)
+        return schedule
+
+    top_model: dict[str, Schedule] = {}
+    shared: dict[str, Schedule | bool] = {}
+    params = check.mapping(data["parameters"], "parameters") if "parameters" in data else None
+    if params is not None:
+        check.keys(params, "parameters", [p.name for p in spec.params])
+        for key, raw in params.items():
+            param = spec.param(str(key))
+            if param is None:
+                continue
+            value = scheduled(raw, f"parameters.{key}", param)
+            if isinstance(value, Schedule) and param.per_model:
+                top_model[param.name] = value
+            elif value is not None:
+                shared[param.name] = value
+
+    base: ModelRef | None = None
+    if "base" in data:
+        base = _our_model(data["base"], "base", check)
+        if spec.base != "required":
+            check.add("base", f"{name} takes no base model; list every model under models")
+    elif spec.base == "required":
+        check.add("base", f"missing; {name} needs a base (the model task vectors are taken from)")
+
+    entries: list[tuple[str, Any]] = []
+    raw_models = data.get("models")
+    if raw_models is None:
+        check.add("models", f"missing; the models {name} merges, each with its parameters")
+    elif isinstance(raw_models, dict) and raw_models:
+        entries = [(f"models.{key}", value) for key, value in raw_models.items()]
+    elif isinstance(raw_models, list) and raw_models:
+        entries = [(f"models[{i}]", value) for i, value in enumerate(raw_models)]
+    else:
+        check.add("models", f"expected a mapping or list of models, got {_describe(raw_models)}")
+    refs: list[ModelRef] = []
+    keys: list[str] = []
+    model_params: list[dict[str, Schedule]] = []
+    for path, value in entries:
+        own: dict[str, Schedule] = {}
+        ref: ModelRef | None
+        if isinstance(value, dict):
+            check.keys(value, path, ("path", "revision", *per_model_names))
+            location = {k: v for k, v in value.items() if k in ("path", "revision")}
+            ref = _our_model(location, path, check)
+            for key in per_model_names:
+                if key in value:
+                    param = spec.param(key)
+                    got = scheduled(value[key], f"{path}.{key}", param)
+                    if isinstance(got, Schedule):
+                        own[key] = got
+        else:
+            ref = _our_model(value, path, check)
+        merged = dict(top_model)
+        merged.update(own)
+        for param in spec.per_model:
+            if param.default is None and param.name not in merged:
+                check.add(
+                    f"{path}.{param.name}",
+                    f"missing; {name} needs a {param.name} for every model (here or in parameters)",
+                )
+        refs.append(ref or _PLACEHOLDER)
+        keys.append(path)
+        model_params.append(merged)
+    if spec.base == "required":
+        refs.insert(0, base or _PLACEHOLDER)
+        keys.insert(0, "base")
+
+    seed: int | None = None
+    if "random_seed" in data:
+        raw_seed = data["random_seed"]
+        if isinstance(raw_seed, int) and not isinstance(raw_seed, bool) and raw_seed >= 0:
+            seed = raw_seed
+        else:
+            check.add("random_seed", f"expected a non-negative integer, got {_describe(raw_seed)}")
+    slerp_like = _parse_shardmerge(
+        {"models": {"a": "x", "b": "y"}, "t": 0.5, **_common(data)}, check, text, source
+    )
+    return dataclasses.replace(
+        slerp_like,
+        models=tuple(refs),
+        schedule=_NO_SCHEDULE,
+        warnings=tuple(check.warnings),
+        method=name,
+        model_keys=tuple(keys),
+        model_params=tuple(model_params),
+        shared_params=shared,
+        random_seed=seed,
+    )
+
+
+def _common(data: dict[Any, Any]) -> dict[Any, Any]:
+    """The keys our format reads the same way for every method (output, device, hub)."""
+    return {k: data[k] for k in ("output", "device", "hub") if k in data}

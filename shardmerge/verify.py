@@ -206,8 +206,10 @@ def _recompute(
     full: bool,
     report: VerifyReport,
 ) -> None:
-    from shardmerge.engine import execute_plan
-    from shardmerge.plan import MergePlan, layout_shards
+    from dataclasses import replace
+
+    from shardmerge.passes import execute
+    from shardmerge.plan import layout_shards
     from shardmerge.resolve import open_source
 
     tasks = list(prepared.plan.tasks)
@@ -218,18 +220,20 @@ def _recompute(
         )
         return
     chosen = tasks if full else random.Random(0).sample(tasks, min(_SAMPLE, len(tasks)))
-    models = (prepared.model_a, prepared.model_b)
+    models = prepared.models
     with tempfile.TemporaryDirectory(prefix="shardmerge-verify-") as scratch:
         # Hub inputs: only the shards the chosen tensors live in are downloaded (HF cache).
-        source_a, source_b = (
+        sources = [
             open_source(m, stream=False, workdir=Path(scratch), files=files)
             for m, files in zip(
-                models, ([t.a.file for t in chosen], [t.b.file for t in chosen]), strict=True
+                models,
+                ([t.inputs[i].file for t in chosen] for i in range(len(models))),
+                strict=True,
             )
-        )
+        ]
         for task in chosen:
-            sub = MergePlan(layout_shards([task], 1 << 62), False, (), "")
-            execute_plan(sub, source_a, source_b, Path(scratch))
+            sub = replace(prepared.plan, shards=layout_shards([task], 1 << 62), warnings=())
+            execute(sub, sources, Path(scratch))
             shard = sub.shards[0]
             expected_path = Path(scratch) / shard.filename
             info, start = tensors[task.name]

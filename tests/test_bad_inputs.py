@@ -190,9 +190,9 @@ def _refused(
             id="mergekit-chat-template",
         ),
         pytest.param(
-            "merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
+            "merge_method: model_stock\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
             "parameters: {{t: 0.5}}\n",
-            ["merge_method", "'ties' is not supported"],
+            ["merge_method", "'model_stock' is not supported", "supported methods: breadcrumbs"],
             id="mergekit-method",
         ),
         pytest.param(
@@ -219,12 +219,40 @@ def _refused(
             ["parameters.t[0]", "'self_atn' matches no tensor"],
             id="mergekit-filter-matches-nothing",
         ),
+        pytest.param(
+            "merge_method: ties\nmodels: [{{model: {b}, parameters: {{weight: 1}}}}]\n",
+            ["base_model: missing; ties needs a base_model"],
+            id="mergekit-ties-without-base",
+        ),
+        pytest.param(
+            "merge_method: ties\nbase_model: {a}\n"
+            "models: [{{model: {b}, parameters: {{weight: 1, density: 1.5}}}}]\n",
+            ["models[0].parameters.density: 1.5", "outside [0, 1]"],
+            id="mergekit-density-out-of-range",
+        ),
+        pytest.param(
+            "merge_method: ties\nbase_model: {a}\nmodels: [{{model: {b}}}]\n",
+            ["models[0].parameters.weight: missing; ties needs a weight"],
+            id="mergekit-ties-without-weight",
+        ),
+        pytest.param(
+            "merge_method: dare_ties\nbase_model: {a}\n"
+            "models: [{{model: {b}, parameters: {{weight: 1, densty: 0.5}}}}]\n",
+            ["models[0].parameters.densty: unknown parameter for dare_ties", "'density'"],
+            id="mergekit-misspelt-parameter",
+        ),
+        pytest.param(
+            "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 0}}}},"
+            " {{model: {b}, parameters: {{weight: 0}}}}]\n",
+            ["models: the weights sum to 0 and normalize divides by their sum"],
+            id="mergekit-linear-zero-weights",
+        ),
     ],
 )
 def test_bad_recipe(capsys, setup, text, needles):
     setup.write_recipe(text)
     err = _refused(capsys, setup, *needles, argv=("--out", setup.out))
-    assert str(setup.recipe) in err or "models.a" in err
+    assert str(setup.recipe) in err or "models.a" in err or "error: models: " in err
     assert not setup.out.exists()
 
 

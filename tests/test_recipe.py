@@ -221,9 +221,17 @@ def test_mergekit_multi_slice_is_rejected() -> None:
     assert problem.startswith("slices: frankenmerge/multi-slice configs are not supported")
 
 
-def test_mergekit_other_methods_are_rejected() -> None:
-    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: ties"))
-    assert problem == "merge_method: 'ties' is not supported; shardmerge only does slerp"
+def test_mergekit_unsupported_methods_are_rejected_with_the_supported_list() -> None:
+    supported = (
+        "supported methods: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
+        "della_linear, linear, slerp, task_arithmetic, ties"
+    )
+    problem = the_problem(
+        MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: model_stock")
+    )
+    assert problem == f"merge_method: 'model_stock' is not supported by shardmerge yet; {supported}"
+    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: tie"))
+    assert problem == f"merge_method: unknown merge method 'tie'; {supported}"
 
 
 def test_mergekit_union_tokenizer_is_rejected() -> None:
@@ -709,3 +717,17 @@ def test_output_name_and_model_names() -> None:
     assert recipe.model_b.name == "my-finetune" and recipe.model_b.ref == "/data/ft"
     with pytest.raises(RecipeError, match=r"models.b.name: expected a string"):
         parse_recipe("models: {a: org/a, b: {path: /data/ft, name: [x]}}\nt: 0.5\n")
+
+
+def test_mergekit_slerp_ignores_template_parameters_with_a_warning() -> None:
+    text = MERGEKIT_MODELS.replace(
+        f"  - model: {PLATYPUS}\n", f"  - model: {PLATYPUS}\n    parameters:\n      weight: 0.3\n"
+    )
+    recipe = parse_recipe(text)
+    assert recipe.model_b == ModelRef(PLATYPUS, None)
+    assert any(
+        w.startswith("models[1].parameters.weight: ignored; slerp takes no per-model")
+        for w in recipe.warnings
+    )
+    bad = text.replace("weight: 0.3", "wieght: 0.3")
+    assert the_problem(bad).startswith("models[1].parameters.wieght: slerp takes no per-model")

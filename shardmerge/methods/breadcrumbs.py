@@ -1,0 +1,29 @@
+"""``breadcrumbs``: drop the largest (gamma) and smallest task-vector entries (see :mod:`shardmerge.methods.task_vectors`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shardmerge.methods.family import Family, family_params
+from shardmerge.methods.spec import MethodSpec, TensorJob
+
+if TYPE_CHECKING:
+    from shardmerge.methods.task_vectors import TaskVectorMerge
+
+FAMILY = Family(sparsify="magnitude_outliers", consensus=False, normalize=False, rescale=False)
+
+
+def start(job: TensorJob) -> TaskVectorMerge:
+    from shardmerge.methods.task_vectors import TaskVectorMerge
+
+    return TaskVectorMerge(job, FAMILY)
+
+
+METHOD = MethodSpec(
+    name="breadcrumbs",
+    base="required",
+    params=family_params(FAMILY),
+    start=start,
+    summary="drop the largest (gamma) and smallest task-vector entries",
+    uses_seed=False,
+)

@@ -1,0 +1,168 @@
+"""Exact top-k by magnitude over a whole tensor, in chunked passes and a few KiB of counters.
+
+A non-negative IEEE float orders like its bit pattern read as an unsigned integer, so |x| is
+ranked by ``key = bits(x) & ~sign``: 15 significant bits for bf16/f16, 31 for float32. A
+16-bit tensor needs one pass: a histogram of its keys (32768 counters) gives the exact k-th
+largest key. A float32 tensor needs two (radix selection): the top 15 bits first, then the low
+16 bits of the elements in the one bucket that holds the k-th element.
+
+Ties at the threshold key T: the elements equal to T that are kept are the first ones in flat
+index order (the combine pass walks the chunks in order and carries a running count). So the
+kept set is a pure function of the tensor: it never depends on chunk size, device, process
+count or resume. (mergekit's unstable argsort keeps an arbitrary subset of the ties.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KeySpace", "RankSelector", "Threshold", "key_space", "magnitude_keys"]
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """How a dtype's magnitudes are ranked: key bits and the digits of the radix passes."""
+
+    bits: int  # 15 or 31
+    digit_shifts: tuple[int, ...]  # per pass, from the most significant digit
+
+
+def key_space(dtype: torch.dtype) -> KeySpace:
+    if dtype in (torch.bfloat16, torch.float16):
+        return KeySpace(15, (0,))
+    if dtype == torch.float32:
+        return KeySpace(31, (16, 0))
+    raise ValueError(f"magnitude selection supports 16- and 32-bit floats, not {dtype}")
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose integer order is the order of ``|x|`` (x: bf16, f16 or f32)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.view(torch.int16).to(torch.int32).bitwise_and_(0x7FFF)
+    if x.dtype == torch.float32:
+        return x.view(torch.int32).bitwise_and(0x7FFFFFFF)
+    raise ValueError(f"magnitude selection supports 16- and 32-bit floats, not {x.dtype}")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep ``key > key_t``, plus the first ``at_key`` elements (in flat order) equal to it.
+    ``key_t = -1`` with ``at_key = 0`` keeps everything; ``key_t = 2**31 - 1`` with ``at_key =
+    0`` nothing (no key exceeds it, and an element of that key is never kept)."""
+
+    key_t: int
+    at_key: int
+
+
+_NONE = Threshold(0x7FFFFFFF, 0)
+_ALL = Threshold(-1, 0)
+
+
+class RankSelector:
+    """The thresholds that keep exactly the top ``m`` keys, for each ``m`` in ``counts``.
+
+    Call :meth:`add` with every chunk's keys in each pass (any chunking, any order within a
+    pass), :meth:`end_pass` after each; after ``space.digit_shifts`` passes, :attr:`thresholds`
+    holds one :class:`Threshold` per count. Then :meth:`mask` per chunk, in flat order.
+    """
+
+    def __init__(self, numel: int, counts: tuple[int, ...], space: KeySpace) -> None:
+        self.space = space
+        self.numel = numel
+        self.counts = counts
+        # Per count: the key prefix found so far (its digits), and how many of the elements
+        # with that prefix are still to keep.
+        self._prefix = [0] * len(counts)
+        self._need = list(counts)
+        self._pass = 0
+        self._hist: dict[int, torch.Tensor] = {}  # prefix -> counters of the next digit
+        self.thresholds: list[Threshold] = []
+        self._seen_at_key = [0] * len(counts)
+
+    @property
+    def passes(self) -> int:
+        return len(self.space.digit_shifts) if self._active() else 0
+
+    def _active(self) -> bool:
+        return any(0 < m < self.numel for m in self.counts)
+
+    def _digit_width(self, p: int) -> int:
+        shifts = self.space.digit_shifts
+        top = self.space.bits if p == 0 else shifts[p - 1]
+        return top - shifts[p]
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Count one chunk's keys (int32, from :func:`magnitude_keys`) for the current pass."""
+        p = self._pass
+        shift = self.space.digit_shifts[p]
+        bins = 1 << self._digit_width(p)
+        prefixes = {self._prefix[i] for i, m in enumerate(self.counts) if 0 < m < self.numel}
+        for prefix in prefixes:
+            if p == 0:
+                digits = keys >> shift if shift else keys
+            else:
+                upper = self.space.digit_shifts[p - 1]
+                digits = keys[(keys >> upper) == prefix]
+                digits = digits.bitwise_and_((1 << upper) - 1) >> shift
+            counts = torch.bincount(digits.to(torch.int64), minlength=bins).cpu()
+            if prefix in self._hist:
+                self._hist[prefix] += counts
+            else:
+                self._hist[prefix] = counts
+
+    def end_pass(self) -> None:
+        p = self._pass
+        width = self._digit_width(p)
+        bins = 1 << width
+        for i, m in enumerate(self.counts):
+            if not 0 < m < self.numel:
+                continue
+            hist = self._hist.get(self._prefix[i], torch.zeros(bins, dtype=torch.int64))
+            # Walk the digits from the top: the digit holding the need-th largest element.
+            from_top = hist.flip(0).cumsum(0)
+            idx = int(torch.searchsorted(from_top, self._need[i]))
+            digit = bins - 1 - idx
+            above = int(from_top[idx]) - int(hist[digit])
+            self._need[i] -= above
+            self._prefix[i] = (self._prefix[i] << width) | digit
+        self._hist = {}
+        self._pass += 1
+        if self._pass == len(self.space.digit_shifts):
+            self.thresholds = [self._threshold(i) for i in range(len(self.counts))]
+
+    def _threshold(self, i: int) -> Threshold:
+        m = self.counts[i]
+        if m <= 0:
+            return _NONE
+        if m >= self.numel:
+            return _ALL
+        return Threshold(self._prefix[i], self._need[i])
+
+    def finish_without_passes(self) -> None:
+        """For selections that need no pass (every count is 0 or the whole tensor)."""
+        self.thresholds = [self._threshold(i) for i in range(len(self.counts))]
+
+    def restart(self) -> None:
+        """Rewind the running tie counts, before a new walk over the chunks in flat order."""
+        self._seen_at_key = [0] * len(self.counts)
+
+    def mask(self, keys: torch.Tensor, i: int) -> torch.Tensor:
+        """The keep mask (bool) of count ``i`` for the next chunk in flat order."""
+        th = self.thresholds[i]
+        keep = keys > th.key_t
+        if th.at_key == 0:
+            return keep
+        seen = self._seen_at_key[i]
+        left = th.at_key - seen
+        if left <= 0:
+            return keep
+        at = keys == th.key_t
+        here = int(at.sum())
+        self._seen_at_key[i] = seen + here
+        if here <= left:
+            return keep.logical_or_(at)
+        # The boundary chunk: only the first ``left`` of its ties (in flat order) are kept.
+        ranks = at.cumsum(0)
+        return keep.logical_or_(at.logical_and_(ranks <= left))

@@ -1,0 +1,268 @@
+"""The task-vector family (task arithmetic, TIES, DARE, breadcrumbs), streamed.
+
+For base ``b`` and models ``x_i``: task vectors ``d_i = x_i - b``; each is sparsified (kept
+where a mask says, optionally rescaled so its L1 norm is unchanged), weighted, optionally
+filtered by sign election, summed, optionally normalised, times ``lambda``, plus ``b``.
+The per-chunk arithmetic is mergekit 0.1.5's op for op, in the merge dtype (bf16 for
+``dtype: bfloat16``), so results agree with it bit for bit wherever the masks agree:
+
+* sign election (TIES): the elected sign is that of the sum of weighted deltas (zero counts
+  as positive); a model takes part where its weighted delta has that sign (so pruned zeros
+  drop out); ``normalize`` divides by the sum of the weights taking part (0 -> 1);
+* without it, ``normalize`` divides by the sum of the weights (|sum| < 1e-8 -> 1);
+* ``rescale`` multiplies a masked delta by ``L1(d) / L1(masked d)``, both rounded to the
+  working dtype, unless either is below 1e-7 (mergekit's eps).
+
+What needs the whole tensor comes from reduction passes: magnitude thresholds (one or two
+radix passes, :mod:`shardmerge.methods.select`) and the two L1 norms (one pass, after the
+thresholds). The L1 norms are float64 sums of fixed 1024-element blocks added up exactly
+(``math.fsum``), so they do not depend on the chunking either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from shardmerge.methods import rng
+from shardmerge.methods.family import Family
+from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
+from shardmerge.methods.spec import TensorJob
+
+__all__ = ["L1_BLOCK", "TaskVectorMerge"]
+
+# Elements per L1 block; the engine's chunks are whole blocks, so a block never straddles two.
+L1_BLOCK = 1024
+# mergekit: a norm below this is not rescaled (division by ~0).
+RESCALE_EPS = 1e-7
+# mergekit: without sign election, |sum of weights| below this is treated as 1.
+DIVISOR_EPS = 1e-8
+
+
+class _Model:
+    """One model's sparsifier state for the tensor."""
+
+    def __init__(self, index: int, job: TensorJob, family: Family) -> None:
+        params = job.model_params[index]
+        self.weight = float(params["weight"])
+        self.density = float(params.get("density", 1.0))
+        n = job.numel
+        self.kind: Literal["keep", "zero", "select", "random", "della"] = "keep"
+        self.selector: RankSelector | None = None
+        self.counts: tuple[int, ...] = ()
+        if family.sparsify is None or self.density >= 1:
+            return
+        if family.sparsify == "magnitude":
+            if self.density <= 0 or n == 0:
+                self.kind = "zero"
+                return
+            # mergekit: a positive density keeps at least one element.
+            self.counts = (max(1, int(self.density * n)),)
+        elif family.sparsify == "magnitude_outliers":
+            gamma = float(params.get("gamma", 0.01))
+            target = int(self.density * n)
+            n_top = int(gamma * n)
+            # Drop the n_top largest, then the smallest down to the density; when both do not
+            # fit, fewer of the largest are dropped (mergekit's rule). Keep ranks [top, top+target).
+            n_bottom = max(0, n - target - n_top)
+            top = n - n_bottom - target
+            self.counts = (top + target, top)
+        else:
+            if family.sparsify == "della_magprune" and self.density <= 0:
+                self.kind = "zero"
+                return
+            self.kind = "random" if family.sparsify == "random" else "della"
+            self.key = rng.stream_key(job.seed, job.name, index)
+            self.epsilon = float(params.get("epsilon", 0.15))
+            self.row = job.row_len or n
+            self.work_dtype = torch.float32 if job.dtype == torch.float16 else job.dtype
+            return
+        self.kind = "select"
+        self.selector = RankSelector(n, self.counts, key_space(job.dtype))
+        if self.selector.passes == 0:
+            self.selector.finish_without_passes()
+
+    @property
+    def sparsified(self) -> bool:
+        return self.kind in ("select", "random", "della")
+
+    @property
+    def drawn(self) -> bool:
+        """Random masks: drawn and rescaled in mergekit's working dtype."""
+        return self.kind in ("random", "della")
+
+    def mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """Keep mask (bool) of the next chunk in flat order."""
+        if self.kind == "random":
+            return rng.keep_mask(self.key, start, delta.numel(), self.density, delta.device)
+        if self.kind == "della":
+            return self._della_mask(delta, start)
+        assert self.selector is not None
+        keys = magnitude_keys(delta)
+        keep = self.selector.mask(keys, 0)
+        if len(self.counts) == 2:  # breadcrumbs: not among the top ``top`` (outliers)
+            keep.logical_and_(self.selector.mask(keys, 1).logical_not_())
+        return keep
+
+    def _della_mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """DELLA's MagPrune: within each row (the chunk holds whole rows), the keep probability
+        grows linearly with the rank of |delta| from density - epsilon to density + epsilon;
+        mergekit's arithmetic (ranks and probabilities in the working dtype). Ties in |delta|
+        rank by index (stable sort; mergekit's argsort orders them arbitrarily)."""
+        rows = delta.view(-1, self.row)
+        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        positions = torch.arange(self.row, device=delta.device).expand_as(order)
+        ranks = torch.empty_like(order).scatter_(1, order, positions)
+        ranked = ranks.to(self.work_dtype) + 1
+        if self.row > 1:
+            low = ranked.min(dim=1, keepdim=True).values
+            high = ranked.max(dim=1, keepdim=True).values
+            rank_norm = ((ranked - low) / (high - low)).clamp(0, 1)
+        else:  # one element per row: mergekit divides 0 by 0 here; the middle probability
+            rank_norm = torch.full_like(ranked, 0.5)
+        probs = (self.density - self.epsilon) + rank_norm * 2 * self.epsilon
+        draws = rng.uniform_bits(self.key, start, delta.numel(), delta.device)
+        # u < p: u uniform on [0, 2**UNIT_BITS), exact in float32 (p's resolution 2**-24).
+        scaled = probs.reshape(-1).to(torch.float32) * float(1 << rng.UNIT_BITS)
+        return draws.to(torch.float32) < scaled
+
+
+class TaskVectorMerge:
+    """:class:`~shardmerge.methods.spec.TensorMerge` for one tensor of the family."""
+
+    def __init__(self, job: TensorJob, family: Family) -> None:
+        self.job = job
+        self.family = family
+        self.dtype = job.dtype
+        # mergekit's CPU path draws and rescales float16 masks in float32.
+        self.random_dtype = torch.float32 if job.dtype == torch.float16 else job.dtype
+        self.models = [_Model(i, job, family) for i in range(len(job.model_params))]
+        self.rescale = bool(job.shared["rescale"])
+        self.normalize = bool(job.shared["normalize"])
+        self.lambda_ = float(job.shared["lambda"])
+        selectors = [m.selector for m in self.models if m.selector is not None]
+        self.select_passes = max((s.passes for s in selectors), default=0)
+        self.l1_pass = self.rescale and any(m.sparsified for m in self.models)
+        self.passes = self.select_passes + (1 if self.l1_pass else 0)
+        self._l1: list[tuple[list[float], list[float]]] = [([], []) for _ in self.models]
+        self.factors: list[torch.Tensor | None] = [None] * len(self.models)
+
+    def _deltas(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        base = inputs[0]
+        return [x - base for x in inputs[1:]]
+
+    def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
+        deltas = self._deltas(inputs)
+        if pass_index < self.select_passes:
+            for model, delta in zip(self.models, deltas, strict=True):
+                selector = model.selector
+                if selector is not None and pass_index < selector.passes:
+                    selector.add(magnitude_keys(delta))
+            return
+        # The L1 pass: norms before and after masking, per model.
+        for model, delta, (before, after) in zip(self.models, deltas, self._l1, strict=True):
+            if not model.sparsified:
+                continue
+            work = self._work(model, delta)
+            masked = work * model.mask(delta, start).to(work.dtype)
+            block = model.row if model.kind == "della" else L1_BLOCK  # whole rows per chunk
+            before.extend(_block_l1(work, block))
+            after.extend(_block_l1(masked, block))
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index < self.select_passes:
+            for model in self.models:
+                selector = model.selector
+                if selector is not None and pass_index < selector.passes:
+                    selector.end_pass()
+            return
+        for i, (model, (before, after)) in enumerate(zip(self.models, self._l1, strict=True)):
+            if not model.sparsified:
+                continue
+            dtype = self.random_dtype if model.drawn else self.dtype
+            # mergekit sums in the working dtype: the exact sum, rounded to it, is what it gets
+            # up to its own float32 accumulation error.
+            b = torch.tensor(math.fsum(before), dtype=torch.float64).to(dtype)
+            a = torch.tensor(math.fsum(after), dtype=torch.float64).to(dtype)
+            if not (b < RESCALE_EPS or a < RESCALE_EPS):
+                self.factors[i] = b / a
+        self._l1 = []
+        for model in self.models:
+            if model.selector is not None:
+                model.selector.restart()
+
+    def _work(self, model: _Model, delta: torch.Tensor) -> torch.Tensor:
+        return delta.to(self.random_dtype) if model.drawn else delta
+
+    def _sparsified(
+        self, model: _Model, factor: torch.Tensor | None, delta: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        if model.kind == "keep":
+            return delta
+        if model.kind == "zero":
+            return torch.zeros_like(delta)
+        work = self._work(model, delta)
+        masked = work * model.mask(delta, start).to(work.dtype)
+        if factor is not None:
+            masked = masked * factor
+        return masked.to(delta.dtype)
+
+    def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
+        base = inputs[0]
+        dtype = base.dtype
+        if not self.models:
+            return base
+        # mergekit stacks the deltas and uses sum(dim=0); a merge-dtype sum over dim 0 is a
+        # float32 accumulation in model order rounded once, which is what _sum_rounded does
+        # without the stack (half the memory traffic; the tests check it bit for bit).
+        weights = [torch.tensor(m.weight, dtype=dtype, device=base.device) for m in self.models]
+        weighted = [
+            self._sparsified(model, self.factors[i], delta, start) * weights[i]
+            for i, (model, delta) in enumerate(zip(self.models, self._deltas(inputs), strict=True))
+        ]
+        if self.family.consensus:
+            # The elected sign is that of the summed weighted deltas, zero counting as positive;
+            # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
+            positive = _sum_rounded(weighted, dtype) >= 0
+            # (d > 0) == positive, and d != 0: bool ops (torch.where on bools is slow here).
+            takes = [(d > 0).eq_(positive).logical_and_(d != 0).to(dtype) for d in weighted]
+            # d * take, not a masked fill: a dropped negative delta is -0.0, as in mergekit.
+            mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
+            divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
+            divisor.masked_fill_(divisor == 0, 1)
+        else:
+            mixed = _sum_rounded(weighted, dtype)
+            divisor = torch.stack(weights).sum(dim=0)
+            if divisor.abs() < DIVISOR_EPS:
+                divisor = torch.ones((), dtype=dtype, device=base.device)
+        if self.normalize:
+            mixed /= divisor
+        if self.lambda_ != 1:
+            mixed *= self.lambda_
+        return (base + mixed).to(dtype)
+
+
+def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum(parts) accumulated in float32 (float64 for float64) in order, rounded to ``dtype``
+    once: torch's sum(dim=0) of the stacked parts, for 16-bit dtypes."""
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = parts[0].to(acc_dtype, copy=True)
+    for part in parts[1:]:
+        acc.add_(part)
+    return acc.to(dtype)
+
+
+def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
+    """float64 sums of |x| over consecutive ``block``-element blocks (the last may be short)."""
+    n = x.numel()
+    full = n - n % block
+    sums: list[float] = []
+    if full:
+        blocks = x[:full].abs().view(-1, block)
+        sums = blocks.sum(dim=1, dtype=torch.float64).tolist()
+    if n > full:
+        sums.append(float(x[full:].abs().sum(dtype=torch.float64)))
+    return sums

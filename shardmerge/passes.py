@@ -1,0 +1,408 @@
+"""Execute a plan of any registered method: K aligned inputs per tensor, streamed through the
+method's passes in fixed pools.
+
+Per tensor the method (:mod:`shardmerge.methods`) declares how many reduction passes it needs
+before its combine; this module knows passes, not methods. Three threads overlap: a reader fills
+slots (one chunk of every input) from a fixed pool in the plan's order, the calling thread runs
+each chunk through ``reduce`` (pass by pass, ``end_pass`` after each) and then ``combine``, and
+a writer puts the merged chunks at their planned offsets in file order (the shard files, digests
+and resume records are :mod:`shardmerge.engine`'s). A tensor whose chunks fit in the pool at once
+is read once and kept between its passes; a larger one (an embedding) is read once per pass, so
+memory stays a few chunks whatever the tensor's size.
+
+SLERP keeps its dedicated two-input path (:func:`shardmerge.engine.execute_plan`), which
+overlaps two compute threads; :func:`execute` picks the path from the plan's method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from shardmerge import faults
+from shardmerge.engine import (
+    DIGEST_NAME,
+    TORCH_DTYPES,
+    ExecuteResult,
+    ShardResult,
+    ShardSource,
+    _Output,
+    _Reader,
+    _ShardFile,
+    bytes_view,
+    execute_plan,
+)
+from shardmerge.errors import ShardmergeError
+from shardmerge.inventory import DTYPE_SIZES
+from shardmerge.methods import TensorJob, TensorMerge, get_method
+from shardmerge.methods.task_vectors import L1_BLOCK
+from shardmerge.plan import PASS_CHUNK_NUMEL, PASS_SLOTS, MergePlan, TensorTask
+
+__all__ = ["CHUNK_NUMEL", "execute", "execute_passes", "merge_tensor"]
+
+# Elements per chunk (rounded up to whole L1 blocks). Smaller than SLERP's: a method's combine
+# makes a few K-input temporaries of the chunk, and these bound the working set.
+CHUNK_NUMEL = PASS_CHUNK_NUMEL
+# Chunk slots (each holds one chunk of every input); a tensor of at most SLOTS - 1 chunks is
+# read once for all its passes.
+SLOTS = PASS_SLOTS
+
+
+def _chunk_numel() -> int:
+    # Whole L1 blocks per chunk, so block sums (and so the rescale factors) never depend on it.
+    return max(L1_BLOCK, -(-CHUNK_NUMEL // L1_BLOCK) * L1_BLOCK)
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [(0, 0)]
+
+
+def _method_chunk(chunk: int, row_aligned: bool, row_len: int) -> int:
+    """A method's chunk: whole rows when it needs them (at least one row, even past ``chunk``)."""
+    if not row_aligned or row_len <= 0:
+        return chunk
+    return max(1, chunk // row_len) * row_len
+
+
+def merge_tensor(
+    job: TensorJob, method: str, inputs: Sequence[torch.Tensor], chunk_numel: int | None = None
+) -> torch.Tensor:
+    """Merge in-memory flat inputs (merge dtype) exactly as the engine does, chunk by chunk."""
+    spec = get_method(method)
+    merge = spec.start(job)
+    chunk = _method_chunk(chunk_numel or _chunk_numel(), spec.row_aligned, job.row_len)
+    spans = _spans(job.numel, chunk)
+    for p in range(merge.passes):
+        for s, e in spans:
+            merge.reduce(p, [x[s:e] for x in inputs], s)
+        merge.end_pass(p)
+    out = torch.empty(job.numel, dtype=job.dtype, device=inputs[0].device)
+    for s, e in spans:
+        out[s:e] = merge.combine([x[s:e] for x in inputs], s)
+    return out
+
+
+def execute(
+    plan: MergePlan,
+    sources: Sequence[ShardSource],
+    out_dir: Path,
+    *,
+    labels: Sequence[str] | None = None,
+    device: str = "cpu",
+    skip_shards: frozenset[int] = frozenset(),
+    on_progress: Callable[[int], None] | None = None,
+    on_shard_done: Callable[[int, ShardResult], None] | None = None,
+    host_memory: object = None,
+) -> ExecuteResult:
+    """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir``, by the plan's
+    method: SLERP on its fast path, the others through :func:`execute_passes`."""
+    if plan.method == "slerp":
+        return execute_plan(
+            plan,
+            sources[0],
+            sources[1],
+            out_dir,
+            device=device,
+            skip_shards=skip_shards,
+            on_progress=on_progress,
+            on_shard_done=on_shard_done,
+            host_memory=host_memory,  # type: ignore[arg-type]
+        )
+    return execute_passes(
+        plan,
+        sources,
+        out_dir,
+        labels=labels,
+        device=device,
+        skip_shards=skip_shards,
+        on_progress=on_progress,
+        on_shard_done=on_shard_done,
+    )
+
+
+Kind = Literal["reduce", "combine", "copy"]
+
+
+@dataclass
+class _Item:
+    task: TensorTask
+    shard: int
+    kind: Kind
+    pass_index: int
+    start: int
+    end: int
+    merge: TensorMerge | None
+    slot: list[torch.Tensor]
+    end_of_pass: bool
+    release: bool  # the slot goes back to the pool after this item
+
+
+_STOP = object()
+
+
+def execute_passes(
+    plan: MergePlan,
+    sources: Sequence[ShardSource],
+    out_dir: Path,
+    *,
+    labels: Sequence[str] | None = None,
+    device: str = "cpu",
+    skip_shards: frozenset[int] = frozenset(),
+    on_progress: Callable[[int], None] | None = None,
+    on_shard_done: Callable[[int, ShardResult], None] | None = None,
+) -> ExecuteResult:
+    """Write every shard of a non-SLERP ``plan`` (except ``skip_shards``) into ``out_dir``."""
+    method = get_method(plan.method)
+    dev = torch.device(device)
+    names = labels or [f"input {i + 1}" for i in range(len(sources))]
+    readers = [_Reader(src, label) for src, label in zip(sources, names, strict=True)]
+    chunk = _chunk_numel()
+    itemsizes = [
+        max((DTYPE_SIZES[t.inputs[i].dtype] for t in plan.tasks), default=4)
+        for i in range(len(readers))
+    ]
+    free: queue.Queue[list[torch.Tensor]] = queue.Queue()
+    pool_ids: set[int] = set()
+    for _ in range(SLOTS):
+        slot = [torch.empty(chunk * size, dtype=torch.uint8) for size in itemsizes]
+        pool_ids.add(id(slot))
+        free.put(slot)
+
+    def release(slot: list[torch.Tensor]) -> None:
+        if id(slot) in pool_ids:  # an oversized row's own buffers are simply dropped
+            free.put(slot)
+
+    ready: queue.Queue[object] = queue.Queue(maxsize=SLOTS)
+    to_write: queue.Queue[object] = queue.Queue(maxsize=SLOTS)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    remaining = _file_refcounts(plan, skip_shards)
+
+    def take() -> list[torch.Tensor] | None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return free.get(timeout=0.1)
+        return None
+
+    def read(task: TensorTask, start: int, end: int, which: Sequence[int]) -> list[torch.Tensor]:
+        slot: list[torch.Tensor] | None
+        if end - start > chunk:
+            # A row longer than a chunk (row-aligned methods; in practice a large 1-D tensor):
+            # buffers of its own, outside the pool.
+            slot = [torch.empty((end - start) * size, dtype=torch.uint8) for size in itemsizes]
+        else:
+            slot = take()
+        if slot is None:
+            raise _Stopped
+        for i in which:
+            info = task.inputs[i]
+            size = DTYPE_SIZES[info.dtype]
+            readers[i].read_into(info, start * size, bytes_view(slot[i])[: (end - start) * size])
+        return slot
+
+    def items() -> Iterator[_Item]:
+        for index, shard in enumerate(plan.shards):
+            if index in skip_shards:
+                continue
+            for task in shard.tasks:
+                yield from _task_items(task, index)
+                for i, info in enumerate(task.inputs):
+                    remaining[i, info.file] -= 1
+                    if remaining[i, info.file] == 0:
+                        readers[i].close(info.file)
+
+    def _task_items(task: TensorTask, shard: int) -> Iterator[_Item]:
+        row_len = _row_len(task)
+        spans = _spans(task.inputs[0].numel, _method_chunk(chunk, method.row_aligned, row_len))
+        if not task.is_float:  # integer/bool tensors come from the first input, as stored
+            for s, e in spans:
+                yield _Item(task, shard, "copy", 0, s, e, None, read(task, s, e, [0]), False, True)
+            return
+        merge = method.start(_job(plan, task, dev))
+        everything = range(len(task.inputs))
+        resident = merge.passes > 0 and len(spans) <= SLOTS - 1
+        held: list[list[torch.Tensor]] = []
+        for p in range(merge.passes):
+            for i, (s, e) in enumerate(spans):
+                if resident and p > 0:
+                    slot = held[i]
+                else:
+                    slot = read(task, s, e, everything)
+                    if resident:
+                        held.append(slot)
+                yield _Item(
+                    task, shard, "reduce", p, s, e, merge, slot, i == len(spans) - 1, not resident
+                )
+        for i, (s, e) in enumerate(spans):
+            slot = held[i] if resident else read(task, s, e, everything)
+            yield _Item(task, shard, "combine", 0, s, e, merge, slot, False, True)
+
+    def read_loop() -> None:
+        try:
+            for item in items():
+                if stop.is_set():
+                    return
+                ready.put(item)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+        finally:
+            ready.put(_STOP)
+
+    outputs: dict[int, _Output] = {}
+    results: list[ShardResult] = []
+
+    def write(shard_index: int, data: torch.Tensor, header: bool = False) -> None:
+        out = outputs.get(shard_index)
+        if out is None:
+            shard = plan.shards[shard_index]
+            path = out_dir / shard.filename
+            out = outputs[shard_index] = _Output(path, shard, _ShardFile(path, shard.file_bytes))
+            write(shard_index, torch.frombuffer(bytearray(shard.header), dtype=torch.uint8), True)
+        view = bytes_view(data)
+        out.file.write(view, data, in_place=True)
+        out.hasher.update(view)
+        out.written += len(view)
+        faults.reached("chunk-written")
+        if on_progress is not None and not header:
+            on_progress(len(view))
+        if out.written == out.shard.file_bytes:
+            out.file.close()
+            result = ShardResult(
+                out.shard.filename, f"{DIGEST_NAME}:{out.hasher.hexdigest()}", out.written
+            )
+            results.append(result)
+            del outputs[shard_index]
+            if on_shard_done is not None:
+                on_shard_done(shard_index, result)
+            faults.reached("shard-done")
+
+    def write_loop() -> None:
+        try:
+            while (entry := to_write.get()) is not _STOP:
+                assert isinstance(entry, tuple)
+                shard_index, data, slot = entry
+                write(shard_index, data)
+                if slot is not None:
+                    release(slot)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+            stop.set()
+            while to_write.get() is not _STOP:  # keep draining: never block the computer
+                pass
+
+    def compute_loop() -> None:
+        while (entry := ready.get()) is not _STOP and not stop.is_set():
+            assert isinstance(entry, _Item)
+            item = entry
+            task = item.task
+            count = item.end - item.start
+            if item.kind == "copy":
+                info = task.inputs[0]
+                raw = item.slot[0][: count * DTYPE_SIZES[info.dtype]]
+                if info.dtype != task.out_dtype:
+                    typed = raw.view(TORCH_DTYPES[info.dtype]).to(TORCH_DTYPES[task.out_dtype])
+                    to_write.put((item.shard, typed.view(torch.uint8), None))
+                    release(item.slot)
+                else:
+                    to_write.put((item.shard, raw, item.slot))  # freed once written
+                continue
+            assert item.merge is not None
+            inputs = _typed_inputs(item, dev)
+            if item.kind == "reduce":
+                item.merge.reduce(item.pass_index, inputs, item.start)
+                if item.end_of_pass:
+                    item.merge.end_pass(item.pass_index)
+                if item.release:
+                    release(item.slot)
+                continue
+            merged = item.merge.combine(inputs, item.start)
+            del inputs
+            out = merged.to(TORCH_DTYPES[task.out_dtype]).reshape(-1)
+            data = out.cpu().contiguous().view(torch.uint8)
+            release(item.slot)
+            to_write.put((item.shard, data, None))
+
+    reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
+    writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
+    reader.start()
+    writer.start()
+    try:
+        compute_loop()
+    except BaseException as exc:  # noqa: BLE001 - raised below, after the threads stop
+        errors.append(exc)
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        to_write.put(_STOP)
+        writer.join()
+        for r in readers:
+            r.close_all()
+        for out in outputs.values():
+            out.file.abort()
+    if errors:
+        error = errors[0]
+        if isinstance(error, ValueError) and not isinstance(error, ShardmergeError):
+            raise ShardmergeError(str(error)) from None
+        raise error
+    return ExecuteResult(
+        sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
+    )
+
+
+class _Stopped(Exception):
+    """The merge stopped while the reader waited for a slot."""
+
+
+def _job(plan: MergePlan, task: TensorTask, dev: torch.device) -> TensorJob:
+    return TensorJob(
+        name=task.name,
+        numel=task.inputs[0].numel,
+        dtype=TORCH_DTYPES[task.merge_dtype],
+        model_params=task.model_params,
+        shared=task.shared,
+        seed=plan.random_seed,
+        device=dev,
+        row_len=_row_len(task),
+    )
+
+
+def _row_len(task: TensorTask) -> int:
+    """Elements per row: the last dimension; a 1-D (or 0-D) tensor is one row."""
+    return task.shape[-1] if len(task.shape) >= 2 else max(1, task.inputs[0].numel)
+
+
+def _typed_inputs(item: _Item, dev: torch.device) -> list[torch.Tensor]:
+    """The chunk of every input as flat tensors of the merge dtype on ``dev``."""
+    task = item.task
+    count = item.end - item.start
+    merge_dtype = TORCH_DTYPES[task.merge_dtype]
+    typed = []
+    for raw, info in zip(item.slot, task.inputs, strict=True):
+        x = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
+        if dev.type != "cpu":
+            x = x.to(dev, non_blocking=True)
+        typed.append(x.to(merge_dtype))
+    return typed
+
+
+def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int, str]]:
+    """How many tasks still need each input file, keyed by (input index, file)."""
+    counts: Counter[tuple[int, str]] = Counter()
+    for index, shard in enumerate(plan.shards):
+        if index not in skip:
+            for task in shard.tasks:
+                for i, info in enumerate(task.inputs):
+                    counts[i, info.file] += 1
+    return counts
