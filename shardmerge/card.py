@@ -87,10 +87,13 @@ def render_card(
         lines.append(f"- {name} ({m.role}), {kind} `{m.pin}`")
     lines += ["", "## License", ""]
     if shared is not None:
-        lines.append(f"`{shared}`, the license both parents' model cards name.")
+        every = "both" if len(models) == 2 else "all the"
+        lines.append(f"`{shared}`, the license {every} parents' model cards name.")
     else:
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
         named = ", ".join(
-            f"`{m.ref}`: `{m.license}`" if m.license else f"`{m.ref}`: none" for m in models
+            f"model {letters[i % 26]}: `{lic}`" if lic else f"model {letters[i % 26]}: none"
+            for i, lic in enumerate(licenses)
         )
         lines.append(
             f"Not set: the parents' model cards do not name one same license ({named}). "
