@@ -32,7 +32,11 @@ def _demo_commands() -> list[str]:
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_python_blocks_run_as_they_stand(index):
+def test_python_blocks_run_as_they_stand(index, tmp_path, monkeypatch):
+    # From the repository's root, as a reader of the README would (the demo models are in
+    # recipes/), in a copy so that what a block writes lands in tmp_path.
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
     exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), {})
 
 
