@@ -39,6 +39,7 @@ METHOD_PARAMS = {
     "dare_ties": "weight: {w}, density: 0.5",
     "dare_linear": "weight: {w}, density: 0.5",
     "breadcrumbs_ties": "weight: {w}, density: 0.5, gamma: 0.01",
+    "della": "weight: {w}, density: 0.5, epsilon: 0.1",
 }
 
 
@@ -55,7 +56,7 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
     for path in models:
         params = METHOD_PARAMS[method].format(w=weight)
         lines += [f"  - model: {path}", f"    parameters: {{{params}}}"]
-    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         lines.append("parameters: {int8_mask: true}")
     lines.append("dtype: bfloat16")
     return "\n".join(lines) + "\n"
