@@ -296,7 +296,7 @@ def _run(
 ) -> int:
     from shardmerge import distributed
 
-    hub_used = push or not all(Path(m.ref).is_dir() for m in (recipe.model_a, recipe.model_b))
+    hub_used = push or not all(Path(m.ref).is_dir() for m in recipe.models)
     if args.quiet and hub_used:
         from shardmerge import hub
 
