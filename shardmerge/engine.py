@@ -465,6 +465,25 @@ class _Output:
     hasher: xxhash.xxh3_128 = field(default_factory=new_digest)
     written: int = 0
 
+    def append(
+        self, view: memoryview, tensor: torch.Tensor | None, *, in_place: bool
+    ) -> ShardResult | None:
+        """Write and hash the next bytes (they arrive in file order); once the shard's last byte
+        is written, close it and return its result.
+
+        No fsync here: resume re-hashes every recorded shard, so a shard lost to a power cut is
+        redone, and a killed process loses nothing the kernel holds (the output is synced once,
+        before it is renamed into place)."""
+        self.file.write(view, tensor, in_place=in_place)
+        self.hasher.update(view)
+        self.written += len(view)
+        faults.reached("chunk-written")
+        if self.written < self.shard.file_bytes:
+            return None
+        self.file.close()
+        digest = f"{DIGEST_NAME}:{self.hasher.hexdigest()}"
+        return ShardResult(self.shard.filename, digest, self.written)
+
 
 _STOP = object()
 
@@ -597,23 +616,14 @@ def execute_plan(
         view = bytes_view(tensor) if tensor is not None else data
         assert isinstance(view, memoryview)
         assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
-        out.file.write(view, tensor, in_place=own_memory)
-        out.hasher.update(view)
-        out.written += len(view)
-        faults.reached("chunk-written")
+        result = out.append(view, tensor, in_place=own_memory)
         if slot is not None:
             free.put(slot)
         if out_buffer is not None:
             free_out.put(out_buffer)
         if on_progress is not None and tensor_data:
             on_progress(len(view))
-        if out.written == out.shard.file_bytes:
-            # No fsync: resume re-hashes every recorded shard, so a shard lost to a power cut is
-            # redone, and a killed process loses nothing the kernel holds.
-            out.file.close()
-            result = ShardResult(
-                out.shard.filename, f"{DIGEST_NAME}:{out.hasher.hexdigest()}", out.written
-            )
+        if result is not None:
             results.append(result)
             del outputs[shard_index]
             if on_shard_done is not None:

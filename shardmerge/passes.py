@@ -29,7 +29,6 @@ import torch
 
 from shardmerge import faults
 from shardmerge.engine import (
-    DIGEST_NAME,
     TORCH_DTYPES,
     ExecuteResult,
     ShardResult,
@@ -269,17 +268,10 @@ def execute_passes(
             out = outputs[shard_index] = _Output(path, shard, _ShardFile(path, shard.file_bytes))
             write(shard_index, torch.frombuffer(bytearray(shard.header), dtype=torch.uint8), True)
         view = bytes_view(data)
-        out.file.write(view, data, in_place=True)
-        out.hasher.update(view)
-        out.written += len(view)
-        faults.reached("chunk-written")
+        result = out.append(view, data, in_place=True)
         if on_progress is not None and not header:
             on_progress(len(view))
-        if out.written == out.shard.file_bytes:
-            out.file.close()
-            result = ShardResult(
-                out.shard.filename, f"{DIGEST_NAME}:{out.hasher.hexdigest()}", out.written
-            )
+        if result is not None:
             results.append(result)
             del outputs[shard_index]
             if on_shard_done is not None:
