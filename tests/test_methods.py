@@ -698,3 +698,29 @@ def test_della_rows_longer_than_a_chunk(tmp_path, capsys, monkeypatch):
         )
         assert torch.equal(got[name], expected), name
     capsys.readouterr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_cuda_gives_the_cpu_result(tmp_path, capsys, method):
+    """Every method through the K-input engine on CUDA: the CPU's bytes, or within one bf16
+    step where a reduction (DARE's L1 norms, TIES' sums) adds in another order on the device."""
+    from tests.test_gpu import _assert_within_one_step
+
+    folders, _ = _family(tmp_path)
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
+        assert rc == 0, capsys.readouterr().err
+        results[device] = _read(out)
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        if not cpu[name].is_floating_point():
+            assert torch.equal(cpu[name], gpu[name]), name
+            continue
+        _assert_within_one_step(cpu[name], gpu[name], name)
