@@ -123,7 +123,10 @@ class _Model:
             rank_norm = ((ranked - low) / (high - low)).clamp(0, 1)
         else:  # one element per row: mergekit divides 0 by 0 here; the middle probability
             rank_norm = torch.full_like(ranked, 0.5)
-        probs = (self.density - self.epsilon) + rank_norm * 2 * self.epsilon
+        # ``tensor + python float``: the CPU rounds the float to the tensor's dtype first, CUDA
+        # adds it in float32; rounding it here gives mergekit's CPU result on every device.
+        low_p = torch.tensor(self.density - self.epsilon, dtype=self.work_dtype).item()
+        probs = (rank_norm * 2 * self.epsilon).add_(low_p)
         draws = rng.uniform_bits(self.key, start, delta.numel(), delta.device)
         # u < p: u uniform on [0, 2**UNIT_BITS), exact in float32 (p's resolution 2**-24).
         scaled = probs.reshape(-1).to(torch.float32) * float(1 << rng.UNIT_BITS)
