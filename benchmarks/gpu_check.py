@@ -395,7 +395,7 @@ def phases_text(per_size: list[dict[str, Any]]) -> str:
             wall = med(lambda r: r["wall_s"])
             startup = med(lambda r: r["wall_s"] - r["wall_in_process_s"])
             torch_s = med(lambda r: phase(r, "import_torch"))
-            merge = med(lambda r: phase(r, "merge_shards") - phase(r, "import_torch"))
+            merge = med(lambda r: phase(r, "merge_shards") - phase(r, "import_torch_in_merge"))
             memory = runs[-1].get("memory", {})
             anon, file = memory.get("RssAnon"), memory.get("RssFile")
             split = "-" if anon is None or file is None else f"{anon / 1e9:.2f} / {file / 1e9:.2f}"

@@ -191,15 +191,27 @@ PHASES = ("import_torch", "prepare", "merge_shards", "finish_output", "resolve_d
 def install_phase_timers(seconds: dict[str, float]) -> None:
     from shardmerge import pipeline
 
+    active: list[str] = []  # the phases running now, outermost first
+
     for name in PHASES:
         fn = getattr(pipeline, name)
 
         def timed(*args: Any, _fn: Callable[..., Any] = fn, _name: str = name, **kw: Any) -> Any:
             start = time.perf_counter()
+            outer = active[:]
+            active.append(_name)
             try:
                 return _fn(*args, **kw)
             finally:
-                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+                active.pop()
+                took = time.perf_counter() - start
+                seconds[_name] = seconds.get(_name, 0.0) + took
+                # torch's import inside merge_shards (the CPU path) is not the merge's own time;
+                # on CUDA, resolve_device imports it before merge_shards starts.
+                if _name == "import_torch" and "merge_shards" in outer:
+                    seconds["import_torch_in_merge"] = (
+                        seconds.get("import_torch_in_merge", 0.0) + took
+                    )
 
         setattr(pipeline, name, timed)
     real_import = pipeline.import_torch
