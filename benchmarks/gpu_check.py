@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from compare import compare_checkpoints, format_comparison  # noqa: E402
-from make_pair import PRESETS  # noqa: E402
+from family import family_config  # noqa: E402
+from make_pair import PRESETS, ensure_pair  # noqa: E402
 from run import floor_command, prepare_pair, warm_cache  # noqa: E402
 
 # The GPU issue's targets, for the wide pair on CUDA.
@@ -55,6 +56,7 @@ class Tool:
     name: str  # cuda, cpu, floor, floor-direct
     command: list[str]
     stats_path: Path | None = None  # gpu_probe's stats (shardmerge runs)
+    inputs: list[Path] = field(default_factory=list)  # warmed before each run (default: the pair)
     walls_s: list[float] = field(default_factory=list)
     peak_rss_bytes: list[int] = field(default_factory=list)
     peak_gpu_bytes: list[int] = field(default_factory=list)
@@ -249,14 +251,37 @@ def bench_size(
     tools.append(
         Tool("floor-direct", direct_floor_command(inputs, work / "out-floor-direct", out_bytes))
     )
+    family_inputs: list[Path] = []
+    if args.methods:
+        # The N-model methods on a family (benchmarks/family.py's): the pair's A as the base,
+        # its B and a second pair's B as the fine-tunes; a floor of its own (three inputs).
+        second = (args.data_dir / f"{size}-second").resolve()
+        ensure_pair(replace(spec, seed=spec.seed + 1, shard_size_b_bytes=400_000_000), second)
+        base, tunes = work / "a", [work / "b", second / "b"]
+        family_inputs = [*inputs, *sorted((second / "b").glob("*.safetensors"))]
+        for method in args.methods:
+            method_config = work / f"{method}.yml"
+            method_config.write_text(family_config(method, base, tunes))
+            for device in devices:
+                name = f"{device} {method}"
+                stats = work / f"stats-{device}-{method}.json"
+                out = work / f"out-{name}"
+                command = shardmerge_command(args.python, method_config, out, device, stats)
+                tools.append(Tool(name, command, stats, inputs=family_inputs))
+        tools.append(
+            Tool(
+                "floor-direct family",
+                direct_floor_command(family_inputs, work / "out-floor-direct family", out_bytes),
+                inputs=family_inputs,
+            )
+        )
 
     for repeat in range(args.repeats):
         for tool in tools:
             if tool.failed:
                 continue
-            time_once(
-                tool, work / f"out-{tool.name}", inputs, logs / f"{tool.name}-{repeat + 1}.log"
-            )
+            log = logs / f"{tool.name.replace(' ', '-')}-{repeat + 1}.log"
+            time_once(tool, work / f"out-{tool.name}", tool.inputs or inputs, log)
             if tool.failed:
                 print(f"{size} {tool.name} FAILED: {tool.failed}", file=sys.stderr)
                 continue
@@ -281,6 +306,15 @@ def bench_size(
         checks["cuda_vs_cpu"] = comparison.to_dict()
         checks["cuda_vs_cpu_text"] = format_comparison(comparison, "cuda", "cpu")
         print(checks["cuda_vs_cpu_text"], file=sys.stderr)
+    for method in args.methods:
+        outs = {d: work / f"out-{d} {method}" for d in ("cuda", "cpu")}
+        ok = all(any(t.name == f"{d} {method}" and t.walls_s for t in tools) for d in outs)
+        if ok:
+            comparison = compare_checkpoints(outs["cuda"], outs["cpu"])
+            checks[f"cuda_vs_cpu {method}"] = comparison.to_dict()
+            text = format_comparison(comparison, f"cuda {method}", f"cpu {method}")
+            checks[f"cuda_vs_cpu_text {method}"] = text
+            print(text, file=sys.stderr)
 
     profile = None
     profile_device = "cuda" if "cuda" in devices else "cpu"
@@ -334,10 +368,15 @@ def summarize(size_result: dict[str, Any]) -> list[dict[str, Any]]:
         pairs = [w / r for w, r in zip(walls, ref, strict=False)]
         return statistics.median(pairs) if pairs else None
 
+    family_direct = tools.get("floor-direct family", {}).get("walls_s") or []
+
     rows = []
     for name, tool in tools.items():
         walls = tool["walls_s"]
         median = statistics.median(walls) if walls else None
+        method = name.split(" ", 1)[1] if " " in name and not name.startswith("floor") else None
+        own_cpu = cpu if method is None else tools.get(f"cpu {method}", {}).get("walls_s") or []
+        own_direct = direct if method is None and "family" not in name else family_direct
         rows.append({
             "size": size_result["size"],
             "tool": name if not tool["failed"] else f"{name} (FAILED)",
@@ -346,9 +385,9 @@ def summarize(size_result: dict[str, Any]) -> list[dict[str, Any]]:
             "input_gb_per_s": size_result["input_bytes"] / median / 1e9 if median else None,
             "peak_rss_bytes": max(tool["peak_rss_bytes"]) if tool["peak_rss_bytes"] else None,
             "peak_gpu_bytes": max(tool["peak_gpu_bytes"]) if tool["peak_gpu_bytes"] else None,
-            "to_floor": ratio(walls, floor),
-            "to_floor_direct": ratio(walls, direct),
-            "to_cpu": ratio(walls, cpu) if name != "cpu" else None,
+            "to_floor": ratio(walls, floor) if method is None and "family" not in name else None,
+            "to_floor_direct": ratio(walls, own_direct),
+            "to_cpu": ratio(walls, own_cpu) if not name.startswith("cpu") else None,
         })  # fmt: skip
     return rows
 
@@ -500,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--python", default=sys.executable, help="interpreter for shardmerge runs")
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="also time these N-model methods (e.g. ties,dare_ties) on a family per size",
+    )
     return parser
 
 
@@ -507,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sizes = (args.sizes or ("tiny" if args.quick else "medium,wide")).split(",")
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.methods = [m for m in args.methods.split(",") if m]
     unknown = [s for s in sizes if s not in PRESETS]
     if unknown or args.repeats < 1:
         print(f"gpu_check: unknown size {unknown} (known: {sorted(PRESETS)})", file=sys.stderr)
@@ -541,9 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         exact = r["checks"].get("exact_copies")
         if exact and exact["problems"]:
             failures.append(f"{r['size']}: copied tensors differ: {exact['problems'][:3]}")
-        agree = r["checks"].get("cuda_vs_cpu")
-        if agree and not agree["ok"]:
-            failures.append(f"{r['size']}: CUDA and CPU outputs disagree beyond one bf16 step")
+        for key, agree in r["checks"].items():
+            if key.startswith("cuda_vs_cpu") and "text" not in key and not agree["ok"]:
+                failures.append(f"{r['size']} {key}: CUDA and CPU disagree beyond one bf16 step")
     if tests is not None and not tests["ok"]:
         failures.append(f"GPU tests failed: {tests['summary']}")
 
@@ -569,10 +614,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"- {r['size']}: the {exact['tensors']} copied tensors (t = 0 or 1) on "
                 f"{', '.join(exact['devices'])}: {verdict}"
             )
-        if "cuda_vs_cpu_text" in r["checks"]:
-            report.append(
-                f"- {r['size']}, cuda vs cpu:\n\n```\n{r['checks']['cuda_vs_cpu_text']}\n```"
-            )
+        for key, text in r["checks"].items():
+            if key.startswith("cuda_vs_cpu_text"):
+                what = ("cuda vs cpu" + key[len("cuda_vs_cpu_text") :]).strip()
+                report.append(f"- {r['size']}, {what}:\n\n```\n{text}\n```")
     report += ["", "Phases of the timed runs:", "", phases_text(per_size)]
     report += [
         "",

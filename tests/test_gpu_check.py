@@ -25,7 +25,7 @@ def test_quick_mode_runs_every_step_and_writes_its_table(tmp_path):
     env = os.environ | {"PYTHON": sys.executable}
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--quick", str(results),
-         "--data-dir", str(tmp_path / "data"), "--devices", "cpu"],
+         "--data-dir", str(tmp_path / "data"), "--devices", "cpu", "--methods", "ties"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -47,6 +47,11 @@ def test_quick_mode_runs_every_step_and_writes_its_table(tmp_path):
     assert roles["read"]["calls"] > 0 and roles["write"]["calls"] > 0
     assert roles["compute"]["busy_s"] > 0
     assert not (tmp_path / "data" / "tiny" / "out-cpu").exists()  # outputs removed
+    # --methods: the N-model method on the family, with the family's own direct floor.
+    assert "| tiny | cpu ties |" in table and "| tiny | floor-direct family |" in table
+    ties = tiny["tools"]["cpu ties"]
+    assert len(ties["walls_s"]) == 1 and ties["failed"] is None
+    assert not (tmp_path / "data" / "tiny" / "out-cpu ties").exists()
 
 
 def test_gpu_check_refuses_an_unknown_size(tmp_path):
