@@ -341,7 +341,7 @@ def run_merge(
             quiet=quiet,
             resume=resume,
             stream=stream,
-            alongside=lambda: write_side_files(prepared, work, out.name),
+            alongside=lambda: _side_files_and_warm_up(prepared, work, out.name),
         )
         finish_output(prepared, out, side_files_written=True)
     return RunResult(
@@ -706,6 +706,13 @@ def _card_recipe_text(prepared: PreparedMerge) -> str:
     if recipe.output_dir and os.path.isabs(recipe.output_dir):
         text = text.replace(recipe.output_dir, Path(recipe.output_dir).name)
     return text
+
+
+def _side_files_and_warm_up(prepared: PreparedMerge, work: Path, out_name: str) -> None:
+    from shardmerge import plot
+
+    write_side_files(prepared, work, out_name)
+    plot.warm_up()  # the card's picture is drawn after the merge: matplotlib is ready by then
 
 
 def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
