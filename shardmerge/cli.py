@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=1024, metavar="N", help="tokens scored (default 1024)"
     )
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluate.add_argument(
+        "--update-card",
+        action="store_true",
+        help="add the table to OUTPUT's README.md (a later run replaces it)",
+    )
 
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
@@ -437,8 +442,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from shardmerge.evaluate import evaluate_merge
+    from shardmerge.evaluate import check_card, evaluate_merge, update_card
 
+    card = check_card(args.output) if args.update_card else None
     report = evaluate_merge(
         args.output,
         tuple(args.against),
@@ -447,6 +453,9 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(report.summary())
+    if card is not None:
+        update_card(card, report)
+        print(f"added the table to {card}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
