@@ -231,3 +231,53 @@ def render_table(method: str, rows: Sequence[LayerStats], model_names: Sequence[
             cells.append(_cell(r.sign_agreement, ".1%"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# plan --similarity: cosines below this are "nearly orthogonal" (two fine-tunes of one base sit
+# above 0.9; unrelated models near 0), and t strictly inside these bounds is "far from the ends".
+ORTHOGONAL_COS = 0.3
+T_NEAR_END = 0.1
+# Task vectors whose cosine is at or below this pull the layer in opposite directions (two
+# independent fine-tunes sit near 0, with a sign agreement near one half).
+OPPOSED_COS = -0.3
+
+
+def slerp_hints(
+    tasks: Iterable[tuple[str, float, int | None]], cosines: Mapping[str, float]
+) -> list[str]:
+    """One hint per layer where t is far from 0 and 1 on tensors whose models are nearly
+    orthogonal. ``tasks``: (tensor, t, layer index or None); ``cosines``: cos(A, B) by tensor."""
+    flagged: dict[int | None, list[tuple[str, float, float]]] = {}
+    for name, t, layer in tasks:
+        cos = cosines.get(name)
+        if cos is None or not T_NEAR_END < t < 1 - T_NEAR_END or abs(cos) >= ORTHOGONAL_COS:
+            continue
+        flagged.setdefault(layer, []).append((name, t, cos))
+    hints = []
+    for layer in sorted(flagged, key=lambda k: (k is None, k or 0)):
+        found = flagged[layer]
+        where = "outside the layers" if layer is None else f"layer {layer}"
+        ts = sorted({round(t, 3) for _, t, _ in found})
+        t_text = f"{ts[0]:g}" if len(ts) == 1 else f"{ts[0]:g}-{ts[-1]:g}"
+        worst = min(found, key=lambda f: abs(f[2]))
+        hints.append(
+            f"{where}: t = {t_text} on {len(found)} tensor(s) where the models are nearly "
+            f"orthogonal (cos(A, B) down to {worst[2]:.3f}, {worst[0]}): they do not share "
+            "these weights' origin, and a t between the ends gives weights neither model was "
+            "trained with; consider t near 0 or 1 there, and check the result with eval"
+        )
+    return hints
+
+
+def conflict_hints(method: str, layers: Iterable[tuple[str, float | None]]) -> list[str]:
+    """Hints for a method that does not elect signs, per layer where the first two task vectors
+    point in opposite directions. ``layers``: (layer label, cosine of the task vectors)."""
+    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
+        return []  # the sign election keeps one direction per element
+    return [
+        f"layer {label}: the first two task vectors point in opposite directions (cosine "
+        f"{cos:.2f}): `{method}` adds updates that cancel there; a sign-electing method "
+        "(ties, dare_ties) keeps the majority's, or give one model the layer"
+        for label, cos in layers
+        if cos is not None and cos <= OPPOSED_COS
+    ]

@@ -297,3 +297,46 @@ def test_a_shard_without_statistics_is_said_so(tmp_path, capsys):
     section = _card_section((out / "README.md").read_text())
     assert f"Statistics of {floats - lost} of {floats} float tensors" in section
     capsys.readouterr()
+
+
+def test_plan_similarity_hints_where_t_mixes_nearly_orthogonal_tensors(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    a = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(32, 16, generator=g) for i in range(3)}
+    b = {n: x + 0.1 * torch.randn(x.shape, generator=g) for n, x in a.items()}
+    b["model.layers.1.mlp.up_proj.weight"] = torch.randn(32, 16, generator=g)  # unrelated
+    write_checkpoint(tmp_path / "a", a, None, {"model_type": "llama"})
+    write_checkpoint(tmp_path / "b", b, None, {"model_type": "llama"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nt: 0.5\n")
+    assert cli.main(["plan", str(recipe)]) == 0
+    assert "every tensor read" not in capsys.readouterr().out  # headers only unless asked
+    assert cli.main(["plan", str(recipe), "--similarity"]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if "hint:" in line]
+    assert len(hints) == 1 and "layer 1: t = 0.5 on 1 tensor(s)" in hints[0]
+    recipe.write_text(f"models: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nt: 0.95\n")
+    assert cli.main(["plan", str(recipe), "--similarity"]) == 0
+    assert "no hint" in capsys.readouterr().out  # t near an end: nothing is mixed
+
+
+def test_plan_similarity_hints_at_conflicting_task_vectors(tmp_path, capsys):
+    folders, states = _family(tmp_path)
+    # The second fine-tune undoes the first in layer 2: its task vector is the opposite.
+    flipped = dict(states[2])
+    for name in states[0]:
+        if name.startswith("model.layers.2."):
+            flipped[name] = 2 * states[0][name] - states[1][name]
+    write_checkpoint(tmp_path / "m2", flipped, None, {"model_type": "llama"})
+    models = {f"m{j}": f for j, f in enumerate(folders)}
+    recipe = tmp_path / "r.yml"
+    linear = (
+        "merge_method: task_arithmetic\nbase_model: {m0}\nmodels:\n"
+        "  - model: {m1}\n    parameters: {{weight: 0.5}}\n"
+        "  - model: {m2}\n    parameters: {{weight: 0.5}}\n"
+    )
+    recipe.write_text(linear.format(**models))
+    assert cli.main(["plan", str(recipe), "--similarity"]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if "hint:" in line]
+    assert len(hints) == 1 and "layer 2: " in hints[0] and "(cosine -1.00)" in hints[0]
+    recipe.write_text(TIES.format(**models))
+    assert cli.main(["plan", str(recipe), "--similarity"]) == 0
+    assert "no hint" in capsys.readouterr().out  # TIES elects signs
