@@ -473,8 +473,8 @@ def _similarity_hints(prepared: Any) -> None:
             )
         refs = [ref(models[first]), ref(models[first + 1]), ref(models[0])]
         comparison, _ = compare_models(refs)
-        cosines = [(str(ly.index), ly.total.task_cosine) for ly in comparison.layers]
-        hints = mergestats.conflict_hints(plan.method, cosines)
+        layers = [(str(ly.index), ly.total.task_cosine) for ly in comparison.layers]
+        hints = mergestats.conflict_hints(plan.method, layers)
         what = "the cosine of the first two task vectors, per layer"
     print(f"\nsimilarity ({what}, every tensor read):")
     for hint in hints:

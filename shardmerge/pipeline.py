@@ -749,7 +749,7 @@ def write_card(
     out_dtype = _dominant_out_dtype(plan)
     section = None
     if statistics is not None:
-        section = _statistics_section(prepared, work, out_name, statistics)
+        section = _statistics_section(prepared, work, statistics)
     if plan.method == "slerp":
         roles = ["t = 0 end", "t = 1 end"]
     else:
@@ -783,7 +783,7 @@ def _merged_names(prepared: PreparedMerge) -> list[str]:
 
 
 def _statistics_section(
-    prepared: PreparedMerge, work: Path, out_name: str, statistics: dict[str, dict[str, Any]]
+    prepared: PreparedMerge, work: Path, statistics: dict[str, dict[str, Any]]
 ) -> str:
     from shardmerge import plot
     from shardmerge.card import IMAGE_NAME, statistics_section
@@ -796,7 +796,11 @@ def _statistics_section(
     image_path.unlink(missing_ok=True)  # an interrupted try's: drawn again from all records
     image = None
     if rows and plot.has_matplotlib():
-        title = prepared.recipe.name or out_name
+        # Titled by the method, not the output's name: the same merge draws the same file.
+        if plan.method == "slerp":
+            title = "SLERP: t per layer over the similarity of the models"
+        else:
+            title = f"{plan.method}: weights and kept fractions per layer"
         plot.write_merge_plot(plan.method, rows, names, image_path, title)
         image = IMAGE_NAME
     floats = sum(1 for t in plan.tasks if t.is_float)
