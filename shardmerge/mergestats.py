@@ -92,6 +92,7 @@ class LayerStats:
     t_max: float | None = None
     t_weighted: float = 0.0  # sum of t x numel
     eff_weighted: float = 0.0  # sum of effective t x numel
+    t_by_type: dict[str, list[float]] = field(default_factory=dict)  # type: [t x numel, numel]
     # task vectors
     weights: list[float] = field(default_factory=list)  # sum of weight x numel, per model
     kept: list[int | None] = field(default_factory=list)
@@ -116,6 +117,11 @@ class LayerStats:
     def eff_t(self) -> float | None:
         return self.eff_weighted / self.numel if self.numel and self.t_min is not None else None
 
+    def type_t(self, kind: str) -> float | None:
+        """The numel-weighted t of the layer's tensors of one module type (attention, ...)."""
+        found = self.t_by_type.get(kind)
+        return found[0] / found[1] if found and found[1] else None
+
     def weight(self, model: int) -> float | None:
         return self.weights[model] / self.numel if self.numel else None
 
@@ -127,7 +133,7 @@ class LayerStats:
     def sign_agreement(self) -> float | None:
         return self.agree / self.nonzero if self.elected and self.nonzero else None
 
-    def add(self, record: Mapping[str, Any]) -> None:
+    def add(self, record: Mapping[str, Any], kind: str = "other") -> None:
         numel = int(record.get("numel", 0))
         self.tensors += 1
         self.numel += numel
@@ -136,6 +142,9 @@ class LayerStats:
             self.t_min = t if self.t_min is None else min(self.t_min, t)
             self.t_max = t if self.t_max is None else max(self.t_max, t)
             self.t_weighted += t * numel
+            by_type = self.t_by_type.setdefault(kind, [0.0, 0])
+            by_type[0] += t * numel
+            by_type[1] += numel
             cos = None
             if "dot" in record:
                 self.compared += 1
@@ -172,18 +181,20 @@ def _tensor_cosine(record: Mapping[str, Any]) -> float | None:
 def summarize(records: Mapping[str, Mapping[str, Any]]) -> list[LayerStats]:
     """Records grouped by layer, in layer order; the tensors outside every layer come last
     (one row, when there are any)."""
+    from shardmerge.similarity import module_type  # torch is loaded: run has merged by now
+
     layers: dict[int, LayerStats] = {}
     outside = LayerStats("outside layers", None)
     for name in sorted(records):
         found = find_layer(name)
         if found is None:
-            outside.add(records[name])
+            outside.add(records[name], module_type(name))
             continue
         index = found[1]
         row = layers.get(index)
         if row is None:
             row = layers[index] = LayerStats(str(index), index)
-        row.add(records[name])
+        row.add(records[name], module_type(name))
     rows = [layers[i] for i in sorted(layers)]
     return rows + ([outside] if outside.tensors else [])
 

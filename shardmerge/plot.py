@@ -118,15 +118,22 @@ def write_merge_plot(
     fig.suptitle(title, fontsize=10)
     xs = [r.index for r in layers if r.index is not None]
     if method == "slerp":
-        ax.plot(xs, [_value(r.t) for r in layers], marker="o", markersize=3, label="t")
-        ax.plot(
-            xs,
-            [_value(r.eff_t) for r in layers],
-            marker="s",
-            markersize=3,
-            linestyle="--",
-            label="effective t (share of B)",
-        )
+        from shardmerge.similarity import MODULE_TYPES
+
+        kinds = [k for k in MODULE_TYPES if any(k in r.t_by_type for r in layers)]
+        for kind in kinds:
+            ys = [_value(r.type_t(kind)) for r in layers]
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"t {kind}")
+        effective = [_value(r.eff_t) for r in layers]
+        mean = [_value(r.t) for r in layers]
+        if any(abs(e - m) > 0.01 for e, m in zip(effective, mean, strict=True)):
+            ax.plot(
+                xs,
+                effective,
+                color="grey",
+                linestyle="--",
+                label="effective t (share of B, layer mean)",
+            )
         ax.set_ylabel("t  (0 = A, 1 = B)")
         ax.set_ylim(-0.03, 1.03)
         right = [_value(r.cosine) for r in layers]
