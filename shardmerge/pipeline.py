@@ -801,8 +801,11 @@ def _statistics_section(
             title = "SLERP: t per layer over the similarity of the models"
         else:
             title = f"{plan.method}: weights and kept fractions per layer"
-        plot.write_merge_plot(plan.method, rows, names, image_path, title)
-        image = IMAGE_NAME
+        try:
+            plot.write_merge_plot(plan.method, rows, names, image_path, title)
+            image = IMAGE_NAME
+        except Exception as exc:  # noqa: BLE001 - a picture never fails a finished merge
+            print(f"warning: the card's picture was not drawn ({exc})", file=sys.stderr)
     floats = sum(1 for t in plan.tasks if t.is_float)
     return statistics_section(
         plan.method,
