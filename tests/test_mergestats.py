@@ -340,3 +340,21 @@ def test_plan_similarity_hints_at_conflicting_task_vectors(tmp_path, capsys):
     recipe.write_text(TIES.format(**models))
     assert cli.main(["plan", str(recipe), "--similarity"]) == 0
     assert "no hint" in capsys.readouterr().out  # TIES elects signs
+
+
+def test_a_picture_that_fails_is_a_warning_not_a_failed_merge(tmp_path, monkeypatch, capsys):
+    from shardmerge import plot
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plot, "write_merge_plot", broken)
+    path_a, path_b, _, _ = _pair(tmp_path)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(SLERP_RECIPE.format(a=path_a, b=path_b))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    assert "warning: the card's picture was not drawn (no fonts)" in capsys.readouterr().err
+    section = _card_section((out / "README.md").read_text())
+    assert "| layer | tensors | cos(A, B) |" in section and "](merge.png)" not in section
+    assert not (out / "merge.png").exists()
