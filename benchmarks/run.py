@@ -301,7 +301,9 @@ def resolve_tools(
                 continue
             src = Path(args.baseline_src).resolve()
             python = Path(args.shardmerge_bin).parent / "python"
-            cmd = ["env", f"PYTHONPATH={src}", str(python), "-m", "shardmerge.cli", "run"]
+            # -P: without it, `-m` puts the current directory first on sys.path, and run from
+            # a checkout's root the baseline was that checkout's code, not --baseline-src's.
+            cmd = ["env", f"PYTHONPATH={src}", str(python), "-P", "-m", "shardmerge.cli", "run"]
             cmd += [str(config), "--out", str(out), "--overwrite", "--quiet"]
             head = _first_line(["git", "-C", str(src), "rev-parse", "--short", "HEAD"])
             version = f"shardmerge at {src} (git {head})"

@@ -30,9 +30,11 @@ def render_card(
     num_shards: int,
     method: str = "slerp",
     random_seed: int | None = None,
+    statistics: str | None = None,
 ) -> str:
     """Front matter (base_model, license, tags, library_name) and a body with method, models,
-    license, t table, recipe and version. Links follow ``HF_ENDPOINT``."""
+    license, t table, the merge's statistics (:func:`statistics_section`), recipe and version.
+    Links follow ``HF_ENDPOINT``."""
     # ModelCardData alone: importing ModelCard (to wrap a string we already have) cost 0.27 s,
     # paid during the merge.
     from huggingface_hub import ModelCardData, constants
@@ -105,6 +107,7 @@ def render_card(
         "",
         t_table.rstrip(),
         "",
+        *([statistics.rstrip(), ""] if statistics else []),
         "## Recipe",
         "",
         "```yaml",
@@ -115,3 +118,59 @@ def render_card(
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+IMAGE_NAME = "merge.png"
+
+
+def statistics_section(
+    method: str,
+    table: str | None,
+    *,
+    image: str | None,
+    recorded: int,
+    tensors: int,
+) -> str:
+    """The card's "What the merge saw" section: ``table`` (mergestats.render_table; None when
+    nothing was recorded), the picture ``image`` (a file beside the card) or how to get one, and
+    how many of the ``tensors`` float tensors have statistics."""
+    if method == "slerp":
+        about = (
+            "Per layer, as the merge computed them: the cosine between the two models' tensors "
+            "(all the layer's tensors taken as one vector) and the angle SLERP turns through, "
+            "the scheduled t (numel-weighted mean; the range when the layer's tensors differ) "
+            "and the effective t, the share of the second model in the result, s1 / (s0 + s1). "
+            "Tensors copied from one end (t = 0 or 1) have no cosine: nothing was computed."
+        )
+    else:
+        about = (
+            "Per layer, as the merge computed them: each model's weight (numel-weighted mean), "
+            "the fraction of its task vector kept by the sparsification (non-zero after the "
+            "mask; `all`: the method keeps it whole)"
+        )
+        about += (
+            ", and the sign agreement: the share of the models' non-zero weighted task-vector "
+            "elements that have the elected sign (1 = no conflicts)."
+            if "sign agreement" in (table or "")
+            else "."
+        )
+    lines = ["## What the merge saw", "", about, ""]
+    if table is None:
+        lines += ["No statistics were recorded for this merge.", ""]
+        return "\n".join(lines)
+    if image is not None:
+        lines += [f"![per-layer schedule and similarity]({image})", ""]
+    else:
+        lines += [
+            "(A picture of the schedule over the similarity curve is drawn here when "
+            'matplotlib is installed: `pip install "shardmerge[plot]"`.)',
+            "",
+        ]
+    lines += [table.rstrip(), ""]
+    if recorded < tensors:
+        lines += [
+            f"Statistics of {recorded} of {tensors} float tensors: the others were merged by an "
+            "earlier run that did not record them.",
+            "",
+        ]
+    return "\n".join(lines)

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--num-processes", type=int, default=1, help="also show the split across N processes"
     )
+    plan.add_argument(
+        "--similarity",
+        action="store_true",
+        help="also read every tensor (like compare) and hint where the schedule and the "
+        "models' similarity suggest a problem",
+    )
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its models (headers only) and run's options"
@@ -87,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=1024, metavar="N", help="tokens scored (default 1024)"
     )
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluate.add_argument(
+        "--update-card",
+        action="store_true",
+        help="add the table to OUTPUT's README.md (a later run replaces it)",
+    )
 
     verify = sub.add_parser("verify", help="check a merged output folder")
     verify.add_argument("output", type=Path)
@@ -208,6 +219,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise InputError("--num-processes must be at least 1")
         prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
         print(pipeline.describe_plan(prepared, args.num_processes))
+        if args.similarity:
+            _similarity_hints(prepared)
         return 0
     # Every option is checked before a header is fetched or anything is written.
     out, device, push = _checked_options(args, recipe)
@@ -436,9 +449,44 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from shardmerge.evaluate import evaluate_merge
+def _similarity_hints(prepared: Any) -> None:
+    """plan --similarity: compare the models (every tensor read) and print the hints."""
+    from shardmerge import mergestats
+    from shardmerge.compare import compare_models
 
+    def ref(model: Any) -> str:
+        return str(model.local_dir) if model.local_dir else f"{model.hub_id}@{model.pin}"
+
+    plan = prepared.plan
+    models = prepared.models
+    if plan.method == "slerp":
+        comparison, _ = compare_models([ref(models[0]), ref(models[1])])
+        cosines = {t.name: t.sums.cosine for t in comparison.tensors if t.sums.cosine is not None}
+        tasks = [(t.name, t.t, t.layer.index if t.layer else None) for t in plan.tasks]
+        hints = mergestats.slerp_hints(tasks, cosines)
+        what = "cos(A, B) of every tensor"
+    else:
+        first = prepared.recipe.first_merged
+        if first == 0 or len(models) - first < 2:
+            raise InputError(
+                "plan --similarity: needs SLERP, or a base and at least two merged models"
+            )
+        refs = [ref(models[first]), ref(models[first + 1]), ref(models[0])]
+        comparison, _ = compare_models(refs)
+        layers = [(str(ly.index), ly.total.task_cosine) for ly in comparison.layers]
+        hints = mergestats.conflict_hints(plan.method, layers)
+        what = "the cosine of the first two task vectors, per layer"
+    print(f"\nsimilarity ({what}, every tensor read):")
+    for hint in hints:
+        print(f"  hint: {hint}")
+    if not hints:
+        print("  no hint: the schedule and the models' similarity raise no flag")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from shardmerge.evaluate import check_card, evaluate_merge, update_card
+
+    card = check_card(args.output) if args.update_card else None
     report = evaluate_merge(
         args.output,
         tuple(args.against),
@@ -447,6 +495,9 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(report.summary())
+    if card is not None:
+        update_card(card, report)
+        print(f"added the table to {card}", file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -40,6 +40,7 @@ import xxhash
 from shardmerge import faults, readahead, slerp
 from shardmerge.errors import CheckpointError, NonFiniteInputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
+from shardmerge.mergestats import Recorder, slerp_record
 from shardmerge.plan import (
     CHUNK_NUMEL,
     RESIDENT_NUMEL,
@@ -499,6 +500,7 @@ def execute_plan(
     on_progress: Callable[[int], None] | None = None,
     on_shard_done: Callable[[int, ShardResult], None] | None = None,
     host_memory: mmap.mmap | None = None,
+    recorder: Recorder | None = None,
 ) -> ExecuteResult:
     """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir``.
 
@@ -507,6 +509,8 @@ def execute_plan(
         on_progress: called with output bytes produced, for progress bars.
         on_shard_done: called as each shard is complete and flushed, e.g. to record resume state.
         host_memory: memory to carve the chunk slots from (CPU only; too small: allocated here).
+        recorder: gets each tensor's statistics (its sums and t), as its first output chunk is
+            computed (so before its shard is done).
     """
     reader_a = _Reader(source_a, "model A")
     reader_b = _Reader(source_b, "model B")
@@ -672,14 +676,14 @@ def execute_plan(
                 assert isinstance(item, _Step)
                 step = item
                 if step.kind in ("stats", "load"):
-                    _compute(step, scratch, sub, dev)
+                    _compute(step, scratch, sub, dev, recorder)
                     if step.kind == "stats":
                         assert step.slot is not None
                         free.put(step.slot)  # a "load" slot waits for the matching emit step
                     continue
                 if step.sums is not None and not step.sums.wait(stop):
                     break
-                data, _ = _compute(step, scratch, sub, dev)
+                data, _ = _compute(step, scratch, sub, dev, recorder)
                 offset = len(plan.shards[step.shard].header) + step.task.out_begin
                 offset += step.start * DTYPE_SIZES[step.task.out_dtype]
                 inputs = step.slot
@@ -903,6 +907,7 @@ def _compute(
     scratch: torch.Tensor,
     sub: int,
     dev: torch.device,
+    recorder: Recorder | None = None,
 ) -> tuple[object, int]:
     """Run one step; returns (bytes-like or uint8 tensor to write, output byte count)."""
     task = step.task
@@ -920,6 +925,8 @@ def _compute(
     assert slot is not None
     nbytes = count * out_size
     if step.kind in ("copy_a", "copy_b"):
+        if recorder is not None and step.start == 0:
+            recorder.put(task.name, {"numel": task.a.numel, "t": task.t})
         raw = slot.raw_a if step.kind == "copy_a" else slot.raw_b
         info = task.a if step.kind == "copy_a" else task.b
         if info.dtype == out_code:
@@ -941,6 +948,9 @@ def _compute(
     stats = step.sums.total()
     _check_finite(stats, task)
     s0, s1 = slerp.coefficients(stats, task.t)
+    if recorder is not None and step.start == 0:  # the tensor's sums are all in
+        record = slerp_record(task.a.numel, task.t, stats.dot, stats.sq_a, stats.sq_b)
+        recorder.put(task.name, record)
     typed_out = out_raw.view(TORCH_DTYPES[out_code])
     if dev.type == "cpu":
         slerp.combine_chunk(typed_out, a, b, s0, s1, scratch, sub=sub, round_to=round_to)

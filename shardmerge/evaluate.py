@@ -92,6 +92,77 @@ class EvalReport:
         lines += [f"PROBLEM: {p}" for p in self.problems]
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The card's section: the same table, parents named by folder (no machine paths)."""
+        lines = [
+            "## Quick evaluation",
+            "",
+            f"`shardmerge eval` on {self.tokens} tokens of the "
+            + (
+                "built-in English sample"
+                if self.text_source == "built-in sample"
+                else f"text `{Path(self.text_source).name}`"
+            )
+            + ": perplexity of each model, and the mean KL divergence of the merged model's "
+            "next-token distributions from each parent's (0: they predict alike).",
+            "",
+            "| model | perplexity | KL(parent \\|\\| merged) |",
+            "|---|---:|---:|",
+        ]
+        for s in self.scores:
+            kl = "-" if s.kl_from_merged is None else f"{s.kl_from_merged:.5f}"
+            name = "merged (this model)" if s.role == "merged" else f"{s.role}: `{s.path.name}`"
+            lines.append(f"| {name} | {s.perplexity:.3f} | {kl} |")
+        lines.append("")
+        if self.ok:
+            lines.append("The merged model's numbers are finite and near its parents'.")
+        lines += [f"**Problem:** {p}" for p in self.problems]
+        return "\n".join(lines) + "\n"
+
+
+# The card's eval section sits between these markers: a later --update-card replaces it.
+CARD_BEGIN = "<!-- shardmerge eval -->"
+CARD_END = "<!-- /shardmerge eval -->"
+
+
+def check_card(merged: Path) -> Path:
+    """The card --update-card will change (checked before any model is loaded)."""
+    card = merged / "README.md"
+    if not card.is_file():
+        raise InputError(f"--update-card: {card} does not exist (no model card to add to)")
+    try:
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--update-card: cannot read {card} ({exc})") from None
+    if text.count(CARD_BEGIN) != text.count(CARD_END) or text.count(CARD_BEGIN) > 1:
+        raise InputError(
+            f"--update-card: {card} has unmatched {CARD_BEGIN} markers; fix them by hand"
+        )
+    return card
+
+
+def with_eval_section(card: str, section: str) -> str:
+    """``card`` with its eval section replaced by ``section`` (or added before the recipe, else
+    at the end)."""
+    block = f"{CARD_BEGIN}\n{section.rstrip()}\n{CARD_END}\n"
+    begin = card.find(CARD_BEGIN)
+    if begin >= 0:
+        end = card.index(CARD_END, begin) + len(CARD_END)
+        rest = card[end:]
+        return card[:begin] + block + (rest[1:] if rest.startswith("\n") else rest)
+    anchor = card.find("\n## Recipe\n")
+    if anchor >= 0:
+        return card[: anchor + 1] + block + "\n" + card[anchor + 1 :]
+    return card.rstrip("\n") + "\n\n" + block
+
+
+def update_card(card: Path, report: EvalReport) -> None:
+    """Write ``report``'s section into ``card`` (atomically: temp file, then rename)."""
+    text = with_eval_section(card.read_text(encoding="utf-8"), report.markdown())
+    tmp = card.with_name(f".{card.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(card)
+
 
 def read_text(path: Path | None) -> tuple[str, str]:
     """(text, how the report names it): the user's UTF-8 file, or the built-in sample."""

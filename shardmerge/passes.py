@@ -41,6 +41,7 @@ from shardmerge.engine import (
 )
 from shardmerge.errors import ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
+from shardmerge.mergestats import Recorder
 from shardmerge.methods import TensorJob, TensorMerge, get_method
 from shardmerge.methods.task_vectors import L1_BLOCK
 from shardmerge.plan import PASS_CHUNK_NUMEL, PASS_SLOTS, MergePlan, TensorTask
@@ -100,6 +101,7 @@ def execute(
     on_progress: Callable[[int], None] | None = None,
     on_shard_done: Callable[[int, ShardResult], None] | None = None,
     host_memory: object = None,
+    recorder: Recorder | None = None,
 ) -> ExecuteResult:
     """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir``, by the plan's
     method: SLERP on its fast path, the others through :func:`execute_passes`."""
@@ -114,6 +116,7 @@ def execute(
             on_progress=on_progress,
             on_shard_done=on_shard_done,
             host_memory=host_memory,  # type: ignore[arg-type]
+            recorder=recorder,
         )
     return execute_passes(
         plan,
@@ -124,6 +127,7 @@ def execute(
         skip_shards=skip_shards,
         on_progress=on_progress,
         on_shard_done=on_shard_done,
+        recorder=recorder,
     )
 
 
@@ -157,8 +161,10 @@ def execute_passes(
     skip_shards: frozenset[int] = frozenset(),
     on_progress: Callable[[int], None] | None = None,
     on_shard_done: Callable[[int, ShardResult], None] | None = None,
+    recorder: Recorder | None = None,
 ) -> ExecuteResult:
-    """Write every shard of a non-SLERP ``plan`` (except ``skip_shards``) into ``out_dir``."""
+    """Write every shard of a non-SLERP ``plan`` (except ``skip_shards``) into ``out_dir``;
+    ``recorder`` gets each float tensor's statistics once its last chunk is combined."""
     method = get_method(plan.method)
     dev = torch.device(device)
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
@@ -319,6 +325,8 @@ def execute_passes(
                 continue
             merged = item.merge.combine(inputs, item.start)
             del inputs
+            if recorder is not None and item.end == task.inputs[0].numel:
+                recorder.put(task.name, _record(task, item.merge))
             out = merged.to(TORCH_DTYPES[task.out_dtype]).reshape(-1)
             data = out.cpu().contiguous().view(torch.uint8)
             release(item.slot)
@@ -351,6 +359,18 @@ def execute_passes(
     return ExecuteResult(
         sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
     )
+
+
+def _record(task: TensorTask, merge: TensorMerge) -> dict[str, object]:
+    """A tensor's statistics: its per-model weights, and what the method counted (if any)."""
+    record: dict[str, object] = {
+        "numel": task.inputs[0].numel,
+        "weights": [p.get("weight") for p in task.model_params],
+    }
+    statistics = getattr(merge, "statistics", None)
+    if callable(statistics):
+        record.update(statistics())
+    return record
 
 
 class _Stopped(Exception):

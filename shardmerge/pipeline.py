@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardmerge import __version__, faults, import_torch, readahead
+from shardmerge.card import IMAGE_NAME
 from shardmerge.errors import (
     CheckpointError,
     InputError,
@@ -340,7 +341,7 @@ def run_merge(
             quiet=quiet,
             resume=resume,
             stream=stream,
-            alongside=lambda: write_side_files(prepared, work, out.name),
+            alongside=lambda: _side_files_and_warm_up(prepared, work, out.name),
         )
         finish_output(prepared, out, side_files_written=True)
     return RunResult(
@@ -395,6 +396,7 @@ def merge_shards(
     # From a cold disk the first chunks of local inputs load while torch imports.
     readahead.hint_start(_first_reads(prepared, only_shards))
     torch = import_torch()
+    from shardmerge.mergestats import Recorder
     from shardmerge.passes import execute
 
     # Started now rather than before: it and torch's import are both Python code (they would
@@ -419,8 +421,17 @@ def merge_shards(
         record["shards"].update({k: v for k, v in done.items()})
         write_json(record_path, record)
 
-        def shard_done(_: int, result: Any) -> None:
-            record["shards"][result.filename] = {"digest": result.digest, "size": result.size}
+        # Each tensor's statistics (for the card) go into its shard's record: they survive
+        # --resume with the shard, and rank 0 finds every rank's in their records.
+        recorder = Recorder()
+
+        def shard_done(index: int, result: Any) -> None:
+            stats = recorder.take(t.name for t in plan.shards[index].tasks)
+            record["shards"][result.filename] = {
+                "digest": result.digest,
+                "size": result.size,
+                "stats": stats,
+            }
             write_json(record_path, record)
 
         needed = _input_files(plan, skip)
@@ -444,6 +455,7 @@ def merge_shards(
                     on_progress=bar.update if bar else None,
                     on_shard_done=shard_done,
                     host_memory=host_memory,
+                    recorder=recorder,
                 )
             except NonFiniteInputError as exc:  # bad input: named by its repo or folder
                 model = next(m for m in prepared.models if m.key == exc.model_key)
@@ -471,10 +483,12 @@ def finish_output(
     work = partial_dir(out)
     if not side_files_written:
         write_side_files(prepared, work, out.name)
+    records = sorted(work.glob(PROGRESS_NAME + "*"))
+    # The card again, now with what every shard's merge recorded (and its picture).
+    write_card(prepared, work, out.name, _recorded_statistics(records))
     faults.reached("before-index")
     # The run's record: which exact inputs (Hub commit or local fingerprint) made this output.
     inputs = {m.key: f"{shown_name(m)}@{m.pin}" for m in prepared.models}
-    records = sorted(work.glob(PROGRESS_NAME + "*"))
     metadata = {
         "version": __version__,
         "inputs": inputs,
@@ -495,6 +509,19 @@ def finish_output(
     sync_dir(work)
     finalize(work, out)
     return RunResult(out, prepared.plan, 0, 0, None)
+
+
+def _recorded_statistics(records: list[Path]) -> dict[str, dict[str, Any]]:
+    """Every tensor's statistics, from the progress records of the runs and ranks that wrote
+    the shards (a shard merged before statistics were recorded has none)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in records:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            for entry in json.loads(path.read_text())["shards"].values():
+                stats = entry.get("stats") if isinstance(entry, dict) else None
+                if isinstance(stats, dict):
+                    found.update((k, v) for k, v in stats.items() if isinstance(v, dict))
+    return found
 
 
 def _shard_digests(prepared: PreparedMerge, work: Path, records: list[Path]) -> dict[str, str]:
@@ -619,7 +646,8 @@ def replaced_by_push(path: str) -> bool:
     their indexes and tokenizer files (the push brings its own; any left would mix models)."""
     name = path.rsplit("/", 1)[-1]
     weights = name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf"))
-    return weights or name.endswith(".index.json") or is_tokenizer_file(path)
+    picture = path == IMAGE_NAME  # an earlier merge's card picture
+    return weights or picture or name.endswith(".index.json") or is_tokenizer_file(path)
 
 
 def push_output(
@@ -680,11 +708,16 @@ def _card_recipe_text(prepared: PreparedMerge) -> str:
     return text
 
 
-def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
-    """config, tokenizer and other small files, and the card (everything but shards and index);
-    the card's title is the recipe's name, else ``out_name``."""
-    from shardmerge.card import CardModel, render_card
+def _side_files_and_warm_up(prepared: PreparedMerge, work: Path, out_name: str) -> None:
+    from shardmerge import plot
 
+    write_side_files(prepared, work, out_name)
+    plot.warm_up()  # the card's picture is drawn after the merge: matplotlib is ready by then
+
+
+def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
+    """config, tokenizer and other small files, and the card without statistics (everything
+    but shards and index; :func:`finish_output` writes the card again with them)."""
     plan = prepared.plan
     a, b = prepared.model_a, prepared.model_b
     tok_from_b = prepared.recipe.tokenizer_source == "b"
@@ -698,6 +731,25 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
     write_config(work, config, out_dtype)
+    write_card(prepared, work, out_name, None)
+
+
+def write_card(
+    prepared: PreparedMerge,
+    work: Path,
+    out_name: str,
+    statistics: dict[str, dict[str, Any]] | None,
+) -> None:
+    """README.md: the card, titled by the recipe's name, else ``out_name``; with
+    ``statistics`` (per tensor, see mergestats) its per-layer table and, when matplotlib is
+    installed, the picture beside it (``merge.png``)."""
+    from shardmerge.card import CardModel, render_card
+
+    plan = prepared.plan
+    out_dtype = _dominant_out_dtype(plan)
+    section = None
+    if statistics is not None:
+        section = _statistics_section(prepared, work, statistics)
     if plan.method == "slerp":
         roles = ["t = 0 end", "t = 1 end"]
     else:
@@ -717,12 +769,68 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
         num_shards=len(plan.shards),
         method=plan.method,
         random_seed=plan.random_seed if uses_seed else None,
+        statistics=section,
     )
     (work / "README.md").write_text(card)
 
 
+def _merged_names(prepared: PreparedMerge) -> list[str]:
+    """The merged models as the statistics table names them (the base excluded)."""
+    if prepared.plan.method == "slerp":
+        return ["A", "B"]
+    first = prepared.recipe.first_merged
+    return [shown_name(m) for m in prepared.models[first:]]
+
+
+def _statistics_section(
+    prepared: PreparedMerge, work: Path, statistics: dict[str, dict[str, Any]]
+) -> str:
+    from shardmerge import plot
+    from shardmerge.card import IMAGE_NAME, statistics_section
+    from shardmerge.mergestats import render_table, summarize
+
+    plan = prepared.plan
+    names = _merged_names(prepared)
+    rows = summarize(statistics)
+    image_path = work / IMAGE_NAME
+    image_path.unlink(missing_ok=True)  # an interrupted try's: drawn again from all records
+    image = None
+    if rows and plot.has_matplotlib():
+        # Titled by the method, not the output's name: the same merge draws the same file.
+        if plan.method == "slerp":
+            title = "SLERP: t per layer over the similarity of the models"
+        else:
+            title = f"{plan.method}: weights and kept fractions per layer"
+        try:
+            plot.write_merge_plot(plan.method, rows, names, image_path, title)
+            image = IMAGE_NAME
+        except Exception as exc:  # noqa: BLE001 - a picture never fails a finished merge
+            print(f"warning: the card's picture was not drawn ({exc})", file=sys.stderr)
+    floats = sum(1 for t in plan.tasks if t.is_float)
+    return statistics_section(
+        plan.method,
+        render_table(plan.method, rows, names) if rows else None,
+        image=image,
+        recorded=sum(1 for t in plan.tasks if t.is_float and t.name in statistics),
+        tensors=floats,
+    )
+
+
+# Licenses found, by (Hub id or folder, pin): the card is written twice per run (before and
+# after the merge) and should not ask the Hub twice.
+_LICENSES: dict[tuple[str, str], str | None] = {}
+
+
 def _card_license(model: ResolvedModel) -> str | None:
     """The ``license`` in the front matter of the model's own README.md, if it names one."""
+    folder = model.origin_dir or model.local_dir
+    key = (model.hub_id or str(folder), model.pin)
+    if key not in _LICENSES:
+        _LICENSES[key] = _read_license(model)
+    return _LICENSES[key]
+
+
+def _read_license(model: ResolvedModel) -> str | None:
     import yaml
 
     folder = model.origin_dir or model.local_dir

@@ -161,3 +161,52 @@ def test_bad_inputs_exit_2(
     assert error(str(a), "--against", str(a), str(b)) == (
         'error: eval needs transformers: pip install "shardmerge[eval]" (or pip install transformers)'
     )
+
+
+def test_update_card_adds_the_table_once(
+    parents: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = parents
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"models: {{a: {a}, b: {b}}}\nt: 0.5\n")
+    out = tmp_path / "merged"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    before = (out / "README.md").read_text()
+    argv = ["eval", str(out), "--against", str(a), str(b), "--max-tokens", "40", "--update-card"]
+    assert main(argv) == 0
+    once = (out / "README.md").read_text()
+    assert main(argv) == 0
+    twice = (out / "README.md").read_text()
+    assert once == twice  # replaced, not added again (the same tokens give the same numbers)
+    assert twice.count("## Quick evaluation") == 1 and twice.count(evaluate.CARD_BEGIN) == 1
+    section = twice[twice.index(evaluate.CARD_BEGIN) : twice.index(evaluate.CARD_END)]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| merged (this model) |") and "| A: `a` |" in rows[2]
+    assert float(rows[2].split("|")[3]) > 0  # KL(A || merged)
+    assert str(a) not in section  # folders by name, never a machine path
+    # Everything else is as the merge wrote it; the section comes before the recipe.
+    start, end = twice.index(evaluate.CARD_BEGIN), twice.index(evaluate.CARD_END)
+    rest = twice[:start] + twice[end + len(evaluate.CARD_END) + 1 :]
+    assert rest.replace("\n\n\n", "\n\n") == before.replace("\n\n\n", "\n\n")
+    assert twice.index(evaluate.CARD_END) < twice.index("## Recipe")
+    capsys.readouterr()
+
+
+def test_update_card_replaces_an_older_section() -> None:
+    card = "# m\n\n## Recipe\n\nx\n"
+    first = evaluate.with_eval_section(card, "## Quick evaluation\n\nold\n")
+    second = evaluate.with_eval_section(first, "## Quick evaluation\n\nnew\n")
+    assert "old" not in second and second.count("new") == 1
+    assert second == evaluate.with_eval_section(card, "## Quick evaluation\n\nnew\n")
+    bare = evaluate.with_eval_section("# m\n", "s")  # no recipe section: at the end
+    assert bare == f"# m\n\n{evaluate.CARD_BEGIN}\ns\n{evaluate.CARD_END}\n"
+
+
+def test_update_card_without_a_card_exits_2_before_loading(
+    parents: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = parents
+    argv = ["eval", str(a), "--against", str(a), str(b), "--update-card"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{a / 'README.md'} does not exist" in err and "perplexity" not in err

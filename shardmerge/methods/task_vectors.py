@@ -47,6 +47,7 @@ class _Model:
 
     def __init__(self, index: int, job: TensorJob, family: Family) -> None:
         params = job.model_params[index]
+        self.index = index
         self.weight = float(params["weight"])
         self.density = float(params.get("density", 1.0))
         n = job.numel
@@ -152,6 +153,12 @@ class TaskVectorMerge:
         self.passes = self.select_passes + (1 if self.l1_pass else 0)
         self._l1: list[tuple[list[float], list[float]]] = [([], []) for _ in self.models]
         self.factors: list[torch.Tensor | None] = [None] * len(self.models)
+        # Statistics counted during combine (on the device: no sync per chunk): per sparsified
+        # model its kept elements; with sign election, the non-zero weighted elements and those
+        # of the elected sign.
+        self._kept: list[torch.Tensor | None] = [None] * len(self.models)
+        self._agree: torch.Tensor | None = None
+        self._nonzero: torch.Tensor | None = None
 
     def _deltas(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         base = inputs[0]
@@ -208,7 +215,11 @@ class TaskVectorMerge:
         if model.kind == "zero":
             return torch.zeros_like(delta)
         work = self._work(model, delta)
-        masked = work * model.mask(delta, start).to(work.dtype)
+        keep = model.mask(delta, start)
+        kept = keep.sum()
+        before = self._kept[model.index]
+        self._kept[model.index] = kept if before is None else before + kept
+        masked = work * keep.to(work.dtype)
         if factor is not None:
             masked = masked * factor
         return masked.to(delta.dtype)
@@ -231,7 +242,13 @@ class TaskVectorMerge:
             # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
             positive = _sum_rounded(weighted, dtype) >= 0
             # (d > 0) == positive, and d != 0: bool ops (torch.where on bools is slow here).
-            takes = [(d > 0).eq_(positive).logical_and_(d != 0).to(dtype) for d in weighted]
+            nonzero = [d != 0 for d in weighted]
+            agreeing = [
+                (d > 0).eq_(positive).logical_and_(nz)
+                for d, nz in zip(weighted, nonzero, strict=True)
+            ]
+            self._count_election(nonzero, agreeing)
+            takes = [t.to(dtype) for t in agreeing]
             # d * take, not a masked fill: a dropped negative delta is -0.0, as in mergekit.
             mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
             divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
@@ -246,6 +263,29 @@ class TaskVectorMerge:
         if self.lambda_ != 1:
             mixed *= self.lambda_
         return (base + mixed).to(dtype)
+
+    def _count_election(
+        self, nonzero: Sequence[torch.Tensor], agreeing: Sequence[torch.Tensor]
+    ) -> None:
+        total = torch.stack([nz.sum() for nz in nonzero]).sum()
+        agree = torch.stack([a.sum() for a in agreeing]).sum()
+        self._nonzero = total if self._nonzero is None else self._nonzero + total
+        self._agree = agree if self._agree is None else self._agree + agree
+
+    def statistics(self) -> dict[str, object]:
+        """What combine counted (see :mod:`shardmerge.mergestats`): per model its kept elements
+        (None: the method keeps the task vector whole), and the sign election's counts."""
+        kept: list[int | None] = []
+        for model, count in zip(self.models, self._kept, strict=True):
+            if model.kind == "keep":
+                kept.append(None)
+            else:  # "zero" keeps nothing; a tensor with no elements has no count
+                kept.append(0 if count is None else int(count.item()))
+        out: dict[str, object] = {"kept": kept}
+        if self.family.consensus and self.models:
+            out["agree"] = 0 if self._agree is None else int(self._agree.item())
+            out["nonzero"] = 0 if self._nonzero is None else int(self._nonzero.item())
+        return out
 
 
 def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
