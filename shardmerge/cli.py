@@ -119,7 +119,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream",
         action="store_true",
-        help="Hub inputs: download each input shard just before use and delete it after",
+        help="Hub inputs: download the input shards ahead of the merge, each deleted after use",
+    )
+    parser.add_argument(
+        "--stream-budget",
+        type=_byte_size,
+        metavar="SIZE",
+        help="with --stream: the most input bytes on disk at once, e.g. 20GB (default: twice "
+        "what the shards read together need)",
     )
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the result to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -141,6 +148,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="seed of random masks (DARE, DELLA); overrides the recipe's; default 0",
     )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def _byte_size(text: str) -> int:
+    """A size such as ``20GB``, ``1.5GiB``, ``800MB`` or ``123456`` (bytes), for argparse."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a size such as 20GB, 1.5GiB or 800MB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size above 0")
+    return int(value)
 
 
 def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +272,8 @@ def _checked_options(
         hint = repo_id_hint(args.push_to_hub) or "expected org/name"
         problems.append(f"--push-to-hub {args.push_to_hub!r}: not a Hugging Face repo id ({hint})")
     push = args.push_to_hub or recipe.push_to_hub
+    if args.stream_budget is not None and not (args.stream or recipe.stream):
+        problems.append("--stream-budget needs --stream (or hub.stream in the recipe)")
     for flag in ("dry_run", "private", "revision", "create_pr", "commit_message"):
         if getattr(args, flag) and not push:
             name = "--" + flag.replace("_", "-")
@@ -267,6 +295,7 @@ def _validate(
         _check_push(args, recipe, pipeline, push)
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
+    pipeline.check_stream_budget(prepared, args.stream_budget)
     if out is None:
         pipeline.check_device(device)
         where = "(no output folder given: pass --out to check it too)"
@@ -309,6 +338,7 @@ def _run(
     _print_warnings(prepared.plan.warnings)
     assert out is not None  # _checked_options requires it for run
     pipeline.check_device(device)  # on every rank, before any of them writes
+    pipeline.check_stream_budget(prepared, args.stream_budget)
     options: dict[str, Any] = dict(
         out=out,
         overwrite=args.overwrite,
@@ -316,6 +346,7 @@ def _run(
         quiet=args.quiet,
         resume=args.resume,
         stream=args.stream or recipe.stream,
+        stream_budget=args.stream_budget,
     )
     if distributed.active():
         result = distributed.run_distributed(prepared, **options)

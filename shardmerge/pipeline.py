@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -51,7 +52,13 @@ from shardmerge.output import (
 )
 from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, plan_merge
 from shardmerge.recipe import Recipe
-from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
+from shardmerge.resolve import (
+    ResolvedModel,
+    open_sources,
+    resolve_model,
+    small_files_folder,
+    stream_disk_needed,
+)
 
 if TYPE_CHECKING:
     from shardmerge.hub import PushResult, PushTarget
@@ -319,13 +326,16 @@ def run_merge(
     quiet: bool = False,
     resume: bool = False,
     stream: bool = False,
+    stream_budget: int | None = None,
 ) -> RunResult:
     """Execute a prepared merge into ``out``, atomically: the folder appears only when complete.
 
     Every check comes before anything is written; the output is locked for the whole run.
+    ``stream_budget``: with ``stream``, the most input bytes on disk at once.
     """
     out = output_path(out)
     check_run(prepared, out, overwrite=overwrite, resume=resume, device=device)
+    check_stream_budget(prepared, stream_budget)
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         if prepare_output(prepared, out, overwrite=overwrite, resume=resume) == "complete":
@@ -340,6 +350,7 @@ def run_merge(
             quiet=quiet,
             resume=resume,
             stream=stream,
+            stream_budget=stream_budget,
             alongside=lambda: write_side_files(prepared, work, out.name),
         )
         finish_output(prepared, out, side_files_written=True)
@@ -350,6 +361,34 @@ def run_merge(
         merged.bytes_read,
         merged.peak_input_bytes_on_disk,
     )
+
+
+def check_stream_budget(prepared: PreparedMerge, stream_budget: int | None) -> None:
+    """Refuse a streaming disk budget too small for the input shards the merge reads together.
+
+    Raises:
+        InputError: ``stream_budget`` is below what streaming this merge needs on disk at once.
+    """
+    if stream_budget is None:
+        return
+    needed = stream_disk_needed(prepared.models, _input_files(prepared.plan, frozenset()))
+    if stream_budget < needed:
+        raise InputError(
+            f"--stream-budget {format_bytes(stream_budget)} is below the "
+            f"{format_bytes(needed)} of input shards this merge reads together (the largest "
+            f"shards of each input, where they overlap): use at least {format_bytes(needed, up=True)}"
+        )
+
+
+def format_bytes(n: float, *, up: bool = False) -> str:
+    """``n`` bytes in decimal units with 3 significant digits, as ``--stream-budget`` takes
+    them (1.5GB, 800MB); ``up``: rounded up (a minimum to ask for)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0)):
+        if n >= size or unit == "B":
+            scale = 10 ** max(0, 3 - len(str(int(n / size))))
+            value = (math.ceil if up else round)(n / size * scale) / scale
+            return f"{value:g}{unit}"
+    raise AssertionError("unreachable")
 
 
 def prepare_output(
@@ -378,6 +417,7 @@ def merge_shards(
     quiet: bool,
     resume: bool,
     stream: bool,
+    stream_budget: int | None = None,
     only_shards: frozenset[int] | None = None,
     rank: int = 0,
     alongside: Callable[[], None] | None = None,
@@ -424,13 +464,20 @@ def merge_shards(
             write_json(record_path, record)
 
         needed = _input_files(plan, skip)
-        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
-            sources = [
-                open_source(
-                    m, stream=stream, workdir=Path(scratch), files=files, progress=not quiet
-                )
-                for m, files in zip(prepared.models, needed, strict=True)
-            ]
+        scratch_dir = tempfile.TemporaryDirectory(
+            prefix=SCRATCH_PREFIX, dir=work, ignore_cleanup_errors=True
+        )
+        with scratch_dir as scratch, contextlib.ExitStack() as downloads:
+            sources, ahead = open_sources(
+                prepared.models,
+                stream=stream,
+                workdir=Path(scratch),
+                files=needed,
+                progress=not quiet,
+                stream_budget=stream_budget,
+            )
+            if ahead is not None:  # stops the downloads however the merge ends (Ctrl-C too)
+                downloads.callback(ahead.close)
             todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
             bar = _progress_bar(todo, quiet)
             try:
@@ -458,10 +505,9 @@ def merge_shards(
             finally:
                 if bar:
                     bar.close()
-            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in sources]
+            peak = ahead.peak_bytes_on_disk if ahead is not None else None
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
-    streamed = [p for p in peaks if p is not None]
-    return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
+    return MergedShards(skipped, result.bytes_read, peak)
 
 
 def finish_output(
