@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--num-processes", type=int, default=1, help="also show the split across N processes"
     )
+    plan.add_argument(
+        "--out", type=Path, help="where the output would go (its disk, for the time estimate)"
+    )
+    plan.add_argument(
+        "--measure-disk",
+        action="store_true",
+        help="measure the disks' read and write rates first (a few seconds; cached per device)",
+    )
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its models (headers only) and run's options"
@@ -125,8 +133,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--stream-budget",
         type=_byte_size,
         metavar="SIZE",
-        help="with --stream: the most input bytes on disk at once, e.g. 20GB (default: twice "
-        "what the shards read together need)",
+        help="with --stream: the most input bytes on disk at once, e.g. 20GB (default: three "
+        "times what the shards read together need)",
     )
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the result to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -233,7 +241,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.num_processes < 1:
             raise InputError("--num-processes must be at least 1")
         prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
-        print(pipeline.describe_plan(prepared, args.num_processes))
+        out = args.out
+        if out is None and recipe.output_dir:
+            out = Path(os.path.normpath(Path(recipe.base_dir) / recipe.output_dir))
+        print(
+            pipeline.describe_plan(
+                prepared, args.num_processes, out=out, measure_disk=args.measure_disk
+            )
+        )
         return 0
     # Every option is checked before a header is fetched or anything is written.
     out, device, push = _checked_options(args, recipe)

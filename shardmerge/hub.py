@@ -305,11 +305,11 @@ class _Entry:
 class StreamAhead:
     """Downloads of all streamed inputs, run ahead of the merge within one disk budget.
 
-    Each input gets ``STREAM_WORKERS_PER_INPUT`` threads. Files are admitted strictly in the
-    order the merge first reads them (all inputs together), each once the bytes on disk plus
-    its size fit in ``budget_bytes``: so the file the merge needs next is never stuck behind
-    one it needs later, and a budget of at least ``resolve.stream_disk_needed`` lets the merge
-    go on. Only the merge's reader frees files (``advance``, ``release``): a downloader never
+    Each input gets ``STREAM_WORKERS_PER_INPUT`` threads. Files are admitted in the order the
+    merge first reads them (all inputs together), each once the bytes on disk plus its size
+    fit in ``budget_bytes``; a file may overtake files of other inputs only where the budget
+    also holds all of those. So the file the merge needs next is never stuck behind one it
+    needs later, and a budget of at least ``resolve.stream_disk_needed`` lets the merge go on. Only the merge's reader frees files (``advance``, ``release``): a downloader never
     deletes what the reader may still read. The first download error stops all downloads and
     is raised by the reader's next ``fetch``; ``close`` stops them too (an abort).
     """
@@ -395,15 +395,22 @@ class StreamAhead:
                 while self._queue and self._queue[0].last < self._position:
                     self._queue.pop(0).state = "skipped"
                     self._cond.notify_all()
-                if not any(e.source is source for e in self._queue):
-                    return None
-                head = self._queue[0]
-                if head.source is source and head.size <= self._free:
-                    self._queue.pop(0)
-                    self._free -= head.size
-                    head.state = "downloading"
+                # This source's next file; files of other sources needed before it go first,
+                # unless the budget holds them all besides it (then no input waits for
+                # another's busy threads, and every file before it still fits).
+                before = 0
+                for index, entry in enumerate(self._queue):  # noqa: B007 - used after the loop
+                    if entry.source is source:
+                        break
+                    before += entry.size
+                else:
+                    return None  # nothing left for this source
+                if before + entry.size <= self._free:
+                    del self._queue[index]
+                    self._free -= entry.size
+                    entry.state = "downloading"
                     self._cond.notify_all()
-                    return head
+                    return entry
                 self._cond.wait()
 
     def _work(self, source: StreamingHubSource) -> None:
@@ -572,9 +579,10 @@ class StreamingHubSource:
     def _bytes_on_disk(self) -> int:
         """Bytes under the work folder now, partial downloads of other threads included."""
         total = 0
-        for path in self.folder.rglob("*"):
-            with contextlib.suppress(FileNotFoundError):  # renamed or released meanwhile
-                total += path.stat().st_size if path.is_file() else 0
+        with contextlib.suppress(FileNotFoundError):  # a folder removed while walked
+            for path in self.folder.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):  # renamed or released meanwhile
+                    total += path.stat().st_size if path.is_file() else 0
         return total
 
 

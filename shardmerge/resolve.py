@@ -185,7 +185,7 @@ def open_sources(
     stream_budget: int | None = None,
 ) -> tuple[list[ShardSource], StreamAhead | None]:
     """``open_source`` for each model; when streaming, the Hub models download ahead of the
-    merge together, within ``stream_budget`` bytes on disk (default ``default_stream_budget``).
+    merge together, within ``stream_budget`` bytes on disk (None: ``default_stream_budget``).
     The second value, when streaming, must be closed (``close``) when the merge ends."""
     hub_models = [m for m in models if m.hub is not None]
     if not stream or not hub_models:
@@ -194,19 +194,35 @@ def open_sources(
             for m, f in zip(models, files, strict=True)
         ], None
     from shardmerge import hub
+
+    if stream_budget is None:
+        stream_budget = default_stream_budget(models, files)
+    ahead = hub.StreamAhead(stream_budget)
+    streamed = {
+        m.key: hub.StreamingHubSource(m.hub, workdir / f"stream-{m.key}", f, ahead)
+        for m, f in zip(models, files, strict=True)
+        if m.hub is not None
+    }
+    ahead.start()  # before the engine's import (torch: seconds), which LocalSource needs
     from shardmerge.engine import LocalSource
 
-    needed = stream_disk_needed(models, files)
-    ahead = hub.StreamAhead(stream_budget if stream_budget is not None else 2 * needed)
     sources: list[ShardSource] = []
-    for m, f in zip(models, files, strict=True):
-        if m.local_dir is not None:
-            sources.append(LocalSource(m.local_dir, m.label))
-        else:
-            assert m.hub is not None
-            sources.append(hub.StreamingHubSource(m.hub, workdir / f"stream-{m.key}", f, ahead))
-    ahead.start()
+    for m in models:
+        if m.key not in streamed:
+            assert m.local_dir is not None
+        sources.append(streamed.get(m.key) or LocalSource(m.local_dir, m.label))  # type: ignore[arg-type]
     return sources, ahead
+
+
+def default_stream_budget(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
+    """Three times ``stream_disk_needed``: while the merge reads a shard of each input, two more
+    per input download (a stream per file: the Hub caps each); never more than all the files."""
+    total = sum(
+        sum(m.hub.sizes.get(f, 0) for f in set(uses))
+        for m, uses in zip(models, files, strict=True)
+        if m.hub is not None
+    )
+    return min(3 * stream_disk_needed(models, files), total)
 
 
 def stream_disk_needed(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
