@@ -3,7 +3,8 @@
     python benchmarks/hub_checks.py checks --repeats 20      # on the loopback fake Hub
     python benchmarks/hub_checks.py refused --repeats 5      # a whole `run` refused up front
     python benchmarks/hub_checks.py sha256 --size-gb 1 --repeats 5
-    python benchmarks/hub_checks.py stream --rate-mb 25 --repeats 3   # issue 17
+    python benchmarks/hub_checks.py stream --rate-mb 25 --repeats 3 \\
+        --stream-budgets default,282MB,100GB                         # issue 17
 
 ``checks`` times ``hub.check_push_target`` (token, whoami, repo info) against
 ``tests/fakehub.py`` on 127.0.0.1, for a new and for an existing target repo, in-process with
@@ -14,8 +15,8 @@ run; the first (cold) run is reported apart. ``stream`` serves a generated pair 
 medium shapes at 4 layers, ~0.6 GB per model, A in 100 MB and B in 150 MB shards) from the fake
 Hub at ``--rate-mb`` MB/s per transfer (the real Hub's rate per stream is capped likewise), and
 times, alternating: the download alone (every shard, as many transfers at once as ``--stream``
-runs: two per model), ``shardmerge run --stream``, and ``shardmerge run`` (download all, then
-merge); each a whole process, start-up included.
+runs: two per model), ``shardmerge run --stream`` at each of ``--stream-budgets``, and
+``shardmerge run`` (download all, then merge); each a whole process, start-up included.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ for t in threads: t.join()
 """
 
 
-def time_stream(rate_mb: float, repeats: int, budget: str | None) -> None:
+def time_stream(rate_mb: float, repeats: int, budgets: list[str]) -> None:
     import subprocess
 
     from benchmarks import make_pair
@@ -156,7 +157,8 @@ def time_stream(rate_mb: float, repeats: int, budget: str | None) -> None:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
             env.update(HF_ENDPOINT=fake.url, HF_TOKEN="hf_fake", HF_HUB_DISABLE_XET="1")
             env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-            runs: dict[str, list[float]] = {"download": [], "stream": [], "cached": []}
+            streams = [f"stream {b}" for b in budgets]
+            runs: dict[str, list[float]] = {w: [] for w in ["download", *streams, "cached"]}
             spans: dict[str, list[tuple[float, float, float]]] = {what: [] for what in runs}
             for i in range(repeats):
                 for what in runs:
@@ -169,9 +171,10 @@ def time_stream(rate_mb: float, repeats: int, budget: str | None) -> None:
                     else:
                         args = ["-m", "shardmerge.cli", "run", str(recipe), "--quiet"]
                         args += ["--out", str(work / "out")]
-                        args += ["--stream"] if what == "stream" else []
-                    if what == "stream" and budget:
-                        args += ["--stream-budget", budget]
+                    if what.startswith("stream "):
+                        budget = what.split(" ", 1)[1]
+                        args += ["--stream"]
+                        args += [] if budget == "default" else ["--stream-budget", budget]
                     fake.transfers.clear()
                     start = time.monotonic()
                     done = subprocess.run([sys.executable, *args], env={**env, "HF_HOME": str(home)},
@@ -193,11 +196,10 @@ def time_stream(rate_mb: float, repeats: int, budget: str | None) -> None:
         print(f"inputs {gb:.2f} GB from the fake Hub at {rate_mb:g} MB/s per transfer; "
               f"{repeats} alternating runs (wall s, median [all]):")  # fmt: skip
         base = statistics.median(runs["download"])
-        for what, label in (
-            ("download", "download alone (2 transfers per model)"),
-            ("stream", "shardmerge run --stream"),
-            ("cached", "shardmerge run (download all, then merge)"),
-        ):
+        labels = {"download": "download alone (2 transfers per model)"}
+        labels.update({f"stream {b}": f"shardmerge run --stream, budget {b}" for b in budgets})
+        labels["cached"] = "shardmerge run (download all, then merge)"
+        for what, label in labels.items():
             med = statistics.median(runs[what])
             shown = ", ".join(f"{t:.2f}" for t in runs[what])
             first, last, level = (statistics.median(x) for x in zip(*spans[what], strict=True))
@@ -218,14 +220,18 @@ def main() -> None:
     stream = sub.add_parser("stream")
     stream.add_argument("--rate-mb", type=float, default=25.0, help="MB/s per transfer")
     stream.add_argument("--repeats", type=int, default=3)
-    stream.add_argument("--stream-budget", help="passed to run --stream (default: its own)")
+    stream.add_argument(
+        "--stream-budgets",
+        default="default",
+        help="comma-separated --stream-budget values to time, `default` for none",
+    )
     args = parser.parse_args()
     if args.what == "checks":
         time_checks(args.repeats)
     elif args.what == "refused":
         time_refused(args.repeats)
     elif args.what == "stream":
-        time_stream(args.rate_mb, args.repeats, args.stream_budget)
+        time_stream(args.rate_mb, args.repeats, args.stream_budgets.split(","))
     else:
         time_sha256(args.size_gb, args.repeats)
 
