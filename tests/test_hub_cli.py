@@ -272,21 +272,15 @@ def test_typo_in_repo_id_fails_before_any_download(seeded: Seeded, tmp_path: Pat
 # -- 3. streaming ------------------------------------------------------------------------------
 
 
-def scratch_bytes(parent: Path) -> int:
-    """Bytes of streamed input files under ``parent`` now (partial downloads included)."""
-    total = 0
-    for path in parent.glob(".*shardmerge-partial/shardmerge-scratch*/stream-*/**/*"):
+def scratch_files(parent: Path) -> dict[str, int]:
+    """The streamed input files under ``parent`` now, with their sizes (partial downloads,
+    named by huggingface_hub's ``.incomplete`` files, included)."""
+    files = {}
+    for path in parent.glob(".*shardmerge-partial/.shardmerge-scratch-*/stream-*/**/*"):
         with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size if path.is_file() else 0
-    return total
-
-
-def finished_outputs(parent: Path) -> int:
-    """Output shards the merge under ``parent`` has finished (its --resume record)."""
-    for record in parent.glob(".*shardmerge-partial/.shardmerge-progress.json"):
-        with contextlib.suppress(OSError, ValueError):
-            return len(json.loads(record.read_text())["shards"])
-    return 0
+            if path.is_file():
+                files[path.relative_to(parent).as_posix()] = path.stat().st_size
+    return files
 
 
 def test_stream_budget_is_refused_below_the_minimum_and_never_exceeded(
@@ -311,11 +305,9 @@ def test_stream_budget_is_refused_below_the_minimum_and_never_exceeded(
     assert seeded.hub.transfers == []  # refused before any shard body
 
     # At that minimum: measured on the server's side at every piece of every shard sent.
-    seen: list[tuple[int, int]] = []  # (input bytes on disk, finished output shards)
+    seen: list[tuple[str, dict[str, int]]] = []  # (file being sent, streamed files on disk)
     seeded.hub.body_seconds = 0.05
-    seeded.hub.on_body_piece = lambda _: seen.append(
-        (scratch_bytes(out.parent), finished_outputs(out.parent))
-    )
+    seeded.hub.on_body_piece = lambda path: seen.append((path, scratch_files(out.parent)))
     done = run_cli("run", recipe, "--out", out, "--stream", "--stream-budget", f"{minimum}B",
                    "--quiet", env=seeded.env)  # fmt: skip
 
@@ -323,12 +315,17 @@ def test_stream_budget_is_refused_below_the_minimum_and_never_exceeded(
     found = re.search(r"streamed inputs: at most ([\d,]+) input bytes on disk", done.stderr)
     assert found, done.stderr
     peak = int(found.group(1).replace(",", ""))
-    print(f"minimum {minimum:,} B, peak {peak:,} B, server-side max {max(seen)[0]:,} B")
+    server_max = max(sum(files.values()) for _, files in seen)
+    print(f"minimum {minimum:,} B, peak {peak:,} B, server-side max {server_max:,} B")
     assert max(sizes_a) <= peak <= minimum
-    assert max(on_disk for on_disk, _ in seen) <= minimum
-    # The shards did not all fit: the merge freed early ones while later ones downloaded.
+    assert server_max <= minimum
+    # The shards did not all fit: the merge read and freed A's first shard while later shards
+    # were still arriving (the last one's pieces never see it).
     assert minimum < sum(sizes_a) + sum(sizes_b)
-    assert seen[0][1] == 0 and seen[-1][1] >= 1  # downloads went on while shards were written
+    first_a = shard_files(local.a)[0].name
+    assert any(first_a in name for _, files in seen for name in files)
+    last_sent = seen[-1][0]
+    assert not any(first_a in name for path, files in seen if path == last_sent for name in files)
     assert_same_merge(out, local.merged)
     # The scratch downloads are gone, and the user's HF cache never held a shard.
     assert [p.name for p in out.parent.iterdir()] == ["out"]
@@ -398,7 +395,7 @@ def test_a_download_failing_mid_stream_gives_the_same_error(
         f"error: cannot download from org/b: file not found in the repo: {last}"
     )
     assert not out.exists()
-    assert not list(out.parent.glob(".*/shardmerge-scratch*"))
+    assert not list(out.parent.glob(".*/.shardmerge-scratch-*"))
 
 
 def test_ctrl_c_stops_the_streamed_downloads(seeded: Seeded, tmp_path: Path) -> None:
@@ -417,6 +414,7 @@ def test_ctrl_c_stops_the_streamed_downloads(seeded: Seeded, tmp_path: Path) -> 
         while not (seeded.hub.transfers and record.exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert seeded.hub.transfers and record.exists(), "the merge did not start"
+        assert list(out.parent.glob(".*/.shardmerge-scratch-*/stream-*"))  # downloading there
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -425,7 +423,7 @@ def test_ctrl_c_stops_the_streamed_downloads(seeded: Seeded, tmp_path: Path) -> 
     assert "interrupted" in stderr
     started = [t for t in seeded.hub.transfers if t[1] == "start"]
     assert len(started) < 8  # the downloads stopped: 8 shards in all, at most 4 at a time
-    assert not list(out.parent.glob(".*/shardmerge-scratch*"))  # nothing of them left
+    assert not list(out.parent.glob(".*/.shardmerge-scratch-*"))  # nothing of them left
 
 
 def test_a_killed_streamed_merge_resumes(seeded: Seeded, local: Locals, tmp_path: Path) -> None:
