@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also read every tensor (like compare) and hint where the schedule and the "
         "models' similarity suggest a problem",
     )
+    plan.add_argument(
+        "--out", type=Path, help="where the output would go (its disk, for the time estimate)"
+    )
+    plan.add_argument(
+        "--measure-disk",
+        action="store_true",
+        help="measure the disks' read and write rates first (a few seconds; cached per device)",
+    )
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its models (headers only) and run's options"
@@ -130,7 +138,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream",
         action="store_true",
-        help="Hub inputs: download each input shard just before use and delete it after",
+        help="Hub inputs: download the input shards ahead of the merge, each deleted after use",
+    )
+    parser.add_argument(
+        "--stream-budget",
+        type=_byte_size,
+        metavar="SIZE",
+        help="with --stream: the most input bytes on disk at once, e.g. 20GB (default: three "
+        "times what the shards read together need)",
     )
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the result to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -152,6 +167,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="seed of random masks (DARE, DELLA); overrides the recipe's; default 0",
     )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def _byte_size(text: str) -> int:
+    """A size such as ``20GB``, ``1.5GiB``, ``800MB`` or ``123456`` (bytes), for argparse."""
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a size such as 20GB, 1.5GiB or 800MB"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size above 0")
+    return int(value)
 
 
 def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +252,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.num_processes < 1:
             raise InputError("--num-processes must be at least 1")
         prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
-        print(pipeline.describe_plan(prepared, args.num_processes))
+        out = args.out
+        if out is None and recipe.output_dir:
+            out = Path(os.path.normpath(Path(recipe.base_dir) / recipe.output_dir))
+        print(
+            pipeline.describe_plan(
+                prepared, args.num_processes, out=out, measure_disk=args.measure_disk
+            )
+        )
         if args.similarity:
             _similarity_hints(prepared)
         return 0
@@ -259,6 +300,8 @@ def _checked_options(
         hint = repo_id_hint(args.push_to_hub) or "expected org/name"
         problems.append(f"--push-to-hub {args.push_to_hub!r}: not a Hugging Face repo id ({hint})")
     push = args.push_to_hub or recipe.push_to_hub
+    if args.stream_budget is not None and not (args.stream or recipe.stream):
+        problems.append("--stream-budget needs --stream (or hub.stream in the recipe)")
     for flag in ("dry_run", "private", "revision", "create_pr", "commit_message"):
         if getattr(args, flag) and not push:
             name = "--" + flag.replace("_", "-")
@@ -280,6 +323,7 @@ def _validate(
         _check_push(args, recipe, pipeline, push)
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
+    pipeline.check_stream_budget(prepared, args.stream_budget)
     if out is None:
         pipeline.check_device(device)
         where = "(no output folder given: pass --out to check it too)"
@@ -322,6 +366,7 @@ def _run(
     _print_warnings(prepared.plan.warnings)
     assert out is not None  # _checked_options requires it for run
     pipeline.check_device(device)  # on every rank, before any of them writes
+    pipeline.check_stream_budget(prepared, args.stream_budget)
     options: dict[str, Any] = dict(
         out=out,
         overwrite=args.overwrite,
@@ -329,6 +374,7 @@ def _run(
         quiet=args.quiet,
         resume=args.resume,
         stream=args.stream or recipe.stream,
+        stream_budget=args.stream_budget,
     )
     if distributed.active():
         result = distributed.run_distributed(prepared, **options)

@@ -25,7 +25,7 @@ from shardmerge.errors import CheckpointError, InputError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo
 from shardmerge.plan import CHUNK_NUMEL, _cap, _compare, _sources, _ties_embeddings
 from shardmerge.recipe import ModelRef
-from shardmerge.resolve import ResolvedModel, open_source, resolve_model
+from shardmerge.resolve import ResolvedModel, open_sources, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -96,13 +96,13 @@ def compare_models(
 
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="shardmerge-compare-") as scratch:
-        sources = [
-            open_source(
-                m, stream=stream, workdir=Path(scratch), files=[t.infos[i].file for t in tasks]
-            )
-            for i, m in enumerate(models)
-        ]
-        results = _stream_sums(tasks, models, sources, dev)
+        files = [[t.infos[i].file for t in tasks] for i in range(len(models))]
+        sources, ahead = open_sources(models, stream=stream, workdir=Path(scratch), files=files)
+        try:
+            results = _stream_sums(tasks, models, sources, dev)
+        finally:
+            if ahead is not None:  # the downloads stop however the comparison ends
+                ahead.close()
     from shardmerge import similarity
 
     labels = {k: m.label for k, m in zip(keys, models, strict=True)}

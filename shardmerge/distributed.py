@@ -88,6 +88,7 @@ def run_distributed(
     quiet: bool = False,
     resume: bool = False,
     stream: bool = False,
+    stream_budget: int | None = None,
 ) -> RunResult | None:
     """This process's part of ``pipeline.run_merge``, when started as one of several.
 
@@ -118,6 +119,7 @@ def run_distributed(
             quiet=quiet,
             resume=resume,
             stream=stream,
+            stream_budget=stream_budget,
         )
         signal.signal(signal.SIGTERM, previous)
         return result
@@ -167,6 +169,7 @@ class _Run:
         quiet: bool,
         resume: bool,
         stream: bool,
+        stream_budget: int | None = None,
     ) -> RunResult | None:
         from shardmerge import pipeline
 
@@ -189,7 +192,9 @@ class _Run:
         )
         merged = self._together(
             "merging",
-            lambda: self._merge(device, threads, quiet=quiet, resume=resume, stream=stream),
+            lambda: self._merge(
+                device, threads, quiet=quiet, resume=resume, stream=stream, budget=stream_budget
+            ),
             f"{self.who} failed merging {self._shard_names()}",
             kept,
         )
@@ -237,7 +242,14 @@ class _Run:
             time.sleep(0.5)
 
     def _merge(
-        self, device: str, threads: int, *, quiet: bool, resume: bool, stream: bool
+        self,
+        device: str,
+        threads: int,
+        *,
+        quiet: bool,
+        resume: bool,
+        stream: bool,
+        budget: int | None = None,
     ) -> tuple[int, int]:
         """This rank's shards; returns (shards skipped by --resume, input bytes read)."""
         import torch
@@ -261,6 +273,7 @@ class _Run:
             quiet=quiet or self.rank != 0,
             resume=resume,
             stream=stream,
+            stream_budget=budget,
             only_shards=frozenset(self.mine),
             rank=self.rank,
         )

@@ -125,6 +125,7 @@ class HubModel:
     sha: str  # full 40-hex commit sha, resolved once; every later call uses it
     # LFS file path -> the sha256 the Hub publishes for it (its LFS oid): downloads must match
     sha256: Mapping[str, str] = field(default_factory=dict, compare=False)
+    sizes: Mapping[str, int] = field(default_factory=dict, compare=False)  # file path -> bytes
 
     @property
     def label(self) -> str:
@@ -281,6 +282,167 @@ def download_files(model: HubModel, filenames: list[str], *, progress: bool = Fa
     return snapshot
 
 
+STREAM_WORKERS_PER_INPUT = 2  # files of one input downloading at once (the Hub caps a stream)
+
+
+class _Aborted(Exception):
+    """Raised inside a background download once the merge has stopped (it ends the transfer)."""
+
+
+@dataclass
+class _Entry:
+    """One file of a streamed input, in the merge's reading order."""
+
+    source: StreamingHubSource
+    filename: str
+    first: int  # the first and last task positions that read it
+    last: int
+    size: int  # bytes it takes on disk (0: used in place from the HF cache)
+    state: str = "queued"  # queued -> downloading -> ready -> freed; or skipped / failed
+    path: Path | None = None
+
+
+class StreamAhead:
+    """Downloads of all streamed inputs, run ahead of the merge within one disk budget.
+
+    Each input gets ``STREAM_WORKERS_PER_INPUT`` threads. Files are admitted in the order the
+    merge first reads them (all inputs together), each once the bytes on disk plus its size
+    fit in ``budget_bytes``; a file may overtake files of other inputs only where the budget
+    also holds all of those. So the file the merge needs next is never stuck behind one it
+    needs later, and a budget of at least ``resolve.stream_disk_needed`` lets the merge go on. Only the merge's reader frees files (``advance``, ``release``): a downloader never
+    deletes what the reader may still read. The first download error stops all downloads and
+    is raised by the reader's next ``fetch``; ``close`` stops them too (an abort).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.peak_bytes_on_disk = 0  # measured: the work folders' bytes, partial files included
+        self._cond = threading.Condition()
+        self._free = budget_bytes
+        self._queue: list[_Entry] = []  # not yet admitted, in reading order
+        self._entries: list[_Entry] = []
+        self._sources: list[StreamingHubSource] = []
+        self._position = 0  # the merge has read every task before this one
+        self._error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def add(self, source: StreamingHubSource, entries: list[_Entry]) -> None:
+        """Register a source's files (before ``start``)."""
+        self._sources.append(source)
+        self._entries += entries
+
+    def start(self) -> None:
+        order = {id(s): i for i, s in enumerate(self._sources)}
+        self._queue = sorted(self._entries, key=lambda e: (e.first, order[id(e.source)]))
+        for source in self._sources:
+            for n in range(STREAM_WORKERS_PER_INPUT):
+                name = f"shardmerge-download-{source.model.repo_id}-{n}"
+                thread = threading.Thread(target=self._work, args=(source,), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop every download (a running one ends at its next block) and wait for them."""
+        self._stopped.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def wait(self, entry: _Entry) -> Path | None:
+        """The reader's wait for ``entry``: its path, or None if it will not be downloaded."""
+        with self._cond:
+            while entry.state in ("queued", "downloading") and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return entry.path if entry.state == "ready" else None
+
+    def advance(self, position: int) -> None:
+        """The reader reached task ``position``: free every file whose last use is before it."""
+        with self._cond:
+            if position <= self._position:
+                return
+            self._position = position
+            done = [e for e in self._entries if e.state == "ready" and e.last < position]
+        self._free_entries(done)
+
+    def release(self, entry: _Entry) -> None:
+        with self._cond:
+            done = [entry] if entry.state == "ready" else []
+        self._free_entries(done)
+
+    def _free_entries(self, entries: list[_Entry]) -> None:
+        if not entries:
+            return
+        self._measure()  # the peak comes just before a delete
+        for entry in entries:
+            entry.source._truncate_and_delete(entry.filename, entry.path)
+        with self._cond:
+            for entry in entries:
+                entry.state = "freed"
+                self._free += entry.size
+            self._cond.notify_all()
+
+    def _take(self, source: StreamingHubSource) -> _Entry | None:
+        """The next file for one of ``source``'s threads, with its bytes reserved (blocks)."""
+        with self._cond:
+            while True:
+                if self._stopped.is_set() or self._error is not None:
+                    return None
+                # Files the merge has read past (never read: SLERP's t = 0 skips B) are skipped.
+                while self._queue and self._queue[0].last < self._position:
+                    self._queue.pop(0).state = "skipped"
+                    self._cond.notify_all()
+                # This source's next file; files of other sources needed before it go first,
+                # unless the budget holds them all besides it (then no input waits for
+                # another's busy threads, and every file before it still fits).
+                before = 0
+                for index, entry in enumerate(self._queue):  # noqa: B007 - used after the loop
+                    if entry.source is source:
+                        break
+                    before += entry.size
+                else:
+                    return None  # nothing left for this source
+                if before + entry.size <= self._free:
+                    del self._queue[index]
+                    self._free -= entry.size
+                    entry.state = "downloading"
+                    self._cond.notify_all()
+                    return entry
+                self._cond.wait()
+
+    def _work(self, source: StreamingHubSource) -> None:
+        while (entry := self._take(source)) is not None:
+            try:
+                path = source._download(entry.filename, self._stopped)
+            except _Aborted:
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                with self._cond:
+                    entry.state = "failed"
+                    self._free += entry.size
+                    if self._error is None:
+                        self._error = exc
+                    self._cond.notify_all()
+                return
+            self._measure()
+            with self._cond:
+                entry.path, entry.state = path, "ready"
+                # Read past while it downloaded: never read (the reader waits for what it reads),
+                # so freeing it here cannot pull a file from under the reader.
+                unread = entry.last < self._position
+                self._cond.notify_all()
+            if unread:
+                self.release(entry)
+
+    def _measure(self) -> None:
+        total = sum(source._bytes_on_disk() for source in self._sources)
+        with self._cond:
+            self.peak_bytes_on_disk = max(self.peak_bytes_on_disk, total)
+
+
 class StreamingHubSource:
     """Input shards fetched just in time into a work folder and deleted once finished with.
 
@@ -290,13 +452,19 @@ class StreamingHubSource:
     this sha is used in place and never deleted. Offline, every file must already be cached.
 
     ``uses`` is the file of each tensor in the order the engine reads them (repeats allowed).
-    With it, fetching a file first deletes every downloaded file whose last use comes before
-    that file's first use: the caller has read all it needs from them, so the disk holds about
-    one shard per model instead of two at each shard boundary (the engine releases a file only
-    after computing its last chunk, while the next shard is already downloading).
+    With ``ahead`` (shared by the merge's streamed inputs), the files are downloaded in that
+    order in the background, within its disk budget (see ``StreamAhead``). Without it, each
+    file downloads when fetched, and fetching a file first deletes every downloaded file whose
+    last use comes before that file's first use.
     """
 
-    def __init__(self, model: HubModel, workdir: Path, uses: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model: HubModel,
+        workdir: Path,
+        uses: Sequence[str] = (),
+        ahead: StreamAhead | None = None,
+    ) -> None:
         self.model = model
         self.folder = Path(workdir) / f"{model.repo_id.replace('/', '--')}--{model.sha[:12]}"
         self.peak_bytes_on_disk = 0  # max bytes of this source's downloads on disk at once
@@ -308,31 +476,41 @@ class StreamingHubSource:
         for position, filename in enumerate(uses):
             self._first_use.setdefault(filename, position)
             self._last_use[filename] = position
+        self._ahead = ahead
+        self._entries: dict[str, _Entry] = {}
+        if ahead is not None:
+            for name, first in self._first_use.items():
+                cached = try_to_load_from_cache(model.repo_id, name, revision=model.sha)
+                size = 0 if isinstance(cached, str) else model.sizes.get(name, 0)
+                self._entries[name] = _Entry(self, name, first, self._last_use[name], size)
+            ahead.add(self, list(self._entries.values()))
 
     def fetch(self, filename: str) -> Path:
         """Make sure ``filename`` is on disk (downloading it at model.sha); return its path."""
+        entry = self._entries.get(filename)
+        if entry is not None and self._ahead is not None:
+            self._ahead.advance(entry.first)
+            path = self._ahead.wait(entry)
+            if path is not None:
+                return path
         with self._file_lock(filename):
             with self._lock:
                 if filename in self._owned:
                     return self._owned[filename]
-            cached = try_to_load_from_cache(self.model.repo_id, filename, revision=self.model.sha)
-            try:
-                if isinstance(cached, str):  # a bad cached copy is replaced in the cache
-                    return _checked(self.model, filename, Path(cached))
+            if entry is None:
                 self._free_finished(before=filename)
-                if constants.is_offline_mode():
-                    _require_cached(self.model, [filename])
-                path = Path(_download(self.model, filename, local_dir=self.folder))
-                path = _checked(self.model, filename, path, local_dir=self.folder)
-            except _HUB_ERRORS as exc:
-                raise hub_error(exc, self.model.repo_id, action="download from") from exc
+            path = self._download(filename, None)
             with self._lock:
-                self._owned[filename] = path
+                if not self._is_cached(filename, path):
+                    self._owned[filename] = path
                 self.peak_bytes_on_disk = max(self.peak_bytes_on_disk, self._bytes_on_disk())
             return path
 
     def release(self, filename: str) -> None:
         """No remaining tensor needs ``filename``: delete it if this source downloaded it."""
+        entry = self._entries.get(filename)
+        if entry is not None and self._ahead is not None:
+            self._ahead.release(entry)
         with self._file_lock(filename):
             with self._lock:
                 path = self._owned.pop(filename, None)
@@ -341,9 +519,31 @@ class StreamingHubSource:
 
     def close(self) -> None:
         """Delete everything this source downloaded (call it when the merge ends or fails)."""
+        if self._ahead is not None:
+            self._ahead.close()
         with self._lock:
             self._owned.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _download(self, filename: str, stop: threading.Event | None) -> Path:
+        """The file, checked: in place from the HF cache, else downloaded into the folder.
+        ``stop`` set: the transfer ends with ``_Aborted`` at its next block."""
+        bar = _abortable_bar(stop) if stop is not None else None
+        cached = try_to_load_from_cache(self.model.repo_id, filename, revision=self.model.sha)
+        try:
+            if isinstance(cached, str):  # a bad cached copy is replaced in the cache
+                return _checked(self.model, filename, Path(cached), tqdm_class=bar)
+            if constants.is_offline_mode():
+                _require_cached(self.model, [filename])
+            path = Path(_download(self.model, filename, local_dir=self.folder, tqdm_class=bar))
+            return _checked(self.model, filename, path, local_dir=self.folder, tqdm_class=bar)
+        except _HUB_ERRORS as exc:
+            if stop is not None and stop.is_set():
+                raise _Aborted from exc
+            raise hub_error(exc, self.model.repo_id, action="download from") from exc
+
+    def _is_cached(self, filename: str, path: Path) -> bool:
+        return not path.is_relative_to(self.folder)
 
     def _free_finished(self, *, before: str) -> None:
         """Delete the downloads whose last use precedes the first use of ``before``."""
@@ -354,11 +554,16 @@ class StreamingHubSource:
             done = [f for f in self._owned if self._last_use.get(f, first) < first]
             paths = [(f, self._owned.pop(f)) for f in done]
         for filename, path in paths:
-            # The engine may still hold the file open (it releases after computing its last
-            # chunk): truncating frees the blocks now, where unlinking alone would not.
-            with contextlib.suppress(FileNotFoundError):
-                os.truncate(path, 0)
-            self._delete(filename, path)
+            self._truncate_and_delete(filename, path)
+
+    def _truncate_and_delete(self, filename: str, path: Path | None) -> None:
+        if path is None or self._is_cached(filename, path):  # the user's cache: an input
+            return
+        # The engine may still hold the file open (it releases after computing its last
+        # chunk): truncating frees the blocks now, where unlinking alone would not.
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(path, 0)
+        self._delete(filename, path)
 
     def _delete(self, filename: str, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -374,9 +579,10 @@ class StreamingHubSource:
     def _bytes_on_disk(self) -> int:
         """Bytes under the work folder now, partial downloads of other threads included."""
         total = 0
-        for path in self.folder.rglob("*"):
-            with contextlib.suppress(FileNotFoundError):  # renamed or released meanwhile
-                total += path.stat().st_size if path.is_file() else 0
+        with contextlib.suppress(FileNotFoundError):  # a folder removed while walked
+            for path in self.folder.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):  # renamed or released meanwhile
+                    total += path.stat().st_size if path.is_file() else 0
         return total
 
 
@@ -671,7 +877,13 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _checked(model: HubModel, filename: str, path: Path, local_dir: Path | None = None) -> Path:
+def _checked(
+    model: HubModel,
+    filename: str,
+    path: Path,
+    local_dir: Path | None = None,
+    tqdm_class: Any = None,
+) -> Path:
     """``path`` if it matches the sha256 the Hub publishes for ``filename`` (or none is
     published); otherwise remove it, download it once more and check again.
 
@@ -688,7 +900,7 @@ def _checked(model: HubModel, filename: str, path: Path, local_dir: Path | None 
             f"{where}: the cached copy does not match its sha256 {expected[:12]}… and was removed "
             "from the cache; run once online (without HF_HUB_OFFLINE) to download it again"
         )
-    path = Path(_download(model, filename, local_dir=local_dir))
+    path = Path(_download(model, filename, local_dir=local_dir, tqdm_class=tqdm_class))
     if _sha256_of(path) == expected:
         return path
     _discard(path)
@@ -759,6 +971,30 @@ class _DownloadBar:
                 pass
 
         return _FileBar
+
+
+def _abortable_bar(stop: threading.Event) -> type:
+    """A silent progress class for ``hf_hub_download`` that ends the transfer (``_Aborted``)
+    at its next block once ``stop`` is set: the client offers no other way to cancel."""
+
+    class _Bar:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __enter__(self) -> _Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, n: int | float | None = 1) -> None:
+            if stop.is_set():
+                raise _Aborted
+
+        def close(self) -> None:
+            pass
+
+    return _Bar
 
 
 def _remote_paths(api: HfApi, repo_id: str, revision: str | None) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -52,7 +53,13 @@ from shardmerge.output import (
 )
 from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, plan_merge
 from shardmerge.recipe import Recipe
-from shardmerge.resolve import ResolvedModel, open_source, resolve_model, small_files_folder
+from shardmerge.resolve import (
+    ResolvedModel,
+    open_sources,
+    resolve_model,
+    small_files_folder,
+    stream_disk_needed,
+)
 
 if TYPE_CHECKING:
     from shardmerge.hub import PushResult, PushTarget
@@ -153,8 +160,18 @@ def _other_base(recipe: Recipe) -> str | None:
     return None
 
 
-def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
-    """Human-readable plan: models, t table, shard layout, totals, memory estimate."""
+def describe_plan(
+    prepared: PreparedMerge,
+    num_processes: int = 1,
+    *,
+    out: Path | None = None,
+    measure_disk: bool = False,
+) -> str:
+    """Human-readable plan: models, t table, shard layout, totals, memory and time estimates.
+
+    The time estimate uses disk rates cached per device (``diskrate``); ``measure_disk``
+    measures the devices of the inputs and of ``out`` first (a few seconds) and caches them.
+    """
     plan = prepared.plan
     if plan.method == "slerp":
         lines = [
@@ -177,6 +194,7 @@ def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
     lines.append(
         f"estimated peak memory: {estimate_peak_bytes(plan) / 1e6:,.0f} MB (any model size)"
     )
+    lines.append(estimate_wall_time(prepared, out, measure_disk=measure_disk))
     if num_processes > 1:
         from shardmerge.distributed import split_shards
 
@@ -188,6 +206,79 @@ def describe_plan(prepared: PreparedMerge, num_processes: int = 1) -> str:
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def estimate_wall_time(prepared: PreparedMerge, out: Path | None, *, measure_disk: bool) -> str:
+    """One line: the merge's wall time from its bytes per device and the devices' rates (see
+    ``diskrate``), or "unknown" with what is missing: never a guessed rate."""
+    from shardmerge import diskrate
+
+    plan = prepared.plan
+    reads: dict[str, int] = {}
+    files: dict[str, Path] = {}  # a large input file per device, to measure it
+    download = 0
+    for i, model in enumerate(prepared.models):
+        nbytes = sum(t.inputs[i].nbytes for t in plan.tasks)
+        folder = model.local_dir or _cached_snapshot(model)
+        if folder is None:
+            download += nbytes
+            continue
+        key = diskrate.device_key(folder)
+        reads[key] = reads.get(key, 0) + nbytes
+        largest = max(model.inventory.files, key=lambda f: (folder / f).stat().st_size)
+        files.setdefault(key, (folder / largest).resolve())
+    writes = {diskrate.device_key(out): plan.total_size} if out is not None else {}
+    if measure_disk:
+        for key in set(reads) | set(writes):
+            write_dir = out if out is not None and key in writes else None
+            diskrate.save_rates(key, diskrate.measure(files.get(key), write_dir))
+    rates = diskrate.load_rates()
+    amounts = [f"reads {format_bytes(n)} from {key}" for key, n in reads.items()]
+    amounts += [f"writes {format_bytes(n)} to {key}" for key, n in writes.items()]
+    missing = [
+        key
+        for key in set(reads) | set(writes)
+        if key not in rates
+        or (key in reads and not rates[key].read_bytes_per_s)
+        or (key in writes and not rates[key].write_bytes_per_s)
+    ]
+    why = []
+    if download:
+        why.append(f"{format_bytes(download)} to download from the Hub at an unknown rate")
+    if missing and measure_disk:  # too little to time: the inputs' largest file under 64 kB
+        why.append(f"could not measure {', '.join(sorted(missing))} (inputs too small to time)")
+    elif missing:
+        why.append(
+            f"no measured rate for {', '.join(sorted(missing))}: run `shardmerge plan "
+            "--measure-disk` once (a few seconds)"
+        )
+    if out is None:
+        why.append("the output's disk is unknown: pass --out")
+    seconds = None if why else diskrate.estimate_seconds(reads, writes, rates)
+    if seconds is None:
+        return f"estimated wall time: unknown ({'; '.join(why)})"
+    used = sorted(set(reads) | set(writes))
+    shown = ", ".join(
+        f"{key}: read {_rate(rates[key].read_bytes_per_s)}, write "
+        f"{_rate(rates[key].write_bytes_per_s)}, measured {rates[key].measured}"
+        for key in used
+    )
+    shown_s = f"{seconds:.1f}" if seconds < 10 else f"{seconds:,.0f}"
+    return f"estimated wall time: {shown_s} s ({'; '.join(amounts)}; disk rates {shown})"
+
+
+def _rate(per_s: float | None) -> str:
+    return f"{format_bytes(per_s)}/s" if per_s else "unknown"
+
+
+def _cached_snapshot(model: ResolvedModel) -> Path | None:
+    """A Hub model's snapshot folder in the HF cache when it holds every shard, else None."""
+    if model.hub is None:
+        return None
+    from shardmerge.hub import _snapshot_dir
+
+    folder = _snapshot_dir(model.hub.repo_id, model.hub.sha)
+    return folder if all((folder / f).is_file() for f in model.inventory.files) else None
 
 
 def resolve_device(requested: str) -> str:
@@ -320,13 +411,16 @@ def run_merge(
     quiet: bool = False,
     resume: bool = False,
     stream: bool = False,
+    stream_budget: int | None = None,
 ) -> RunResult:
     """Execute a prepared merge into ``out``, atomically: the folder appears only when complete.
 
     Every check comes before anything is written; the output is locked for the whole run.
+    ``stream_budget``: with ``stream``, the most input bytes on disk at once.
     """
     out = output_path(out)
     check_run(prepared, out, overwrite=overwrite, resume=resume, device=device)
+    check_stream_budget(prepared, stream_budget)
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         if prepare_output(prepared, out, overwrite=overwrite, resume=resume) == "complete":
@@ -341,6 +435,7 @@ def run_merge(
             quiet=quiet,
             resume=resume,
             stream=stream,
+            stream_budget=stream_budget,
             alongside=lambda: _side_files_and_warm_up(prepared, work, out.name),
         )
         finish_output(prepared, out, side_files_written=True)
@@ -351,6 +446,34 @@ def run_merge(
         merged.bytes_read,
         merged.peak_input_bytes_on_disk,
     )
+
+
+def check_stream_budget(prepared: PreparedMerge, stream_budget: int | None) -> None:
+    """Refuse a streaming disk budget too small for the input shards the merge reads together.
+
+    Raises:
+        InputError: ``stream_budget`` is below what streaming this merge needs on disk at once.
+    """
+    if stream_budget is None:
+        return
+    needed = stream_disk_needed(prepared.models, _input_files(prepared.plan, frozenset()))
+    if stream_budget < needed:
+        raise InputError(
+            f"--stream-budget {format_bytes(stream_budget)} is below the "
+            f"{format_bytes(needed)} of input shards this merge reads together (the largest "
+            f"shards of each input, where they overlap): use at least {format_bytes(needed, up=True)}"
+        )
+
+
+def format_bytes(n: float, *, up: bool = False) -> str:
+    """``n`` bytes in decimal units with 3 significant digits, as ``--stream-budget`` takes
+    them (1.5GB, 800MB); ``up``: rounded up (a minimum to ask for)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0)):
+        if n >= size or unit == "B":
+            scale = 10 ** max(0, 3 - len(str(int(n / size))))
+            value = (math.ceil if up else round)(n / size * scale) / scale
+            return f"{value:g}{unit}"
+    raise AssertionError("unreachable")
 
 
 def prepare_output(
@@ -379,6 +502,7 @@ def merge_shards(
     quiet: bool,
     resume: bool,
     stream: bool,
+    stream_budget: int | None = None,
     only_shards: frozenset[int] | None = None,
     rank: int = 0,
     alongside: Callable[[], None] | None = None,
@@ -395,23 +519,36 @@ def merge_shards(
     slots_memory = _fault_in(slots_bytes) if wanted_early else None
     # From a cold disk the first chunks of local inputs load while torch imports.
     readahead.hint_start(_first_reads(prepared, only_shards))
-    torch = import_torch()
-    from shardmerge.mergestats import Recorder
-    from shardmerge.passes import execute
+    work = partial_dir(out)
+    wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
+    done = _resumable_shards(work, prepared, wanted) if resume else {}
+    skip = frozenset(i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done)
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work, ignore_cleanup_errors=True)
+        )
+        # Streamed Hub inputs start downloading now, while torch imports.
+        sources, ahead = open_sources(
+            prepared.models,
+            stream=stream,
+            workdir=Path(scratch),
+            files=_input_files(plan, skip),
+            progress=not quiet,
+            stream_budget=stream_budget,
+        )
+        if ahead is not None:  # stops the downloads however the merge ends (Ctrl-C too)
+            stack.callback(ahead.close)
+        torch = import_torch()
+        from shardmerge.mergestats import Recorder
+        from shardmerge.passes import execute
 
-    # Started now rather than before: it and torch's import are both Python code (they would
-    # share the GIL), and torch's import waited for modules they both import (filelock).
-    with _in_background(alongside, "shardmerge-meta"):
-        work = partial_dir(out)
+        # Started now rather than before: it and torch's import are both Python code (they
+        # would share the GIL), and torch's import waited for modules they both import.
+        stack.enter_context(_in_background(alongside, "shardmerge-meta"))
         dev = resolve_device(device)
         host_memory = slots_memory() if slots_memory is not None else None
         if dev == "cpu" and only_shards is None:
             torch.set_num_threads(os.cpu_count() or 1)
-        wanted = set(range(len(plan.shards))) if only_shards is None else set(only_shards)
-        done = _resumable_shards(work, prepared, wanted) if resume else {}
-        skip = frozenset(
-            i for i, s in enumerate(plan.shards) if i not in wanted or s.filename in done
-        )
         record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
         record: dict[str, Any] = {
             "fingerprint": prepared.fingerprint,
@@ -434,46 +571,37 @@ def merge_shards(
             }
             write_json(record_path, record)
 
-        needed = _input_files(plan, skip)
-        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
-            sources = [
-                open_source(
-                    m, stream=stream, workdir=Path(scratch), files=files, progress=not quiet
-                )
-                for m, files in zip(prepared.models, needed, strict=True)
-            ]
-            todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
-            bar = _progress_bar(todo, quiet)
-            try:
-                result = execute(
-                    plan,
-                    sources,
-                    work,
-                    labels=[m.label for m in prepared.models],
-                    device=dev,
-                    skip_shards=skip,
-                    on_progress=bar.update if bar else None,
-                    on_shard_done=shard_done,
-                    host_memory=host_memory,
-                    recorder=recorder,
-                )
-            except NonFiniteInputError as exc:  # bad input: named by its repo or folder
-                model = next(m for m in prepared.models if m.key == exc.model_key)
-                raise CheckpointError(
-                    f"tensor {exc.tensor!r} in {model.label} contains NaN or Inf values"
-                ) from None
-            except OSError as exc:
-                raise ShardmergeError(
-                    f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
-                    "rerun the same command with --resume"
-                ) from None
-            finally:
-                if bar:
-                    bar.close()
-            peaks = [getattr(src, "peak_bytes_on_disk", None) for src in sources]
+        todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
+        bar = _progress_bar(todo, quiet)
+        try:
+            result = execute(
+                plan,
+                sources,
+                work,
+                labels=[m.label for m in prepared.models],
+                device=dev,
+                skip_shards=skip,
+                on_progress=bar.update if bar else None,
+                on_shard_done=shard_done,
+                host_memory=host_memory,
+                recorder=recorder,
+            )
+        except NonFiniteInputError as exc:  # bad input: named by its repo or folder
+            model = next(m for m in prepared.models if m.key == exc.model_key)
+            raise CheckpointError(
+                f"tensor {exc.tensor!r} in {model.label} contains NaN or Inf values"
+            ) from None
+        except OSError as exc:
+            raise ShardmergeError(
+                f"writing {out} failed ({exc.strerror or exc}); the finished shards are kept: "
+                "rerun the same command with --resume"
+            ) from None
+        finally:
+            if bar:
+                bar.close()
+        peak = ahead.peak_bytes_on_disk if ahead is not None else None
     skipped = sum(1 for i in range(len(plan.shards)) if i in wanted and i in skip)
-    streamed = [p for p in peaks if p is not None]
-    return MergedShards(skipped, result.bytes_read, sum(streamed) if streamed else None)
+    return MergedShards(skipped, result.bytes_read, peak)
 
 
 def finish_output(

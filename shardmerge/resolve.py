@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,7 @@ from shardmerge.recipe import ModelRef
 
 if TYPE_CHECKING:
     from shardmerge.engine import ShardSource
-    from shardmerge.hub import HubModel
+    from shardmerge.hub import HubModel, StreamAhead
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def resolve_model(
         raise InputError(f"models.{key}: {ref.ref!r} is not a folder and not a Hub repo id{looked}")
     model = hub.resolve_hub_model(ref.ref, ref.revision)
     listing = hub.fetch_listing(model)
-    model = replace(model, sha256=listing.sha256)  # every download is checked against these
+    # Every download is checked against these; streaming budgets the disk by the sizes.
+    model = replace(model, sha256=listing.sha256, sizes=listing.files)
     headers = {
         file: parse_header_dict(raw, file, None, f"{label}: {file}")
         for file, raw in listing.headers.items()
@@ -172,6 +173,79 @@ def open_source(
         return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}", files or ())
     needed = list(model.inventory.files) if files is None else files
     return LocalSource(hub.download_files(model.hub, needed, progress=progress), model.label)
+
+
+def open_sources(
+    models: Sequence[ResolvedModel],
+    *,
+    stream: bool,
+    workdir: Path,
+    files: Sequence[list[str]],
+    progress: bool = False,
+    stream_budget: int | None = None,
+) -> tuple[list[ShardSource], StreamAhead | None]:
+    """``open_source`` for each model; when streaming, the Hub models download ahead of the
+    merge together, within ``stream_budget`` bytes on disk (None: ``default_stream_budget``).
+    The second value, when streaming, must be closed (``close``) when the merge ends."""
+    hub_models = [m for m in models if m.hub is not None]
+    if not stream or not hub_models:
+        return [
+            open_source(m, stream=stream, workdir=workdir, files=f, progress=progress)
+            for m, f in zip(models, files, strict=True)
+        ], None
+    from shardmerge import hub
+
+    if stream_budget is None:
+        stream_budget = default_stream_budget(models, files)
+    ahead = hub.StreamAhead(stream_budget)
+    streamed = {
+        m.key: hub.StreamingHubSource(m.hub, workdir / f"stream-{m.key}", f, ahead)
+        for m, f in zip(models, files, strict=True)
+        if m.hub is not None
+    }
+    ahead.start()  # before the engine's import (torch: seconds), which LocalSource needs
+    from shardmerge.engine import LocalSource
+
+    sources: list[ShardSource] = []
+    for m in models:
+        if m.key not in streamed:
+            assert m.local_dir is not None
+        sources.append(streamed.get(m.key) or LocalSource(m.local_dir, m.label))  # type: ignore[arg-type]
+    return sources, ahead
+
+
+def default_stream_budget(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
+    """Three times ``stream_disk_needed``: while the merge reads a shard of each input, two more
+    per input download (a stream per file: the Hub caps each); never more than all the files."""
+    total = sum(
+        sum(m.hub.sizes.get(f, 0) for f in set(uses))
+        for m, uses in zip(models, files, strict=True)
+        if m.hub is not None
+    )
+    return min(3 * stream_disk_needed(models, files), total)
+
+
+def stream_disk_needed(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
+    """The fewest input bytes that streaming ``models`` must hold on disk at once: the most, at
+    any task, of the Hub files already read from and still to be read (all models together).
+
+    ``files[i]`` is model i's file for each task, in reading order. Local models cost nothing.
+    """
+    events: dict[int, int] = {}
+    for model, uses in zip(models, files, strict=True):
+        sizes = model.hub.sizes if model.hub is not None else {}
+        spans: dict[str, list[int]] = {}
+        for position, name in enumerate(uses):
+            spans.setdefault(name, [position, position])[1] = position
+        for name, (first, last) in spans.items():
+            size = sizes.get(name, 0)
+            events[first] = events.get(first, 0) + size
+            events[last + 1] = events.get(last + 1, 0) - size
+    live = peak = 0
+    for position in sorted(events):
+        live += events[position]
+        peak = max(peak, live)
+    return peak
 
 
 def small_files_folder(model: ResolvedModel, files: Iterable[str] | None = None) -> Path:

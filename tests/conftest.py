@@ -59,6 +59,7 @@ def isolated_hf_home(
         "HF_ENDPOINT": UNREACHABLE_ENDPOINT,
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "XDG_CACHE_HOME": str(home / "xdg-cache"),  # plan's cached disk rates: not the user's
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

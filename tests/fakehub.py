@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,6 +30,10 @@ ORGS = ("me",)  # namespaces USER may write to besides their own
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
+# Memoised: the fake answers every HEAD and Range read with the file's ETag, and hashing a
+# 100 MB shard each time made the server, not the client, the bottleneck of the benchmarks
+# (bytes objects cache their own hash, so a lookup costs nothing after the first).
+@functools.cache
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file, as the Hub reports it for regular files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -36,6 +43,7 @@ def is_lfs(path: str) -> bool:
     return path.endswith(LFS_SUFFIXES)
 
 
+@functools.cache
 def etag_of(path: str, data: bytes) -> str:
     """The Hub's ETag: sha256 for LFS files, the git blob sha1 otherwise."""
     return hashlib.sha256(data).hexdigest() if is_lfs(path) else git_blob_sha1(data)
@@ -86,6 +94,16 @@ class FakeHub:
         # One per commit received: {"repo", "branch", "sha", "summary", "description", "paths"}
         self.commits: list[dict] = []
         self.faults: list[Fault] = []
+        # Slow LFS bodies (full GETs), like the real Hub's per-stream rate: each takes
+        # body_seconds plus its size / body_bytes_per_second, sent in pieces.
+        self.body_seconds = 0.0
+        self.body_bytes_per_second: float | None = None
+        self.on_body_piece: Callable[[str], None] | None = None  # called with the path, per piece
+        # Full LFS GETs as (monotonic time, "start" | "end", "org/name/path"); in_flight_peak: the most
+        # bodies being sent at once.
+        self.transfers: list[tuple[float, str, str]] = []
+        self.in_flight_peak = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -394,6 +412,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if left and self.command == "GET":
                     self.hub.corrupt[(repo_id, path)] = left - 1
                     data = data[:-1] + bytes([data[-1] ^ 0xFF])  # same size, one byte flipped
+            if self.command == "GET" and is_lfs(path):
+                return self._send_body_slowly(f"{repo_id}/{path}", data, headers)
             return self._send(200, data, headers)
         first, last = match.groups()
         if not first:  # suffix range: the last N bytes
@@ -404,6 +424,36 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
         self._send(206, data[start:stop], headers)
+
+    def _send_body_slowly(self, path: str, data: bytes, headers: dict[str, str]) -> None:
+        hub = self.hub
+        seconds = hub.body_seconds
+        if hub.body_bytes_per_second:
+            seconds += len(data) / hub.body_bytes_per_second
+        with hub._lock:
+            hub._in_flight += 1
+            hub.in_flight_peak = max(hub.in_flight_peak, hub._in_flight)
+            hub.transfers.append((time.monotonic(), "start", path))
+        try:
+            self.send_response(200)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            pieces = 16 if seconds else 1
+            step = -(-len(data) // pieces) or 1
+            started = time.monotonic()
+            for i, offset in enumerate(range(0, len(data), step)):
+                # Each piece leaves at its time: the last one at `seconds`, then the end.
+                time.sleep(max(0.0, started + seconds * (i + 1) / pieces - time.monotonic()))
+                self.wfile.write(data[offset : offset + step])
+                self.wfile.flush()
+                if hub.on_body_piece is not None:
+                    hub.on_body_piece(path)
+            self.entry.sent, self.entry.status = len(data), 200
+        finally:
+            with hub._lock:
+                hub._in_flight -= 1
+                hub.transfers.append((time.monotonic(), "end", path))
 
     # -- writes --------------------------------------------------------------------------------
     def _create_repo(self) -> None:

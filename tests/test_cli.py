@@ -270,3 +270,45 @@ def test_demo_validates_from_the_recipes_folder():
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert f"into {ROOT / 'merged-demo'}" in done.stdout
+
+
+def test_wall_time_estimate_adds_a_disks_reads_and_writes_and_takes_the_slowest_disk():
+    from shardmerge.diskrate import DiskRates, estimate_seconds
+
+    rates = {"d1": DiskRates(1e9, 0.5e9, "x"), "d2": DiskRates(2e9, None, "x")}
+    assert estimate_seconds({"d1": 2_000_000_000}, {"d1": 1_000_000_000}, rates) == 4.0
+    assert estimate_seconds({"d2": 10_000_000_000}, {"d1": 1_000_000_000}, rates) == 5.0
+    assert estimate_seconds({"d1": 1}, {"d2": 1}, rates) is None  # d2's write rate unknown
+    assert estimate_seconds({"d3": 1}, {}, rates) is None
+
+
+def test_plan_estimates_wall_time_only_from_measured_rates(tmp_path, capsys):
+    from shardmerge import diskrate
+
+    g = torch.Generator().manual_seed(0)
+    for name in "ab":  # 256 KiB per model: enough to time a read
+        tensors = {"model.layers.0.mlp.up_proj.weight": torch.randn(256, 256, generator=g)}
+        write_checkpoint(tmp_path / name, tensors, None, {"model_type": "llama"})
+    recipe = _recipe(tmp_path, "models: {a: a, b: b}\nt: 0.3\n")
+    out = tmp_path / "merged"
+    assert main(["plan", str(recipe), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    device = diskrate.device_key(tmp_path)
+    assert line == (
+        f"estimated wall time: unknown (no measured rate for {device}: run `shardmerge plan "
+        "--measure-disk` once (a few seconds))"
+    )
+    assert not diskrate.cache_file().exists()  # a plain plan measures nothing
+
+    assert main(["plan", str(recipe), "--out", str(out), "--measure-disk"]) == 0
+    measured = capsys.readouterr().out.splitlines()[-1]
+    rates = diskrate.load_rates()[device]
+    assert rates.read_bytes_per_s and rates.write_bytes_per_s
+    assert measured.startswith("estimated wall time: ") and "unknown" not in measured
+    assert f"reads 524kB from {device}; writes 262kB to {device}" in measured
+    assert not out.exists() and not list(tmp_path.glob(".shardmerge-disk-rate-*"))
+    # Later plans use the cached rates: the same line, without measuring.
+    assert main(["plan", str(recipe), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == measured
+    assert main(["plan", str(recipe)]) == 0  # no output folder: its disk is unknown
+    assert "pass --out" in capsys.readouterr().out.splitlines()[-1]

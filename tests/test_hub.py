@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -423,3 +424,24 @@ def test_offline_a_corrupted_cached_shard_is_removed_and_reported(
     assert "\n" not in str(caught.value)
     assert not blob.exists() and not (snapshot / SHARD_2).is_symlink()
     assert (snapshot / SHARD_1).read_bytes() == (local / SHARD_1).read_bytes()
+
+
+def test_stream_disk_needed_is_the_most_bytes_read_from_and_still_needed_at_once() -> None:
+    from types import SimpleNamespace
+
+    from shardmerge.resolve import default_stream_budget, stream_disk_needed
+
+    def hub_model(**sizes: int) -> Any:
+        return SimpleNamespace(hub=SimpleNamespace(sizes=sizes))
+
+    a = hub_model(a1=10, a2=20, a3=30)
+    b = hub_model(b1=100, b2=200)
+    uses = [["a1", "a1", "a2", "a2", "a3"], ["b1", "b1", "b1", "b2", "b2"]]
+    assert stream_disk_needed([a, b], uses) == 230  # a3 + b2, the last task
+    assert default_stream_budget([a, b], uses) == 360  # 3 x 230, capped at all the files
+    # A file read again later stays needed in between; a local model costs nothing.
+    mixed = hub_model(x=5, y=7)
+    local = SimpleNamespace(hub=None)
+    assert stream_disk_needed([mixed, local], [["x", "y", "x"], ["l", "l", "l"]]) == 12
+    big = hub_model(**{f"s{i}": 100 for i in range(10)})
+    assert default_stream_budget([big], [[f"s{i}" for i in range(10)]]) == 300

@@ -7,15 +7,18 @@ The reference for "the same merge" is one CLI run on local copies of the two mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,28 +272,60 @@ def test_typo_in_repo_id_fails_before_any_download(seeded: Seeded, tmp_path: Pat
 # -- 3. streaming ------------------------------------------------------------------------------
 
 
-def test_stream_keeps_about_one_shard_per_model_on_disk(
+def scratch_files(parent: Path) -> dict[str, int]:
+    """The streamed input files under ``parent`` now, with their sizes (partial downloads,
+    named by huggingface_hub's ``.incomplete`` files, included)."""
+    files = {}
+    for path in parent.glob(".*shardmerge-partial/.shardmerge-scratch-*/stream-*/**/*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file():
+                files[path.relative_to(parent).as_posix()] = path.stat().st_size
+    return files
+
+
+def test_stream_budget_is_refused_below_the_minimum_and_never_exceeded(
     seeded: Seeded, local: Locals, tmp_path: Path, isolated_hf_home: Path
 ) -> None:
     recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", f"org/b@{seeded.sha_b}")
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
 
-    done = run_cli("run", recipe, "--out", out, "--stream", "--quiet", env=seeded.env)
+    refused = run_cli("run", recipe, "--out", out, "--stream", "--stream-budget", "1kB",
+                      "--quiet", env=seeded.env)  # fmt: skip
 
-    assert done.returncode == 0, done.stderr
-    match = re.search(r"streamed inputs: at most ([\d,]+) input bytes on disk", done.stderr)
-    assert match, done.stderr
-    peak = int(match.group(1).replace(",", ""))
+    assert refused.returncode == 2, refused.stderr
+    line = one_line_error(refused)
+    match = re.search(r"--stream-budget 1kB is below .* use at least (\d+)kB$", line)
+    assert match, line
+    minimum = int(match.group(1)) * 1000
     sizes_a = [p.stat().st_size for p in shard_files(local.a)]
     sizes_b = [p.stat().st_size for p in shard_files(local.b)]
-    one_shard_each = max(sizes_a) + max(sizes_b)
-    total = sum(sizes_a) + sum(sizes_b)
-    print(
-        f"stream peak {peak:,} B; largest shard of a + of b {one_shard_each:,} B; total {total:,} B"
-    )
-    assert max(sizes_a) <= peak <= one_shard_each * 1.1
-    assert peak < total / 2
+    assert max(sizes_a) <= minimum <= max(sizes_a) + max(sizes_b) + 1000
+    assert list(out.parent.iterdir()) == []
+    assert seeded.hub.transfers == []  # refused before any shard body
+
+    # At that minimum: measured on the server's side at every piece of every shard sent.
+    seen: list[tuple[str, dict[str, int]]] = []  # (file being sent, streamed files on disk)
+    seeded.hub.body_seconds = 0.05
+    seeded.hub.on_body_piece = lambda path: seen.append((path, scratch_files(out.parent)))
+    done = run_cli("run", recipe, "--out", out, "--stream", "--stream-budget", f"{minimum}B",
+                   "--quiet", env=seeded.env)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"streamed inputs: at most ([\d,]+) input bytes on disk", done.stderr)
+    assert found, done.stderr
+    peak = int(found.group(1).replace(",", ""))
+    server_max = max(sum(files.values()) for _, files in seen)
+    print(f"minimum {minimum:,} B, peak {peak:,} B, server-side max {server_max:,} B")
+    assert max(sizes_a) <= peak <= minimum
+    assert server_max <= minimum
+    # The shards did not all fit: the merge read and freed A's first shard while later shards
+    # were still arriving (the last one's pieces never see it).
+    assert minimum < sum(sizes_a) + sum(sizes_b)
+    first_a = shard_files(local.a)[0].name
+    assert any(first_a in name for _, files in seen for name in files)
+    last_sent = seen[-1][0]
+    assert not any(first_a in name for path, files in seen if path == last_sent for name in files)
     assert_same_merge(out, local.merged)
     # The scratch downloads are gone, and the user's HF cache never held a shard.
     assert [p.name for p in out.parent.iterdir()] == ["out"]
@@ -300,11 +335,113 @@ def test_stream_keeps_about_one_shard_per_model_on_disk(
     cached = [p for p in (isolated_hf_home / "hub").rglob("*") if p.is_file()]
     assert cached  # config and index files were read through the cache
     assert not [p for p in cached if hashlib.sha256(p.read_bytes()).digest() in shard_digests]
-    for shard in shard_files(local.a):  # downloaded once each, just in time
+    for shard in shard_files(local.a):  # downloaded once each
         assert (
             len([r for r in seeded.hub.requests("GET", f"/org/a/*/{shard.name}") if not r.range])
             == 1
         )
+
+
+def test_stream_downloads_run_ahead_in_parallel_in_reading_order(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    seeded.hub.body_seconds = 1.0  # every shard takes a second to send
+
+    done = run_cli("run", recipe, "--out", out, "--stream", "--stream-budget", "100MB",
+                   "--quiet", env=seeded.env)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert_same_merge(out, local.merged)
+    starts = [path.rsplit("/", 1)[1] for _, kind, path in seeded.hub.transfers if kind == "start"]
+    names_a = [p.name for p in shard_files(local.a)]
+    names_b = [p.name for p in shard_files(local.b)]
+    assert sorted(starts) == sorted(names_a + names_b)  # each once
+    # Several shards of one input at once, and both inputs at once: A's first two shards and
+    # B's first start together (the first shards the merge reads), each taking a second.
+    print(f"server: at most {seeded.hub.in_flight_peak} shard bodies at once; order {starts}")
+    assert seeded.hub.in_flight_peak >= 3
+    for names in (names_a, names_b):
+        # In the order the merge reads them (file order here), two at a time per input: a shard
+        # may overtake the one admitted just before it, never one admitted earlier.
+        order = [n for n in starts if n in names]
+        assert all(abs(order.index(n) - i) <= 1 for i, n in enumerate(names)), order
+        in_flight = peak = 0
+        for _, kind, path in seeded.hub.transfers:
+            if path.rsplit("/", 1)[1] in names:
+                in_flight += 1 if kind == "start" else -1
+                peak = max(peak, in_flight)
+        assert peak <= 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cache", "stream"])
+def test_a_download_failing_mid_stream_gives_the_same_error(
+    seeded: Seeded, tmp_path: Path, local: Locals, stream: bool
+) -> None:
+    last = shard_files(local.b)[-1].name
+    seeded.hub.fail(404, error_code="EntryNotFound", method="HEAD", path=f"/org/b/*/{last}")
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+
+    done = run_cli(
+        "run", recipe, "--out", out, "--quiet", *(["--stream"] if stream else []), env=seeded.env
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert one_line_error(done) == (
+        f"error: cannot download from org/b: file not found in the repo: {last}"
+    )
+    assert not out.exists()
+    assert not list(out.parent.glob(".*/.shardmerge-scratch-*"))
+
+
+def test_ctrl_c_stops_the_streamed_downloads(seeded: Seeded, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    seeded.hub.body_seconds = 10.0
+    command = [sys.executable, "-m", "shardmerge.cli", "run", str(recipe), "--out", str(out)]
+    command += ["--stream", "--stream-budget", "100MB", "--quiet"]
+    process = subprocess.Popen(command, env=seeded.env, stderr=subprocess.PIPE, text=True)
+    record = out.parent / ".out.shardmerge-partial" / ".shardmerge-progress.json"
+    try:
+        # Once the merge runs (its record is written after torch's import: a Ctrl-C in the
+        # middle of an import can land in a finalizer, where Python drops it).
+        deadline = time.monotonic() + 60
+        while not (seeded.hub.transfers and record.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seeded.hub.transfers and record.exists(), "the merge did not start"
+        assert list(out.parent.glob(".*/.shardmerge-scratch-*/stream-*"))  # downloading there
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    started = [t for t in seeded.hub.transfers if t[1] == "start"]
+    assert len(started) < 8  # the downloads stopped: 8 shards in all, at most 4 at a time
+    assert not list(out.parent.glob(".*/.shardmerge-scratch-*"))  # nothing of them left
+
+
+def test_a_killed_streamed_merge_resumes(seeded: Seeded, local: Locals, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", "org/a", "org/b@dev")
+    out = tmp_path / "out"
+    killed = run_cli("run", recipe, "--out", out, "--stream", "--quiet",
+                     env={**seeded.env, "SHARDMERGE_KILL_AT": "shard-done:2"})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    seeded.hub.log.clear()
+
+    done = run_cli("run", recipe, "--out", out, "--stream", "--resume", "--quiet",
+                   env=seeded.env)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert "resumed: 2 verified shard(s) kept" in done.stderr
+    assert_same_merge(out, local.merged)
+    first_a = shard_files(local.a)[0].name  # only in the finished shards: not needed again
+    assert not [r for r in seeded.hub.requests("GET", f"/org/a/*/{first_a}") if not r.range]
 
 
 def test_stream_keeps_a_shard_until_its_last_tensor_is_read(
