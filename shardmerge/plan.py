@@ -306,7 +306,11 @@ def _resolve_params(
             value = resolve_t(given_shared, name, pos)
             _check_range(param, value, f"parameters.{param.name}", name)
             shared[param.name] = value
-    if spec.name == "linear" and shared.get("normalize") and sum(m["weight"] for m in per_model) == 0:
+    if (
+        spec.name == "linear"
+        and shared.get("normalize")
+        and sum(m["weight"] for m in per_model) == 0
+    ):
         raise ScheduleError(
             "models: the weights sum to 0 and normalize divides by their sum (mergekit would "
             "write NaN); change a weight or set normalize: false"

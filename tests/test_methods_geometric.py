@@ -165,8 +165,10 @@ def test_nuslerp_matches_the_dense_reference_at_any_chunk_size(dtype, flatten, r
     inputs = [base, x0, x1] if with_base else [x0, x1]
     got = _merged("nuslerp", job, inputs, (150, 1024, 3000, 1 << 20))
     expected = dense_nuslerp(weights, x0, x1, base if with_base else None, flatten, row_wise)
-    assert _max_steps(got, expected) <= 1 if dtype == torch.bfloat16 else torch.allclose(
-        got, expected, rtol=1e-5, atol=1e-6
+    assert (
+        _max_steps(got, expected) <= 1
+        if dtype == torch.bfloat16
+        else torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
     )
     assert not torch.equal(got, x0) and not torch.equal(got, x1)
 
@@ -327,7 +329,9 @@ def test_configs_run_match_the_reference_and_ignore_the_chunk_size(
             assert torch.allclose(mine, tensor, rtol=1e-5, atol=1e-6), name
         else:  # sums taken in another order (float64 either way): a rounding may differ
             assert _max_steps(mine, tensor) <= 1, name
-    method = next(m for m in ("model_stock", "nuslerp", "karcher", "nearswap") if config.startswith(m))
+    method = next(
+        m for m in ("model_stock", "nuslerp", "karcher", "nearswap") if config.startswith(m)
+    )
     assert f"`{method}` merge of" in (tmp_path / "out" / "README.md").read_text()
     monkeypatch.setattr(passes, "CHUNK_NUMEL", 1024)  # the embedding takes 5 chunks
     rc = cli.main(["run", str(recipe), "--out", str(tmp_path / "small"), "--quiet"])
@@ -426,3 +430,28 @@ def test_methods_left_out_name_the_supported_ones(tmp_path, capsys, method):
     assert rc == 2, err
     assert f"'{method}' is not supported by shardmerge yet; supported methods:" in err
     assert "karcher" in err and "model_stock" in err and "nuslerp" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_cuda_gives_the_cpu_result(tmp_path, capsys, config):
+    """Each method's passes and combine on CUDA: the CPU's result within one bf16 step (sums
+    are added in another order on the device)."""
+    from tests.test_gpu import _assert_within_one_step
+
+    folders, _ = _family(tmp_path, tunes=3)
+    recipe = _write(tmp_path, config, folders)
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
+        assert rc == 0, capsys.readouterr().err
+        results[device] = _read(out)
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert set(cpu) == set(gpu)
+    for name in cpu:
+        if not cpu[name].is_floating_point():
+            assert torch.equal(cpu[name], gpu[name]), name
+            continue
+        _assert_within_one_step(cpu[name], gpu[name], name)

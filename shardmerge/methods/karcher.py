@@ -107,7 +107,9 @@ def karcher_coefficients(gram: Sequence[Sequence[float]], max_iter: int, tol: fl
         step = norm(tangent)
         if step < tol:
             break
-        c = [math.cos(step) * x + math.sin(step) * y / step for x, y in zip(c, tangent, strict=True)]
+        c = [
+            math.cos(step) * x + math.sin(step) * y / step for x, y in zip(c, tangent, strict=True)
+        ]
         unit = norm(c)
         if unit > tol:
             c = [x / unit for x in c]

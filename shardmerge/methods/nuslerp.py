@@ -78,6 +78,7 @@ class NuSlerpMerge:
         import torch
 
         v0, v1 = self._vectors(inputs)
+        parts: tuple[torch.Tensor, ...]
         if pass_index == 0:
             parts = (v0.to(torch.float64).square(), v1.to(torch.float64).square())
         else:
