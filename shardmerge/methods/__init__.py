@@ -18,6 +18,7 @@ from shardmerge.methods import (
     karcher,
     linear,
     model_stock,
+    multislerp,
     nearswap,
     nuslerp,
     slerp,
@@ -42,12 +43,12 @@ _MODULES = (
     model_stock,
     nuslerp,
     karcher,
+    multislerp,
     nearswap,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
 NOT_IMPLEMENTED = (
-    "multislerp",
     "passthrough",
     "sce",
     "arcee_fusion",
