@@ -57,17 +57,30 @@ class KarcherMerge:
         self.coefficients = karcher_coefficients(gram, self.max_iter, self.tol)
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
-        import torch
 
         first = inputs[0]
         if self.count == 1:
             return first
-        acc = torch.float64 if first.dtype == torch.float64 else torch.float32
-        result = torch.zeros_like(first, dtype=acc)
-        for x, a in zip(inputs, self.coefficients, strict=True):
-            if a != 0:
-                result.add_(x.to(acc), alpha=a)
-        return result.to(first.dtype)
+        return weighted_sum(inputs, self.coefficients)
+
+
+def weighted_sum(vectors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """``sum_i c_i v_i`` accumulated in float32 (float64 for float64) in order, rounded once to
+    the vectors' dtype; a cache-sized piece at a time (no chunk-sized float32 temporaries)."""
+    import torch
+
+    from shardmerge.methods.sums import pieces
+
+    first = vectors[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(first)
+    for s, e in pieces(first.numel(), 1):
+        result = torch.zeros(e - s, dtype=acc, device=first.device)
+        for v, c in zip(vectors, coefficients, strict=True):
+            if c != 0:
+                result.add_(v[s:e].to(acc), alpha=c)
+        out[s:e] = result
+    return out
 
 
 def karcher_coefficients(gram: Sequence[Sequence[float]], max_iter: int, tol: float) -> list[float]:

@@ -40,22 +40,25 @@ class ModelStockMerge:
         self.filter_wise = bool(job.shared["filter_wise"])
         self.row = job.row_len or max(1, job.numel)  # the engine gives whole rows per chunk
         self.pairs = [(a, b) for a in range(self.count) for b in range(a + 1, self.count)]
-        self.sums = BlockSums(self.count + len(self.pairs))
+        self.sums = BlockSums(self.count + len(self.pairs), keep_blocks=self.filter_wise)
         self.passes = 1 if job.numel else 0
         self.t: torch.Tensor | None = None
 
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
         import torch
 
-        base = inputs[0]
-        offsets = [x - base for x in inputs[1:]]  # in the merge dtype, as mergekit
-        columns = [d.to(torch.float64).square().view(-1, self.row).sum(1) for d in offsets]
-        # mergekit rounds each product to the merge dtype before summing.
-        columns += [
-            (offsets[a] * offsets[b]).to(torch.float64).view(-1, self.row).sum(1)
-            for a, b in self.pairs
-        ]
-        self.sums.add(torch.stack(columns, dim=1))
+        from shardmerge.methods.sums import pieces
+
+        for s, e in pieces(inputs[0].numel(), self.row):
+            base = inputs[0][s:e]
+            offsets = [x[s:e] - base for x in inputs[1:]]  # in the merge dtype, as mergekit
+            columns = [d.to(torch.float64).square().view(-1, self.row).sum(1) for d in offsets]
+            # mergekit rounds each product to the merge dtype before summing.
+            columns += [
+                (offsets[a] * offsets[b]).to(torch.float64).view(-1, self.row).sum(1)
+                for a, b in self.pairs
+            ]
+            self.sums.add(torch.stack(columns, dim=1))
 
     def end_pass(self, pass_index: int) -> None:
         import torch

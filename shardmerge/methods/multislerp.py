@@ -63,18 +63,11 @@ class MultiSlerpMerge:
         )
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
-        import torch
-
         if self.count == 1:  # mergekit returns the one model itself (base or not)
             return inputs[-1]
-        vectors = self._vectors(inputs)
-        dtype = inputs[0].dtype
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        result = torch.zeros_like(vectors[0], dtype=acc)
-        for v, a in zip(vectors, self.coefficients, strict=True):
-            if a != 0:
-                result.add_(v.to(acc), alpha=a)
-        merged = result.to(dtype)
+        from shardmerge.methods.karcher import weighted_sum
+
+        merged = weighted_sum(self._vectors(inputs), self.coefficients)
         return inputs[0] + merged if len(inputs) > self.count else merged
 
 

@@ -25,6 +25,8 @@ from shardmerge.methods.spec import MethodSpec, Param, TensorJob
 if TYPE_CHECKING:
     import torch
 
+    from shardmerge.methods.sums import BlockSums
+
 NORM_MIN = 1e-7  # mergekit: norms are clamped to this, so a zero vector stays zero
 COLINEAR_EPS = 1e-8  # mergekit: 1 - cos^2 <= eps^2 takes the lerp (sin(theta) ~ 0)
 WEIGHT_SUM_MIN = 1e-6  # mergekit: weights summing to less than this give t = 0.5
@@ -56,7 +58,7 @@ class NuSlerpMerge:
         self.passes = 2 if self.mode != "rows" and job.numel else 0
         self.count = 1 if self.mode == "whole" else self.stride
         self._sums = torch.zeros(2, self.count, dtype=torch.float64, device=self.device)
-        self._whole: list[torch.Tensor] = []
+        self._whole: BlockSums | None = None  # whole-tensor sums of the current pass
         self.norms: tuple[torch.Tensor, torch.Tensor] | None = None
         self.coefficients: _Coefficients | None = None
 
@@ -75,6 +77,12 @@ class NuSlerpMerge:
         return values if self.mode == "whole" else values[self._index(start, n)]
 
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
+        from shardmerge.methods.sums import pieces
+
+        for s, e in pieces(inputs[0].numel(), self.row):
+            self._reduce_piece(pass_index, [x[s:e] for x in inputs], start + s)
+
+    def _reduce_piece(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
         import torch
 
         v0, v1 = self._vectors(inputs)
@@ -87,22 +95,24 @@ class NuSlerpMerge:
             n1 = self._per_element(self.norms[1], start, v0.numel())
             # mergekit rounds the unit vectors and their product to the merge dtype.
             parts = (((v0 / n0) * (v1 / n1)).to(torch.float64),)
-        if self.mode == "whole":  # per-row float64 sums, added exactly when the pass ends
-            self._whole.append(torch.stack([p.view(-1, self.row).sum(1) for p in parts], 1).cpu())
+        if self.mode == "whole":  # per-row float64 sums, totalled in flat order
+            if self._whole is None:
+                from shardmerge.methods.sums import BlockSums
+
+                self._whole = BlockSums(len(parts))
+            self._whole.add(torch.stack([p.view(-1, self.row).sum(1) for p in parts], 1))
             return
         index = self._index(start, v0.numel())
         for k, part in enumerate(parts):
             self._sums[k].index_add_(0, index, part)  # in flat order: chunking does not matter
 
     def _totals(self, width: int) -> torch.Tensor:
-        import math
-
         import torch
 
         if self.mode == "whole":
-            rows = torch.cat(self._whole) if self._whole else torch.zeros(0, width)
-            self._whole = []
-            sums = [[math.fsum(c)] for c in rows.T.tolist()]
+            assert self._whole is not None
+            sums = [[x] for x in self._whole.totals()]
+            self._whole = None
             return torch.tensor(sums, dtype=torch.float64, device=self.device)
         totals = self._sums[:width].clone()
         self._sums.zero_()
