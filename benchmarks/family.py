@@ -40,6 +40,7 @@ METHOD_PARAMS = {
     "dare_linear": "weight: {w}, density: 0.5",
     "breadcrumbs_ties": "weight: {w}, density: 0.5, gamma: 0.01",
     "della": "weight: {w}, density: 0.5, epsilon: 0.1",
+    "model_stock": "",  # no per-model parameters
 }
 
 
@@ -55,7 +56,9 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
     weight = round(1 / len(models), 4)
     for path in models:
         params = METHOD_PARAMS[method].format(w=weight)
-        lines += [f"  - model: {path}", f"    parameters: {{{params}}}"]
+        lines.append(f"  - model: {path}")
+        if params:
+            lines.append(f"    parameters: {{{params}}}")
     if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         lines.append("parameters: {int8_mask: true}")
     lines.append("dtype: bfloat16")

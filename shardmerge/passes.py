@@ -387,6 +387,7 @@ def _job(plan: MergePlan, task: TensorTask, dev: torch.device) -> TensorJob:
         seed=plan.random_seed,
         device=dev,
         row_len=_row_len(task),
+        shape=tuple(task.shape),
     )
 
 

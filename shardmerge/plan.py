@@ -306,8 +306,11 @@ def _resolve_params(
             value = resolve_t(given_shared, name, pos)
             _check_range(param, value, f"parameters.{param.name}", name)
             shared[param.name] = value
-    weights = sum(m["weight"] for m in per_model)
-    if spec.name == "linear" and shared.get("normalize") and weights == 0:
+    if (
+        spec.name == "linear"
+        and shared.get("normalize")
+        and sum(m["weight"] for m in per_model) == 0
+    ):
         raise ScheduleError(
             "models: the weights sum to 0 and normalize divides by their sum (mergekit would "
             "write NaN); change a weight or set normalize: false"
@@ -321,10 +324,9 @@ def _as_schedule(value: Schedule | bool) -> Schedule:
 
 
 def _check_range(param: Param, value: float, where: str, name: str) -> None:
-    if (param.low is not None and value < param.low) or (
-        param.high is not None and value > param.high
-    ):
-        raise ScheduleError(f"{where}: {value:g} is outside [{param.low:g}, {param.high:g}]")
+    problem = param.out_of_range(value)
+    if problem is not None:
+        raise ScheduleError(f"{where}: {problem}")
 
 
 def params_table(recipe: Recipe, names: Sequence[str]) -> str:

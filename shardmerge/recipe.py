@@ -1366,7 +1366,7 @@ def _parse_mergekit_method(
             )
             if ref is None:
                 continue
-            if spec.base == "required" and ref == base:
+            if spec.base != "none" and ref == base:
                 if own:
                     check.warnings.append(
                         f"{path}.parameters: ignored; the base_model takes no parameters in {name}"
@@ -1376,10 +1376,12 @@ def _parse_mergekit_method(
                 check.add(_at(path, "model"), f"{item['model']!r} is listed twice")
                 continue
             merged.append((ref, path, own))
-    if base is not None and spec.base != "required" and all(ref != base for ref, _, _ in merged):
+    if base is not None and spec.base == "none" and all(ref != base for ref, _, _ in merged):
         merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
-    if not merged and "models" in data:
-        check.add("models", f"{name} needs at least one model besides the base_model")
+    if "models" in data:
+        problem = _model_count_problem(spec, len(merged), base is not None)
+        if problem is not None:
+            check.add("models", problem)
     model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
     for (_, path, _), params in zip(merged, model_params, strict=True):
         for param in spec.per_model:
@@ -1391,7 +1393,7 @@ def _parse_mergekit_method(
                 )
     refs = tuple(ref for ref, _, _ in merged)
     keys = tuple(path for _, path, _ in merged)
-    if spec.base == "required":
+    if spec.base == "required" or (spec.base == "optional" and base is not None):
         refs = (base or _PLACEHOLDER, *refs)
         keys = ("base_model", *keys)
     tokenizer = _mk_method_tokenizer(data, refs, check)
@@ -1422,6 +1424,22 @@ def _parse_mergekit_method(
 
 
 _NO_SCHEDULE = Schedule(rules=(), default=None, non_layer=None, style="mergekit")
+
+
+def _model_count_problem(spec: Any, count: int, has_base: bool) -> str | None:
+    """Why ``count`` merged models (the base excluded) do not suit ``spec``, or None."""
+    low, high = max(1, spec.min_models), spec.max_models
+    if low <= count and (high is None or count <= high):
+        return None
+    besides = " besides the base model" if has_base or spec.base == "required" else ""
+    if high == low:
+        wanted = f"exactly {low}"
+    elif high is None:
+        wanted = f"at least {low}"
+    else:
+        wanted = f"{low} to {high}"
+    noun = "model" if wanted.endswith(" 1") else "models"
+    return f"{spec.name} needs {wanted} {noun}{besides}, got {count}"
 
 
 def _placeholder(text: str, source: str, check: _Check) -> Recipe:
@@ -1546,10 +1564,9 @@ def _check_param_range(param: Any, schedule: Schedule, where: str, check: _Check
         elif value is not None:
             values.append(value)
     for value in values:
-        if (param.low is not None and value < param.low) or (
-            param.high is not None and value > param.high
-        ):
-            check.add(where, f"{value:g} is outside [{param.low:g}, {param.high:g}]")
+        problem = param.out_of_range(value)
+        if problem is not None:
+            check.add(where, problem)
             return
 
 
@@ -1606,7 +1623,7 @@ def _parse_ours_method(
     base: ModelRef | None = None
     if "base" in data:
         base = _our_model(data["base"], "base", check)
-        if spec.base != "required":
+        if spec.base == "none":
             check.add("base", f"{name} takes no base model; list every model under models")
     elif spec.base == "required":
         check.add("base", f"missing; {name} needs a base (the model task vectors are taken from)")
@@ -1650,7 +1667,11 @@ def _parse_ours_method(
         refs.append(ref or _PLACEHOLDER)
         keys.append(path)
         model_params.append(merged)
-    if spec.base == "required":
+    if entries:
+        problem = _model_count_problem(spec, len(entries), base is not None)
+        if problem is not None:
+            check.add("models", problem)
+    if spec.base == "required" or (spec.base == "optional" and base is not None):
         refs.insert(0, base or _PLACEHOLDER)
         keys.insert(0, "base")
 

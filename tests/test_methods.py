@@ -234,8 +234,10 @@ def test_dare_masks_are_a_pure_function_of_seed_name_and_position():
 LAYERS = 3
 
 
-def _family(root: Path, dtype=torch.bfloat16, llama: bool = False) -> tuple[list[Path], list[dict]]:
-    """A base and two fine-tunes; ``llama``: every tensor of a (tiny) Llama, for mergekit."""
+def _family(
+    root: Path, dtype=torch.bfloat16, llama: bool = False, tunes: int = 2
+) -> tuple[list[Path], list[dict]]:
+    """A base and ``tunes`` fine-tunes; ``llama``: every tensor of a (tiny) Llama, for mergekit."""
     g = torch.Generator().manual_seed(11)
     base = {"model.embed_tokens.weight": torch.randn(300, 16, generator=g)}  # > 1 tiny chunk
     for i in range(LAYERS):
@@ -254,7 +256,7 @@ def _family(root: Path, dtype=torch.bfloat16, llama: bool = False) -> tuple[list
     if not llama:
         base["bn.num_batches_tracked"] = torch.tensor(3, dtype=torch.int64)
     states = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}]
-    for j in range(2):
+    for j in range(tunes):
         states.append(
             {
                 k: (v + 0.02 * torch.randn(v.shape, generator=g)).to(dtype)

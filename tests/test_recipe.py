@@ -224,12 +224,11 @@ def test_mergekit_multi_slice_is_rejected() -> None:
 def test_mergekit_unsupported_methods_are_rejected_with_the_supported_list() -> None:
     supported = (
         "supported methods: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
-        "della_linear, linear, slerp, task_arithmetic, ties"
+        "della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp, slerp, "
+        "task_arithmetic, ties"
     )
-    problem = the_problem(
-        MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: model_stock")
-    )
-    assert problem == f"merge_method: 'model_stock' is not supported by shardmerge yet; {supported}"
+    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: sce"))
+    assert problem == f"merge_method: 'sce' is not supported by shardmerge yet; {supported}"
     problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: tie"))
     assert problem == f"merge_method: unknown merge method 'tie'; {supported}"
 

@@ -1,9 +1,10 @@
-"""Write the two tiny Llama-style checkpoints the offline demo merges (run from the repo root).
+"""Write the tiny Llama-style checkpoints the offline demo merges (run from the repo root).
 
     python recipes/demo/make_demo.py
 
-Model B is model A plus noise, like two fine-tunes of one base. A is split into 2 shards, B
-into 3, so the demo also shows merging differently sharded inputs. Deterministic (seeded).
+Models B and C are model A plus noise, like fine-tunes of one base. A is split into 2 shards, B
+into 3 and C is one file, so the demo also shows merging differently sharded inputs.
+Deterministic (seeded).
 """
 
 from __future__ import annotations
@@ -119,17 +120,22 @@ def write_tokenizer(folder: Path) -> None:
     )
 
 
-def main() -> None:
-    base = llama_tensors(torch.Generator().manual_seed(0))
-    noise = torch.Generator().manual_seed(1)
-    tuned = {
+def fine_tune(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    noise = torch.Generator().manual_seed(seed)
+    return {
         n: (t.float() + torch.randn(t.shape, generator=noise) * 0.01).to(torch.bfloat16)
         if "norm" not in n
         else t.clone()
         for n, t in base.items()
     }
+
+
+def main() -> None:
+    base = llama_tensors(torch.Generator().manual_seed(0))
     write_model(HERE / "model-a", base, num_shards=2)
-    write_model(HERE / "model-b", tuned, num_shards=3)
+    write_model(HERE / "model-b", fine_tune(base, 1), num_shards=3)
+    # A second fine-tune of A, for the methods that take a base and several models.
+    write_model(HERE / "model-c", fine_tune(base, 2), num_shards=1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ from shardmerge.methods import (
     dare_ties,
     della,
     della_linear,
+    karcher,
     linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     slerp,
     task_arithmetic,
     ties,
@@ -35,18 +40,18 @@ _MODULES = (
     breadcrumbs_ties,
     della,
     della_linear,
+    model_stock,
+    nuslerp,
+    karcher,
+    multislerp,
+    nearswap,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
 NOT_IMPLEMENTED = (
-    "model_stock",
-    "nuslerp",
-    "multislerp",
-    "karcher",
     "passthrough",
     "sce",
     "arcee_fusion",
-    "nearswap",
     "ram",
     "ramplus_tl",
 )

@@ -33,6 +33,21 @@ class Param:
     kind: Literal["float", "bool"] = "float"
     low: float | None = None  # inclusive bounds, checked per tensor after scheduling
     high: float | None = None
+    integer: bool = False  # a whole number (karcher's max_iter)
+
+    def out_of_range(self, value: float) -> str | None:
+        """Why ``value`` is outside the parameter's bounds (or not whole), or None."""
+        if self.integer and value != int(value):
+            return f"{value:g} is not a whole number"
+        if self.low is not None and value < self.low:
+            if self.high is None:
+                return f"{value:g} is below the minimum {self.low:g}"
+        elif self.high is not None and value > self.high:
+            if self.low is None:
+                return f"{value:g} is above the maximum {self.high:g}"
+        else:
+            return None
+        return f"{value:g} is outside [{self.low:g}, {self.high:g}]"
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,7 @@ class TensorJob:
     seed: int
     device: Any = "cpu"  # a torch.device or its name
     row_len: int = 0  # elements per row (the last dimension; a 1-D tensor is one row)
+    shape: tuple[int, ...] = ()  # the tensor's shape (empty: unknown, treat it as flat)
 
 
 class TensorMerge(Protocol):
@@ -78,6 +94,8 @@ class MethodSpec:
     summary: str
     uses_seed: bool = False
     row_aligned: bool = False  # chunks hold whole rows (per-row statistics)
+    min_models: int = 1  # merged models (the base excluded)
+    max_models: int | None = None
     # Per model: a problem with the combination of its parameter values, or None.
     check: Callable[[dict[str, float]], str | None] | None = None
 

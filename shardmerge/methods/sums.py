@@ -1,0 +1,75 @@
+"""Float64 sums over a whole tensor that do not depend on how it was cut into chunks.
+
+A reduction pass sums each *block* (a row for row-aligned methods, else ``L1_BLOCK`` elements;
+a chunk always holds whole blocks) in float64, then adds the block sums one after another in
+flat order (a sequential scan, ``cumsum`` on the CPU, continued from chunk to chunk). Both steps
+see the same numbers in the same order whatever the chunk size, so the totals are the same for
+any chunking, device split or resume point, in a few bytes of state. Per-row statistics
+(``keep_blocks``) keep each block's sums instead: a few float64 per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PIECE_NUMEL", "BlockSums", "block_gram", "pieces"]
+
+# Elements per piece a reduction converts to float64 at a time: its temporaries stay in the CPU's
+# cache instead of being fresh multi-MiB allocations per chunk (measured: a 1 Mi-element chunk's
+# float64 copies cost ~12 ns per element in page faults and memory traffic, pieces ~2).
+PIECE_NUMEL = 1 << 16
+
+
+def pieces(n: int, unit: int) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of about :data:`PIECE_NUMEL` elements covering ``n``, each a whole
+    number of ``unit``-element blocks (at least one)."""
+    step = max(1, PIECE_NUMEL // unit) * unit
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+class BlockSums:
+    """Per-block float64 sums of ``width`` quantities, totalled in flat order."""
+
+    def __init__(self, width: int, keep_blocks: bool = False) -> None:
+        self.width = width
+        self.keep_blocks = keep_blocks
+        self._running = torch.zeros(width, dtype=torch.float64)
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, sums: torch.Tensor) -> None:
+        """One chunk's block sums, ``(blocks, width)`` float64, in flat order."""
+        sums = sums.reshape(-1, self.width).to("cpu", torch.float64)
+        if self.keep_blocks:
+            self._parts.append(sums)
+        # The CPU's cumsum is a sequential scan: the left fold over every block in flat order.
+        self._running = torch.cat([self._running.unsqueeze(0), sums]).cumsum(0)[-1]
+
+    def per_block(self) -> torch.Tensor:
+        """Every block's sums, ``(blocks, width)``, in flat order (``keep_blocks`` only)."""
+        assert self.keep_blocks
+        if not self._parts:
+            return torch.zeros(0, self.width, dtype=torch.float64)
+        return torch.cat(self._parts)
+
+    def totals(self) -> list[float]:
+        """Each quantity's sum over every block."""
+        return [float(x) for x in self._running.tolist()]
+
+
+def block_gram(vectors: list[torch.Tensor], block: int) -> torch.Tensor:
+    """Each block's Gram matrix of ``vectors`` (flat, same length), float64: ``(blocks, K*K)``."""
+    n = vectors[0].numel()
+    if n > PIECE_NUMEL:
+        parts = [block_gram([v[s:e] for v in vectors], block) for s, e in pieces(n, block)]
+        return torch.cat(parts)
+    x = torch.stack([v.to(torch.float64) for v in vectors])
+    k, n = x.shape
+    full = n - n % block
+    parts = []
+    if full:
+        b = x[:, :full].view(k, -1, block).transpose(0, 1)  # (blocks, K, block)
+        parts.append(torch.bmm(b, b.transpose(1, 2)).reshape(-1, k * k))
+    if n > full:
+        tail = x[:, full:]
+        parts.append((tail @ tail.T).reshape(1, k * k))
+    return torch.cat(parts) if parts else torch.zeros(0, k * k, dtype=torch.float64)
