@@ -582,7 +582,8 @@ def _first_reads(
         if only_shards is not None and index not in only_shards:
             continue
         for task in shard.tasks:
-            for i, (model, info) in enumerate(zip(prepared.models, task.inputs, strict=True)):
+            for i, info in enumerate(task.inputs):
+                model = prepared.models[task.model_of(i)]
                 # SLERP's t = 0 reads nothing of B, t = 1 nothing of A.
                 unused = slerp and task.t == (1.0 if i == 0 else 0.0)
                 if model.local_dir is not None and not unused:
@@ -592,8 +593,11 @@ def _first_reads(
 def _input_files(plan: MergePlan, skip: frozenset[int]) -> list[list[str]]:
     """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    count = len(tasks[0].inputs) if tasks else len(plan.tasks[0].inputs) if plan.tasks else 2
-    return [[t.inputs[i].file for t in tasks] for i in range(count)]
+    count = max((t.model_of(i) + 1 for t in plan.tasks for i in range(len(t.inputs))), default=2)
+    return [
+        [info.file for t in tasks for i, info in enumerate(t.inputs) if t.model_of(i) == m]
+        for m in range(count)
+    ]
 
 
 def check_push_target(
@@ -686,17 +690,23 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     from shardmerge.card import CardModel, render_card
 
     plan = prepared.plan
-    a, b = prepared.model_a, prepared.model_b
+    a = prepared.model_a
     tok_from_b = prepared.recipe.tokenizer_source == "b"
     # Only what the output takes: A's files (B's tokenizer instead of A's when asked for).
     files_a = [f for f in a.small_files if not (tok_from_b and is_tokenizer_file(f))]
     folder_a = small_files_folder(a, files_a)
     copy_files(folder_a, [f for f in files_a if f != "config.json"], work)
     if tok_from_b:
+        b = prepared.model_b
         files_b = [f for f in b.small_files if is_tokenizer_file(f)]
         copy_files(small_files_folder(b, files_b), files_b, work)
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
+    if config is not None and prepared.recipe.slices and plan.restacked:
+        from shardmerge.slices import rewrite_config
+
+        configs = [m.inventory.config for m in prepared.models]
+        config = rewrite_config(config, prepared.recipe.slices, configs).config
     write_config(work, config, out_dtype)
     if plan.method == "slerp":
         roles = ["t = 0 end", "t = 1 end"]

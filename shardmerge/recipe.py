@@ -66,6 +66,7 @@ import yaml
 
 from shardmerge.errors import RecipeError
 from shardmerge.schedule import Gradient, LayerMap, Rule, Schedule, TValue
+from shardmerge.slices import Slice
 
 __all__ = [
     "DEFAULT_SHARD_SIZE_BYTES",
@@ -126,6 +127,8 @@ class Recipe:
     model_params: tuple[Mapping[str, Schedule], ...] = ()
     shared_params: Mapping[str, Schedule | bool] = field(default_factory=dict)
     random_seed: int | None = None  # random masks (DARE); None: 0, recorded in the card
+    # A new layer stack (mergekit slices:, our layers:); () merges whole models layer by layer.
+    slices: tuple[Slice, ...] = ()
 
     @property
     def model_a(self) -> ModelRef:
@@ -933,32 +936,40 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
 
     other: tuple[ModelRef, str] | None = None
     layer_range: tuple[int, int] | None = None
-    slice_t: Any = None
-    has_slice_t = False
+    slices: tuple[Slice, ...] = ()
     if "models" in data and "slices" in data:
         check.add("models", "give only one of models and slices")
     elif "models" in data:
         other = _mk_models(data["models"], base, base_text, check)
-    elif "slices" in data:
-        found = _mk_slices(data["slices"], base, base_text, check)
-        if found is not None:
-            other, layer_range, slice_t, has_slice_t = found
-    else:
-        check.add("models", "missing; give models: (a list of {model: ...}) or one slices: entry")
+    elif "slices" not in data:
+        check.add("models", "missing; give models: (a list of {model: ...}) or slices:")
 
     # mergekit looks t up in the slice's parameters first, then the top level; a condition
-    # list without a fallback there hands unmatched tensors on to the next level.
+    # list without a fallback hands unmatched tensors on to the next level.
     rules: list[Rule] = []
     default: TValue | None = None
-    if has_slice_t:
-        rules, default = _mk_t(slice_t, "slices[0].parameters.t", check)
     top_t = _mk_parameters(data, check)
-    if top_t is not None:
-        top_rules, top_default = _mk_t(top_t, "parameters.t", check)
-        if default is None:
-            rules += top_rules
-            default = top_default
-    elif not has_slice_t:
+    if "slices" in data and "models" not in data:
+        from shardmerge.recipe_slices import mk_slices
+
+        has_top_t = top_t is not None
+        found = mk_slices(
+            data["slices"], check, method="slerp", spec=None, base=base,
+            top_t=top_t, has_top_t=has_top_t,
+        )  # fmt: skip
+        if found is not None and base is not None:
+            other = (found.models[1], str(data["slices"]))
+            slices = tuple(found.slices)
+            first = slices[0]
+            if len(slices) == 1 and first.schedule is not None:
+                rules, default = list(first.schedule.rules), first.schedule.default
+                ranges = {(s.start, s.end) for s in first.sources}
+                layer_range = next(iter(ranges)) if len(ranges) == 1 else None
+            elif has_top_t:
+                rules, default = _mk_t(top_t, "parameters.t", check)
+    elif top_t is not None:
+        rules, default = _mk_t(top_t, "parameters.t", check)
+    else:
         check.add("parameters.t", "missing; slerp needs t (e.g. parameters: {t: 0.5})")
 
     input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
@@ -982,6 +993,7 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
         text=text,
         source=source,
         warnings=tuple(check.warnings),
+        slices=slices,
     )
 
 
@@ -1066,90 +1078,6 @@ def _the_other(
         )
         return None
     return distinct[1]
-
-
-def _mk_slices(
-    value: Any, base: ModelRef | None, base_text: str, check: _Check
-) -> tuple[tuple[ModelRef, str] | None, tuple[int, int] | None, Any, bool] | None:
-    """(other model, layer_range, slice-level t, whether there is one) of the single slice."""
-    if not isinstance(value, list) or not value:
-        check.add("slices", f"expected a list with one slice, got {_describe(value)}")
-        return None
-    if len(value) > 1:
-        check.add(
-            "slices",
-            f"frankenmerge/multi-slice configs are not supported ({len(value)} slices); "
-            "shardmerge merges two whole models with one slice",
-        )
-        return None
-    item = check.mapping(value[0], "slices[0]")
-    if item is None:
-        return None
-    check.keys(
-        item,
-        "slices[0]",
-        ("sources", "parameters"),
-        unsupported={
-            "base_model": "not supported per slice; set base_model at the top level",
-            "residual_weight": "not supported (mergekit ignores it too)",
-        },
-    )
-    slice_t: Any = None
-    has_t = False
-    if "parameters" in item:
-        params = check.mapping(item["parameters"], "slices[0].parameters")
-        if params is not None:
-            check.keys(params, "slices[0].parameters", ("t",))
-            has_t = "t" in params
-            slice_t = params.get("t")
-
-    if "sources" not in item:
-        check.add("slices[0].sources", "missing; the two models and their layer_range")
-        return None, None, slice_t, has_t
-    sources = item["sources"]
-    if not isinstance(sources, list) or len(sources) != 2:
-        got = f"{len(sources)} sources" if isinstance(sources, list) else _describe(sources)
-        check.add("slices[0].sources", f"slerp needs exactly two sources, got {got}")
-        return None, None, slice_t, has_t
-
-    listed: list[tuple[ModelRef, str]] = []
-    ranges: list[tuple[int, int]] = []
-    for i, entry in enumerate(sources):
-        path = f"slices[0].sources[{i}]"
-        src = check.mapping(entry, path, "a mapping {model: ..., layer_range: [start, end]}")
-        if src is None:
-            continue
-        check.keys(src, path, ("model", "layer_range", "parameters"))
-        if "parameters" in src:
-            _mk_model_parameters(src["parameters"], _at(path, "parameters"), check)
-        if "model" not in src:
-            check.add(_at(path, "model"), "missing; the model reference")
-        else:
-            ref = _mk_ref(src["model"], _at(path, "model"), check)
-            if ref is not None:
-                listed.append((ref, src["model"]))
-        if "layer_range" not in src:
-            check.add(_at(path, "layer_range"), "missing; e.g. [0, 32] for all 32 layers")
-        else:
-            span = _layer_range(src["layer_range"], _at(path, "layer_range"), check)
-            if span is not None:
-                ranges.append(span)
-
-    layer_range = ranges[0] if len(ranges) == 2 else None
-    if len(ranges) == 2 and ranges[0] != ranges[1]:
-        check.add(
-            "slices[0].sources",
-            f"the layer ranges differ ({list(ranges[0])} vs {list(ranges[1])}); slerp pairs "
-            "layer i of one model with layer i of the other",
-        )
-        layer_range = None
-    other = None
-    if len(listed) == 2 and base is not None:
-        if all(ref != base for ref, _ in listed):
-            check.add("base_model", "must be one of the two slice sources")
-        else:
-            other = _the_other(base, base_text, listed, "slices[0].sources", check)
-    return other, layer_range, slice_t, has_t
 
 
 def _layer_range(value: Any, path: str, check: _Check) -> tuple[int, int] | None:
@@ -1329,8 +1257,6 @@ def _parse_mergekit_method(
     if spec is None:
         check.add("merge_method", unknown_method_message(name))
         return _placeholder(text, source, check)
-    if "slices" in data:
-        check.add("slices", f"not supported for {name}; list whole models under models:")
     base: ModelRef | None = None
     if "base_model" in data:
         base = _mk_ref(data["base_model"], "base_model", check)
@@ -1343,7 +1269,14 @@ def _parse_mergekit_method(
         data.get("parameters", {}), "parameters", spec, check, top=True
     )
     merged: list[tuple[ModelRef, str, dict[str, Schedule]]] = []
-    if "models" not in data:
+    slices: tuple[Slice, ...] = ()
+    if "slices" in data:
+        if "models" in data:
+            check.add("models", "give only one of models and slices")
+        found = _method_slices(data, check, name, spec, base, top_model, shared)
+        if found is not None:
+            slices, merged = found
+    elif "models" not in data:
         check.add("models", "missing; give models: (a list of {model: ..., parameters: ...})")
     elif not isinstance(data["models"], list) or not data["models"]:
         check.add(
@@ -1376,12 +1309,26 @@ def _parse_mergekit_method(
                 check.add(_at(path, "model"), f"{item['model']!r} is listed twice")
                 continue
             merged.append((ref, path, own))
-    if base is not None and spec.base != "required" and all(ref != base for ref, _, _ in merged):
+    if not slices and base is not None and spec.base != "required" and all(
+        ref != base for ref, _, _ in merged
+    ):
         merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
     if not merged and "models" in data:
         check.add("models", f"{name} needs at least one model besides the base_model")
     model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
-    for (_, path, _), params in zip(merged, model_params, strict=True):
+    checked = list(zip(merged, model_params, strict=True))
+    if slices:  # the parameters live in each slice
+        model_params = tuple({} for _ in merged)
+        checked = [
+            ((_PLACEHOLDER, key, {}), params)
+            for piece in slices
+            for key, params in zip(
+                piece.keys[len(piece.keys) - len(piece.model_params or ()) :],
+                piece.model_params or (),
+                strict=True,
+            )
+        ]
+    for (_, path, _), params in checked:
         for param in spec.per_model:
             if param.default is None and param.name not in params:
                 check.add(
@@ -1418,7 +1365,33 @@ def _parse_mergekit_method(
         model_keys=keys,
         model_params=model_params,
         shared_params=shared,
+        slices=slices,
     )
+
+
+def _method_slices(
+    data: dict[Any, Any],
+    check: _Check,
+    name: str,
+    spec: Any,
+    base: ModelRef | None,
+    top_model: dict[str, Schedule],
+    shared: dict[str, Schedule | bool],
+) -> tuple[tuple[Slice, ...], list[tuple[ModelRef, str, dict[str, Schedule]]]] | None:
+    """A method's slices: and the models they name (besides a required base), each with no
+    parameters of its own at the recipe level (they live in each slice)."""
+    from shardmerge.recipe_slices import mk_slices
+
+    found = mk_slices(
+        data["slices"], check, method=name, spec=spec, base=base,
+        top_model=top_model, top_shared=shared,
+    )  # fmt: skip
+    if found is None:
+        return None
+    named = list(zip(found.models, found.keys, strict=True))
+    if spec.base == "required" and base is not None:
+        named = named[1:]
+    return tuple(found.slices), [(ref, key, {}) for ref, key in named]
 
 
 _NO_SCHEDULE = Schedule(rules=(), default=None, non_layer=None, style="mergekit")

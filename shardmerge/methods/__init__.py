@@ -16,6 +16,7 @@ from shardmerge.methods import (
     della,
     della_linear,
     linear,
+    passthrough,
     slerp,
     task_arithmetic,
     ties,
@@ -35,6 +36,7 @@ _MODULES = (
     breadcrumbs_ties,
     della,
     della_linear,
+    passthrough,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
@@ -43,7 +45,6 @@ NOT_IMPLEMENTED = (
     "nuslerp",
     "multislerp",
     "karcher",
-    "passthrough",
     "sce",
     "arcee_fusion",
     "nearswap",
