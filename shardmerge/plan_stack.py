@@ -173,7 +173,8 @@ def plan_stack(
         shards=layout_shards(tasks, shard_size_bytes),
         tied_embeddings=tied,
         warnings=tuple(warnings),
-        t_table=_table(recipe, layers, tasks, labels),
+        # "model A (./path)" -> "model A": the plan lists the models above the table.
+        t_table=_table(recipe, layers, tasks, [label.split(" (", 1)[0] for label in labels]),
         method=recipe.method,
         random_seed=recipe.random_seed or 0,
         restacked=True,

@@ -485,10 +485,10 @@ def _split_revision(text: str, path: str, check: _Check) -> ModelRef | None:
 
 # --------------------------------------------------------------------------- our format
 
-_TOP_KEYS = ("method", "models", "t", "output", "device", "tokenizer_from", "hub")
+_TOP_KEYS = ("method", "models", "t", "layers", "output", "device", "tokenizer_from", "hub")
 # Our format with a method other than slerp (models with parameters, a base, shared parameters).
 _METHOD_TOP_KEYS = (
-    "method", "base", "models", "parameters", "random_seed", "output", "device", "hub",
+    "method", "base", "models", "parameters", "layers", "random_seed", "output", "device", "hub",
 )  # fmt: skip
 _MERGEKIT_ONLY = (
     "base_model",
@@ -612,7 +612,12 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         if "stream" in hub:
             stream = bool(check.boolean(hub["stream"], "hub.stream"))
 
-    if model_a == model_b and model_a != _PLACEHOLDER:
+    slices: tuple[Slice, ...] = ()
+    if "layers" in data:
+        from shardmerge.recipe_slices import our_layers
+
+        slices = tuple(our_layers(data["layers"], check, ("a", "b"), "slerp", True) or ())
+    elif model_a == model_b and model_a != _PLACEHOLDER:
         shown = model_a.ref + (f"@{model_a.revision}" if model_a.revision else "")
         check.warnings.append(
             f"models.a and models.b are the same model ({shown}); the merge reproduces it"
@@ -636,6 +641,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         source=source,
         warnings=tuple(check.warnings),
         name=name,
+        slices=slices,
     )
 
 
@@ -1315,6 +1321,10 @@ def _parse_mergekit_method(
         merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
     if not merged and "models" in data:
         check.add("models", f"{name} needs at least one model besides the base_model")
+    if name == "passthrough" and not slices and len(merged) > 1:
+        check.add(
+            "models", "passthrough copies one model; use slices: to stack layers of several"
+        )
     model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
     checked = list(zip(merged, model_params, strict=True))
     if slices:  # the parameters live in each slice
@@ -1634,6 +1644,23 @@ def _parse_ours_method(
             seed = raw_seed
         else:
             check.add("random_seed", f"expected a non-negative integer, got {_describe(raw_seed)}")
+    slices: tuple[Slice, ...] = ()
+    if "layers" in data:
+        from shardmerge.recipe_slices import our_layers
+
+        if isinstance(raw_models, list):
+            check.add("layers", "name the models (models: as a mapping) to give their layers")
+        else:
+            names = tuple(key.split(".", 1)[1] for key in keys if key != "base")
+            if spec.base == "required":
+                names = ("base", *names)
+            found = our_layers(
+                data["layers"], check, names, name, spec.base == "required",
+                model_params, shared,
+            )  # fmt: skip
+            slices = tuple(found or ())
+    elif name == "passthrough" and len(refs) > 1:
+        check.add("models", "passthrough copies one model; give layers: to stack several")
     slerp_like = _parse_shardmerge(
         {"models": {"a": "x", "b": "y"}, "t": 0.5, **_common(data)}, check, text, source
     )
@@ -1647,6 +1674,7 @@ def _parse_ours_method(
         model_params=tuple(model_params),
         shared_params=shared,
         random_seed=seed,
+        slices=slices,
     )
 
 

@@ -7,6 +7,7 @@ Called by :mod:`shardmerge.recipe` (which owns the rest of both formats); the st
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,16 @@ def mk_slices(
         )
     if not ok:
         return None
+    if method == "slerp" and len(found.models) == 1 and found.slices:
+        # One model merged with other layers of itself: its two ends are the same model.
+        found.models.append(found.models[0])
+        found.keys.append(found.slices[0].keys[-1])
+        found.slices = [
+            dataclasses.replace(
+                piece, sources=(piece.sources[0], dataclasses.replace(piece.sources[1], model=1))
+            )
+            for piece in found.slices
+        ]
     if method == "slerp" and len(found.models) != 2 and base is not None:
         check.add(
             "slices",
@@ -262,7 +273,13 @@ def method_parameters(
 
 
 def our_layers(
-    value: Any, check: _Check, model_keys: Sequence[str], method: str, base_first: bool
+    value: Any,
+    check: _Check,
+    model_keys: Sequence[str],
+    method: str,
+    base_first: bool,
+    model_params: Sequence[Mapping[str, Schedule]] | None = None,
+    shared_params: Mapping[str, Schedule | bool] | None = None,
 ) -> list[Slice] | None:
     """Our format's ``layers:``: a list of slices, each mapping model keys to an inclusive
     layer range ("0-23"); the models are the recipe's, named by their keys."""
@@ -299,6 +316,9 @@ def our_layers(
         if method == PASSTHROUGH and len(sources) > 1:
             check.add(where, f"passthrough copies one model per entry, got {len(sources)}")
             continue
+        if method == "slerp" and len(sources) != 2:
+            check.add(where, "slerp merges two models: give the layers of both a and b")
+            continue
         lengths = {s.num_layers for _, s, _ in sources}
         if len(lengths) > 1:
             spans = ", ".join(f"{p.rsplit('.', 1)[1]}: {s.num_layers}" for _, s, p in sources)
@@ -309,7 +329,18 @@ def our_layers(
                 check.add(where, f"{model_keys[0]} must be one of the models of every entry")
                 continue
         sources.sort(key=lambda e: e[0] != 0 if base_first else 0)
+        params = None
+        if model_params is not None:
+            # Every model's parameters as the recipe gives them (the base has none).
+            first = 1 if base_first and method != "slerp" else 0
+            params = tuple(model_params[m - first] for m, _, _ in sources[first:])
         slices.append(
-            Slice(tuple(s for _, s, _ in sources), where, tuple(p for _, _, p in sources))
+            Slice(
+                tuple(s for _, s, _ in sources),
+                where,
+                tuple(p for _, _, p in sources),
+                model_params=params,
+                shared_params=shared_params,
+            )
         )
     return slices if len(slices) == len(value) else None
