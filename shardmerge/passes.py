@@ -206,7 +206,9 @@ def execute_passes(
         for i in which:
             info = task.inputs[i]
             size = DTYPE_SIZES[info.dtype]
-            readers[task.model_of(i)].read_into(info, start * size, bytes_view(slot[i])[: (end - start) * size])
+            readers[task.model_of(i)].read_into(
+                info, start * size, bytes_view(slot[i])[: (end - start) * size]
+            )
         return slot
 
     def items() -> Iterator[_Item]:

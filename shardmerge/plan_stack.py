@@ -89,8 +89,7 @@ def plan_stack(
         if len(by_stack) > 1:
             names = ", ".join(sorted(by_stack))
             problems.append(
-                f"{labels[m]} has several layer stacks ({names}); slices apply to a model with "
-                "one"
+                f"{labels[m]} has several layer stacks ({names}); slices apply to a model with one"
             )
         stack = max(by_stack, key=lambda s: len(by_stack[s]), default=None)
         stacks.append(stack)
@@ -130,7 +129,9 @@ def plan_stack(
             if spec is None:
                 t = resolve_t(piece.schedule or recipe.schedule, out_name, pos)
             else:
-                model_params, shared = _resolve_params(_slice_view(recipe, piece), spec, out_name, pos)
+                model_params, shared = _resolve_params(
+                    _slice_view(recipe, piece), spec, out_name, pos
+                )
         except ScheduleError as exc:
             problems.append(str(exc))
             return
@@ -214,9 +215,7 @@ def _table(
     return stack_table(layers, labels, values)
 
 
-def _values(
-    recipe: Recipe, task: TensorTask, labels: Sequence[str]
-) -> list[tuple[str, float]]:
+def _values(recipe: Recipe, task: TensorTask, labels: Sequence[str]) -> list[tuple[str, float]]:
     if recipe.method == "slerp":
         return [("t", task.t)]
     out: list[tuple[str, float]] = []

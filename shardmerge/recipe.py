@@ -1315,18 +1315,21 @@ def _parse_mergekit_method(
                 check.add(_at(path, "model"), f"{item['model']!r} is listed twice")
                 continue
             merged.append((ref, path, own))
-    if not slices and base is not None and spec.base != "required" and all(
-        ref != base for ref, _, _ in merged
+    if (
+        not slices
+        and base is not None
+        and spec.base != "required"
+        and all(ref != base for ref, _, _ in merged)
     ):
         merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
     if not merged and "models" in data:
         check.add("models", f"{name} needs at least one model besides the base_model")
     if name == "passthrough" and not slices and len(merged) > 1:
-        check.add(
-            "models", "passthrough copies one model; use slices: to stack layers of several"
-        )
+        check.add("models", "passthrough copies one model; use slices: to stack layers of several")
     model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
-    checked = list(zip(merged, model_params, strict=True))
+    checked: list[tuple[tuple[ModelRef, str, Any], Mapping[str, Schedule]]] = list(
+        zip(merged, model_params, strict=True)
+    )
     if slices:  # the parameters live in each slice
         model_params = tuple({} for _ in merged)
         checked = [

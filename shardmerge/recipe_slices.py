@@ -6,8 +6,8 @@ Called by :mod:`shardmerge.recipe` (which owns the rest of both formats); the st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,9 @@ def mk_slices(
     """mergekit's ``slices:``: any number of slices, each with sources of (model, layer_range)
     and parameters at the slice and source level (falling back on the top level)."""
     if not isinstance(value, list) or not value:
-        check.add("slices", f"expected a non-empty list of {{sources: ...}}, got {_describe(value)}")
+        check.add(
+            "slices", f"expected a non-empty list of {{sources: ...}}, got {_describe(value)}"
+        )
         return None
     found = StackParse([], [], [])
     if base is not None:
@@ -106,7 +108,15 @@ def mk_slices(
             continue
         base_first = spec.base == "required"
         model_params, shared = method_parameters(
-            spec, params, own_params, where, keys, check, top_model or {}, top_shared or {}, base_first
+            spec,
+            params,
+            own_params,
+            where,
+            keys,
+            check,
+            top_model or {},
+            top_shared or {},
+            base_first,
         )
         found.slices.append(
             Slice(
@@ -324,10 +334,9 @@ def our_layers(
             spans = ", ".join(f"{p.rsplit('.', 1)[1]}: {s.num_layers}" for _, s, p in sources)
             check.add(where, f"the layer ranges have different lengths ({spans} layers)")
             continue
-        if base_first:
-            if all(m != 0 for m, _, _ in sources):
-                check.add(where, f"{model_keys[0]} must be one of the models of every entry")
-                continue
+        if base_first and all(m != 0 for m, _, _ in sources):
+            check.add(where, f"{model_keys[0]} must be one of the models of every entry")
+            continue
         sources.sort(key=lambda e: e[0] != 0 if base_first else 0)
         params = None
         if model_params is not None:

@@ -169,20 +169,18 @@ def rewrite_config(
     for key in PER_LAYER_KEYS:
         if not isinstance(config.get(key), list):
             continue
-        values = []
+        values: list[Any] = []
         for layer in layers:
             model, source_layer = layer.inputs[0]
-            theirs = configs[model] or {}
-            entries = theirs.get(key)
+            entries = (configs[model] or {}).get(key)
             if not isinstance(entries, list) or source_layer >= len(entries):
-                values = None
                 break
             values.append(entries[source_layer])
-        if values is None:
+        if len(values) == len(layers):
+            out[key] = values
+        else:
             # A source without the list (or a shorter one): nothing sound to rebuild from.
             del out[key]
-        else:
-            out[key] = values
         rebuilt.append(key)
     return ConfigRewrite(out, tuple(rebuilt))
 

@@ -228,7 +228,12 @@ def _recompute(
             for m, files in zip(
                 models,
                 (
-                    [info.file for t in chosen for i, info in enumerate(t.inputs) if t.model_of(i) == k]
+                    [
+                        info.file
+                        for t in chosen
+                        for i, info in enumerate(t.inputs)
+                        if t.model_of(i) == k
+                    ]
                     for k in range(len(models))
                 ),
                 strict=True,

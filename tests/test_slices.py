@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from shardmerge.slices import (
     rewrite_config,
     stack_layers,
 )
+from tests.conftest import folder_files
+from tests.test_distributed import _launch, needs_gloo
 from tests.test_methods import LAYERS, MERGEKIT, _family, _max_steps, _read, dense_linear
+from tests.test_resume import _run_subprocess
 from tests.test_slerp import reference_slerp
 
 # --------------------------------------------------------------------------- the stack, pure
@@ -352,8 +356,14 @@ def test_sliced_linear_matches_a_dense_reference(tmp_path, capsys):
     recipe = _write(tmp_path, LINEAR, folders)
     assert cli.main(["plan", str(recipe)]) == 0
     table = capsys.readouterr().out
-    assert "| 0 | model 1 layer 0 + model 2 layer 1 | weight of model 1 0.3, weight of model 2 0.2 |" in table
-    assert "| 2 | model 3 layer 2 + model 2 layer 0 | weight of model 3 1, weight of model 2 1 |" in table
+    assert (
+        "| 0 | model 1 layer 0 + model 2 layer 1 | weight of model 1 0.3, weight of model 2 0.2 |"
+        in table
+    )
+    assert (
+        "| 2 | model 3 layer 2 + model 2 layer 0 | weight of model 3 1, weight of model 2 1 |"
+        in table
+    )
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     got = _read(tmp_path / "out")
     stack = [((0, 0), (1, 1), [0.3, 0.2]), ((0, 1), (1, 2), [0.3, 0.8]), ((2, 2), (1, 0), [1, 1])]
@@ -402,16 +412,50 @@ def test_out_of_range_layer_range_is_one_line_and_writes_nothing(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_verify_and_resume_with_a_renumbered_stack(tmp_path, capsys):
+def _ours_sliced(tmp_path: Path, folders: list[Path]) -> Path:
+    """Our format: a linear merge of shifted layer ranges in small shards."""
+    recipe = tmp_path / "ours.yaml"
+    recipe.write_text(
+        f"method: linear\nmodels:\n  x: {{path: {folders[0]}, weight: 0.3}}\n"
+        f"  y: {{path: {folders[1]}, weight: 0.7}}\n  z: {{path: {folders[2]}, weight: 1}}\n"
+        "layers:\n  - {x: 0-1, y: 1-2}\n  - {z: 2, y: 0}\n"
+        "output: {shard_size: 8KB}\n"  # several shards (for resume and ranks)
+    )
+    return recipe
+
+
+def test_verify_recomputes_the_renumbered_stack(tmp_path, capsys):
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, LINEAR, folders)
     out = tmp_path / "out"
     assert cli.main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
     assert cli.main(["verify", str(out), "--recipe", str(recipe), "--full"]) == 0
-    assert "recomputed" in capsys.readouterr().out
-    # A tensor changed in place is found by recomputing it from the right input layers.
+    assert "30 recomputed" in capsys.readouterr().out
+    # Output layer 2 is model 3's layer 2 with model 2's layer 0: change one element of it
+    # (and fix up nothing else): verify recomputes it from those layers and finds it.
+    name = "model.layers.2.mlp.up_proj.weight"
+    tensors = _read(out)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1
+    from safetensors.torch import save_file
+
+    (shard,) = out.glob("*.safetensors")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert cli.main(["verify", str(out), "--recipe", str(recipe), "--full"]) != 0
+    assert f"tensor {name!r} differs from what the recipe makes" in capsys.readouterr().out
+
+
+def test_kill_then_resume_a_renumbered_stack(tmp_path):
+    folders, _ = _family(tmp_path, llama=True)
+    recipe = _ours_sliced(tmp_path, folders)
+    reference = tmp_path / "ref" / "out"
+    assert cli.main(["run", str(recipe), "--out", str(reference), "--quiet"]) == 0
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    proc = _run_subprocess(recipe, out, kill_at="shard-done:2")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--resume"]) == 0
-    assert "already complete" in capsys.readouterr().err.lower() or out.exists()
+    assert folder_files(out) == folder_files(reference)
 
 
 # --------------------------------------------------------------------------- mergekit
@@ -467,3 +511,18 @@ def test_agrees_with_mergekit(tmp_path, capsys, config):
     their_config = json.loads((tmp_path / "theirs" / "config.json").read_text())
     assert mine_config["num_hidden_layers"] == their_config["num_hidden_layers"]
     capsys.readouterr()
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_ranks_split_a_renumbered_stack_and_match_one_process(tmp_path):
+    folders, _ = _family(tmp_path, llama=True)
+    recipe = _ours_sliced(tmp_path, folders)
+    one = tmp_path / "one" / "out"  # the same folder name: the card's title is the name
+    assert cli.main(["run", str(recipe), "--out", str(one), "--quiet"]) == 0
+    assert len(list(one.glob("*.safetensors"))) > 2
+    (tmp_path / "two").mkdir()
+    out = tmp_path / "two" / "out"
+    proc = _launch("env", 2, recipe, out)
+    assert proc.returncode == 0, proc.stderr
+    assert folder_files(out) == folder_files(one)
