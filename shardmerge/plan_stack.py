@@ -209,7 +209,7 @@ def _table(
             cells.setdefault(label, {})[f"{value:.4g}"] = None
     values = [
         ", ".join(f"{label} {'/'.join(seen)}" for label, seen in shown.get(layer.index, {}).items())
-        or "-"
+        or "copy"  # passthrough without a scale
         for layer in layers
     ]
     return stack_table(layers, labels, values)
@@ -222,6 +222,8 @@ def _values(recipe: Recipe, task: TensorTask, labels: Sequence[str]) -> list[tup
     skip = len(task.models) - len(task.model_params)
     for model, params in zip(task.models[skip:], task.model_params, strict=True):
         for name, value in params.items():
+            if recipe.method == "passthrough" and value == 1.0:
+                continue  # scale 1: a copy
             out.append((f"{name} of {labels[model]}", value))
     for name, value in task.shared.items():
         if not isinstance(value, bool):

@@ -38,10 +38,10 @@ t = 0.4935 (8/31 of the way along the gradient), ``model.layers.3.mlp.down_proj.
 A ``{path: ...}`` model is taken as written (no ``@`` split), for local paths containing ``@``.
 
 **mergekit configs** with ``merge_method: slerp`` are read unchanged: ``base_model`` is the
-t = 0 end; ``models:`` or exactly one ``slices:`` entry of two sources name the other model;
-``parameters.t`` (slice-level first) is a number, a gradient list or a list of
+t = 0 end; ``models:`` or ``slices:`` (see :mod:`shardmerge.recipe_slices`) name the other
+model; ``parameters.t`` (slice-level first) is a number, a gradient list or a list of
 ``{filter, value}`` conditions; ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base`` or
-a model) are kept. Features shardmerge does not implement (other methods, several slices,
+a model) are kept. Features shardmerge does not implement (methods it lacks,
 ``modules``, ``chat_template``, ``union`` tokenizers, LoRA ``model+lora`` references) are
 errors rather than silently ignored, and so is a ``t`` under one model's parameters, which
 mergekit ignores.
