@@ -423,7 +423,7 @@ def merge_shards(
             record["shards"][result.filename] = {"digest": result.digest, "size": result.size}
             write_json(record_path, record)
 
-        needed = _input_files(plan, skip)
+        needed = _input_files(plan, skip, len(prepared.models))
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=work) as scratch:
             sources = [
                 open_source(
@@ -590,10 +590,10 @@ def _first_reads(
                     yield readahead.Span(str(model.local_dir / info.file), info.begin, info.nbytes)
 
 
-def _input_files(plan: MergePlan, skip: frozenset[int]) -> list[list[str]]:
-    """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
+def _input_files(plan: MergePlan, skip: frozenset[int], count: int) -> list[list[str]]:
+    """Each task's input file per model (``count`` of them), in the engine's reading order
+    (streaming frees by it); a model no task reads (a stack's unused base) gets none."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    count = max((t.model_of(i) + 1 for t in plan.tasks for i in range(len(t.inputs))), default=2)
     return [
         [info.file for t in tasks for i, info in enumerate(t.inputs) if t.model_of(i) == m]
         for m in range(count)

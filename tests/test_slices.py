@@ -526,3 +526,20 @@ def test_ranks_split_a_renumbered_stack_and_match_one_process(tmp_path):
     proc = _launch("env", 2, recipe, out)
     assert proc.returncode == 0, proc.stderr
     assert folder_files(out) == folder_files(one)
+
+
+def test_an_unused_base_gives_the_config_and_nothing_is_read_from_it(tmp_path):
+    folders, states = _family(tmp_path, llama=True)
+    config = json.loads((folders[0] / "config.json").read_text())
+    (folders[0] / "config.json").write_text(json.dumps({**config, "marker": "base"}))
+    text = "merge_method: passthrough\nbase_model: {m0}\n" + PASSTHROUGH.split("\n", 2)[2]
+    recipe = _write(tmp_path, text, folders)
+    prepared = prepare(parse_recipe(recipe.read_text(), str(recipe)))
+    assert prepared.models[0].ref.ref == str(folders[0])
+    result = run_merge(prepared, out=tmp_path / "out", quiet=True)
+    assert result.bytes_read == prepared.plan.total_size
+    assert all(task.models and 0 not in task.models for task in prepared.plan.tasks)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["marker"] == "base" and written["num_hidden_layers"] == 5
+    got = _read(tmp_path / "out")
+    assert torch.equal(got["model.norm.weight"], states[1]["model.norm.weight"])
