@@ -706,7 +706,7 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
         from shardmerge.slices import rewrite_config
 
         configs = [m.inventory.config for m in prepared.models]
-        config = rewrite_config(config, prepared.recipe.slices, configs).config
+        config = rewrite_config(config, prepared.recipe.slices, configs)
     write_config(work, config, out_dtype)
     if plan.method == "slerp":
         roles = ["t = 0 end", "t = 1 end"]

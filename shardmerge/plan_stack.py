@@ -29,7 +29,16 @@ from shardmerge.plan import (
 )
 from shardmerge.recipe import Recipe
 from shardmerge.schedule import LayerPos, ScheduleError, find_layer, layer_positions, resolve_t
-from shardmerge.slices import Slice, StackLayer, check_stack, renumber, stack_layers, stack_table
+from shardmerge.slices import (
+    PER_LAYER_KEYS,
+    Slice,
+    StackLayer,
+    check_stack,
+    renumber,
+    rewrite_config,
+    stack_layers,
+    stack_table,
+)
 
 
 def _is_before_stack(name: str) -> bool:
@@ -120,7 +129,11 @@ def plan_stack(
                 )
                 return
             if info.is_float != first.is_float:
-                problems.append(f"{piece.where}: tensor {name!r}: cannot merge {info.dtype} ")
+                problems.append(
+                    f"{piece.where}: tensor {name!r} is {info.dtype} in {labels[model]} but "
+                    f"{inputs[0][1]!r} is {first.dtype} (cannot merge a float tensor with an "
+                    "integer one)"
+                )
                 return
         t = 0.0
         model_params: tuple[dict[str, float], ...] = ()
@@ -170,6 +183,15 @@ def plan_stack(
             add(name, last_slice, [(m, name) for m in last_slice.models], None)
     if problems:
         raise CheckpointError(_cap(list(dict.fromkeys(problems))))
+    configs = [m.config for m in models]
+    if models[0].config is not None:
+        rewritten = rewrite_config(models[0].config, recipe.slices, configs)
+        for key in PER_LAYER_KEYS:
+            if key in models[0].config and key not in rewritten:
+                warnings.append(
+                    f"config.json: {key} is left out: a model the stack takes layers from has "
+                    "no such list for them"
+                )
     return MergePlan(
         shards=layout_shards(tasks, shard_size_bytes),
         tied_embeddings=tied,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shardmerge.schedule import LayerPos, Schedule, find_layer
@@ -33,7 +33,7 @@ NUM_LAYERS_KEY = "num_hidden_layers"
 # config.json lists with one entry per layer, rebuilt for the new stack from the configs of the
 # models each output layer comes from (mergekit 0.1.5 only rewrites num_hidden_layers, which
 # leaves e.g. Gemma 3's or Qwen 3's layer_types the old length: transformers then refuses it).
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "sliding_window_pattern_list")
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,14 @@ def renumber(name: str, index: int) -> str:
     return f"{stack}.{index}{rest[rest.index('.') :] if '.' in rest else ''}"
 
 
-@dataclass(frozen=True)
-class ConfigRewrite:
-    """What :func:`rewrite_config` changed, for the plan's notes."""
-
-    config: dict[str, Any]
-    rebuilt: tuple[str, ...] = field(default=())
-
-
 def rewrite_config(
     config: Mapping[str, Any], slices: Sequence[Slice], configs: Sequence[Mapping[str, Any] | None]
-) -> ConfigRewrite:
+) -> dict[str, Any]:
     """The output's config.json: ``config`` (the base's or first model's) with the new depth,
     and its per-layer lists rebuilt from the config of each output layer's first source."""
     out = dict(config)
     layers = stack_layers(slices)
     out[NUM_LAYERS_KEY] = len(layers)
-    rebuilt = []
     for key in PER_LAYER_KEYS:
         if not isinstance(config.get(key), list):
             continue
@@ -181,8 +172,7 @@ def rewrite_config(
         else:
             # A source without the list (or a shorter one): nothing sound to rebuild from.
             del out[key]
-        rebuilt.append(key)
-    return ConfigRewrite(out, tuple(rebuilt))
+    return out
 
 
 def stack_table(layers: Sequence[StackLayer], labels: Sequence[str], values: Sequence[str]) -> str:

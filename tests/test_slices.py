@@ -26,7 +26,7 @@ from shardmerge.slices import (
     rewrite_config,
     stack_layers,
 )
-from tests.conftest import folder_files
+from tests.conftest import folder_files, write_checkpoint
 from tests.test_distributed import _launch, needs_gloo
 from tests.test_methods import LAYERS, MERGEKIT, _family, _max_steps, _read, dense_linear
 from tests.test_resume import _run_subprocess
@@ -85,13 +85,13 @@ def test_rewrite_config_sets_the_depth_and_rebuilds_per_layer_lists() -> None:
         Slice((SliceSource(0, 1, 4),), "slices[0]"),
         Slice((SliceSource(1, 0, 2),), "slices[1]"),
     ]
-    out = rewrite_config(a, stack, [a, b]).config
+    out = rewrite_config(a, stack, [a, b])
     assert out["num_hidden_layers"] == 5
     assert out["layer_types"] == ["f1", "s2", "f3", "B0", "B1"]
     assert out["hidden_size"] == 8
     assert a["layer_types"] == ["s0", "f1", "s2", "f3"]  # the input is not changed
     # A source without the list: nothing sound to rebuild it from, so it is left out.
-    assert "layer_types" not in rewrite_config(a, stack, [a, {}]).config
+    assert "layer_types" not in rewrite_config(a, stack, [a, {}])
 
 
 # --------------------------------------------------------------------------- recipes
@@ -543,3 +543,18 @@ def test_an_unused_base_gives_the_config_and_nothing_is_read_from_it(tmp_path):
     assert written["marker"] == "base" and written["num_hidden_layers"] == 5
     got = _read(tmp_path / "out")
     assert torch.equal(got["model.norm.weight"], states[1]["model.norm.weight"])
+
+
+def test_mismatched_shapes_between_sources_name_the_slice(tmp_path, capsys):
+    folders, states = _family(tmp_path, llama=True)
+    odd = dict(states[2])
+    odd["model.layers.2.self_attn.q_proj.weight"] = torch.zeros(8, 16, dtype=torch.bfloat16)
+    config = json.loads((folders[2] / "config.json").read_text())
+    folders[2] = write_checkpoint(tmp_path / "odd", odd, config=config)
+    recipe = _write(tmp_path, LINEAR, folders)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: slices[1]: tensor 'model.layers.0.self_attn.q_proj.weight'")
+    assert "'model.layers.2.self_attn.q_proj.weight' of model 3" in err
+    assert err.rstrip().endswith("has [8, 16]") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
