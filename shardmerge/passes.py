@@ -17,6 +17,7 @@ overlaps two compute threads; :func:`execute` picks the path from the plan's met
 from __future__ import annotations
 
 import contextlib
+import mmap
 import queue
 import threading
 from collections import Counter
@@ -173,7 +174,7 @@ def execute_passes(
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
     pool_ids: set[int] = set()
     for _ in range(SLOTS):
-        slot = [torch.empty(chunk * size, dtype=torch.uint8) for size in itemsizes]
+        slot = [_page_aligned(chunk * size) for size in itemsizes]
         pool_ids.add(id(slot))
         free.put(slot)
 
@@ -404,6 +405,13 @@ def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int,
                 for i, info in enumerate(task.inputs):
                     counts[task.model_of(i), info.file] += 1
     return counts
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-aligned memory: chunks copied as they are (integer tensors, a
+    passthrough) then go to an O_DIRECT output straight from it, with no staging copy (whose
+    torch copies left the OpenMP workers spinning: most of a passthrough's CPU time)."""
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
 
 def _copies(task: TensorTask, method: MethodSpec) -> bool:
