@@ -17,6 +17,7 @@ overlaps two compute threads; :func:`execute` picks the path from the plan's met
 from __future__ import annotations
 
 import contextlib
+import mmap
 import queue
 import threading
 from collections import Counter
@@ -42,7 +43,7 @@ from shardmerge.engine import (
 from shardmerge.errors import ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
 from shardmerge.mergestats import Recorder
-from shardmerge.methods import TensorJob, TensorMerge, get_method
+from shardmerge.methods import MethodSpec, TensorJob, TensorMerge, get_method
 from shardmerge.methods.task_vectors import L1_BLOCK
 from shardmerge.plan import PASS_CHUNK_NUMEL, PASS_SLOTS, MergePlan, TensorTask
 
@@ -170,14 +171,16 @@ def execute_passes(
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [_Reader(src, label) for src, label in zip(sources, names, strict=True)]
     chunk = _chunk_numel()
+    # One buffer per input position (a sliced stack's tasks may have fewer inputs than models).
+    positions = max((len(t.inputs) for t in plan.tasks), default=len(readers))
     itemsizes = [
-        max((DTYPE_SIZES[t.inputs[i].dtype] for t in plan.tasks), default=4)
-        for i in range(len(readers))
+        max((DTYPE_SIZES[t.inputs[i].dtype] for t in plan.tasks if i < len(t.inputs)), default=4)
+        for i in range(positions)
     ]
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
     pool_ids: set[int] = set()
     for _ in range(SLOTS):
-        slot = [torch.empty(chunk * size, dtype=torch.uint8) for size in itemsizes]
+        slot = [_page_aligned(chunk * size) for size in itemsizes]
         pool_ids.add(id(slot))
         free.put(slot)
 
@@ -210,7 +213,9 @@ def execute_passes(
         for i in which:
             info = task.inputs[i]
             size = DTYPE_SIZES[info.dtype]
-            readers[i].read_into(info, start * size, bytes_view(slot[i])[: (end - start) * size])
+            readers[task.model_of(i)].read_into(
+                info, start * size, bytes_view(slot[i])[: (end - start) * size]
+            )
         return slot
 
     def items() -> Iterator[_Item]:
@@ -220,14 +225,16 @@ def execute_passes(
             for task in shard.tasks:
                 yield from _task_items(task, index)
                 for i, info in enumerate(task.inputs):
-                    remaining[i, info.file] -= 1
-                    if remaining[i, info.file] == 0:
-                        readers[i].close(info.file)
+                    model = task.model_of(i)
+                    remaining[model, info.file] -= 1
+                    if remaining[model, info.file] == 0:
+                        readers[model].close(info.file)
 
     def _task_items(task: TensorTask, shard: int) -> Iterator[_Item]:
         row_len = _row_len(task)
         spans = _spans(task.inputs[0].numel, _method_chunk(chunk, method.row_aligned, row_len))
-        if not task.is_float:  # integer/bool tensors come from the first input, as stored
+        if not task.is_float or _copies(task, method):
+            # Integer/bool tensors come from the first input, as stored; so does a plain copy.
             for s, e in spans:
                 yield _Item(task, shard, "copy", 0, s, e, None, read(task, s, e, [0]), False, True)
             return
@@ -402,7 +409,7 @@ def _typed_inputs(item: _Item, dev: torch.device) -> list[torch.Tensor]:
     count = item.end - item.start
     merge_dtype = TORCH_DTYPES[task.merge_dtype]
     typed = []
-    for raw, info in zip(item.slot, task.inputs, strict=True):
+    for raw, info in zip(item.slot, task.inputs, strict=False):  # unused positions stay
         x = raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype])
         if dev.type != "cpu":
             x = x.to(dev, non_blocking=True)
@@ -411,11 +418,28 @@ def _typed_inputs(item: _Item, dev: torch.device) -> list[torch.Tensor]:
 
 
 def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int, str]]:
-    """How many tasks still need each input file, keyed by (input index, file)."""
+    """How many tasks still need each input file, keyed by (model index, file)."""
     counts: Counter[tuple[int, str]] = Counter()
     for index, shard in enumerate(plan.shards):
         if index not in skip:
             for task in shard.tasks:
                 for i, info in enumerate(task.inputs):
-                    counts[i, info.file] += 1
+                    counts[task.model_of(i), info.file] += 1
     return counts
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-aligned memory: chunks copied as they are (integer tensors, a
+    passthrough) then go to an O_DIRECT output straight from it, with no staging copy (whose
+    torch copies left the OpenMP workers spinning: most of a passthrough's CPU time)."""
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+
+
+def _copies(task: TensorTask, method: MethodSpec) -> bool:
+    """A one-input tensor the method leaves as it is (passthrough): its bytes are copied."""
+    return (
+        method.copies is not None
+        and len(task.inputs) == 1
+        and task.input_dtype in (None, task.inputs[0].dtype)
+        and method.copies(task.model_params[0])
+    )

@@ -218,7 +218,12 @@ def estimate_wall_time(prepared: PreparedMerge, out: Path | None, *, measure_dis
     files: dict[str, Path] = {}  # a large input file per device, to measure it
     download = 0
     for i, model in enumerate(prepared.models):
-        nbytes = sum(t.inputs[i].nbytes for t in plan.tasks)
+        nbytes = sum(
+            info.nbytes
+            for t in plan.tasks
+            for j, info in enumerate(t.inputs)
+            if t.model_of(j) == i  # a stack's task reads some models only
+        )
         folder = model.local_dir or _cached_snapshot(model)
         if folder is None:
             download += nbytes
@@ -456,7 +461,9 @@ def check_stream_budget(prepared: PreparedMerge, stream_budget: int | None) -> N
     """
     if stream_budget is None:
         return
-    needed = stream_disk_needed(prepared.models, _input_files(prepared.plan, frozenset()))
+    needed = stream_disk_needed(
+        prepared.models, _input_files(prepared.plan, frozenset(), len(prepared.models))
+    )
     if stream_budget < needed:
         raise InputError(
             f"--stream-budget {format_bytes(stream_budget)} is below the "
@@ -532,7 +539,7 @@ def merge_shards(
             prepared.models,
             stream=stream,
             workdir=Path(scratch),
-            files=_input_files(plan, skip),
+            files=_input_files(plan, skip, len(prepared.models)),
             progress=not quiet,
             stream_budget=stream_budget,
         )
@@ -737,18 +744,22 @@ def _first_reads(
         if only_shards is not None and index not in only_shards:
             continue
         for task in shard.tasks:
-            for i, (model, info) in enumerate(zip(prepared.models, task.inputs, strict=True)):
+            for i, info in enumerate(task.inputs):
+                model = prepared.models[task.model_of(i)]
                 # SLERP's t = 0 reads nothing of B, t = 1 nothing of A.
                 unused = slerp and task.t == (1.0 if i == 0 else 0.0)
                 if model.local_dir is not None and not unused:
                     yield readahead.Span(str(model.local_dir / info.file), info.begin, info.nbytes)
 
 
-def _input_files(plan: MergePlan, skip: frozenset[int]) -> list[list[str]]:
-    """Each task's input file per model, in the engine's reading order (streaming frees by it)."""
+def _input_files(plan: MergePlan, skip: frozenset[int], count: int) -> list[list[str]]:
+    """Each task's input file per model (``count`` of them), in the engine's reading order
+    (streaming frees by it); a model no task reads (a stack's unused base) gets none."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
-    count = len(tasks[0].inputs) if tasks else len(plan.tasks[0].inputs) if plan.tasks else 2
-    return [[t.inputs[i].file for t in tasks] for i in range(count)]
+    return [
+        [info.file for t in tasks for i, info in enumerate(t.inputs) if t.model_of(i) == m]
+        for m in range(count)
+    ]
 
 
 def check_push_target(
@@ -847,17 +858,23 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     """config, tokenizer and other small files, and the card without statistics (everything
     but shards and index; :func:`finish_output` writes the card again with them)."""
     plan = prepared.plan
-    a, b = prepared.model_a, prepared.model_b
+    a = prepared.model_a
     tok_from_b = prepared.recipe.tokenizer_source == "b"
     # Only what the output takes: A's files (B's tokenizer instead of A's when asked for).
     files_a = [f for f in a.small_files if not (tok_from_b and is_tokenizer_file(f))]
     folder_a = small_files_folder(a, files_a)
     copy_files(folder_a, [f for f in files_a if f != "config.json"], work)
     if tok_from_b:
+        b = prepared.model_b
         files_b = [f for f in b.small_files if is_tokenizer_file(f)]
         copy_files(small_files_folder(b, files_b), files_b, work)
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
+    if config is not None and prepared.recipe.slices and plan.restacked:
+        from shardmerge.slices import rewrite_config
+
+        configs = [m.inventory.config for m in prepared.models]
+        config = rewrite_config(config, prepared.recipe.slices, configs)
     write_config(work, config, out_dtype)
     write_card(prepared, work, out_name, None)
 

@@ -69,6 +69,13 @@ class TensorTask:
     input_dtype: str | None = None  # mergekit `dtype`: inputs are cast to it before the math
     model_params: tuple[Mapping[str, float], ...] = ()
     shared: Mapping[str, float | bool] = field(default_factory=dict)
+    # Which of the recipe's models each input comes from (a sliced stack); () means input i
+    # comes from model i.
+    models: tuple[int, ...] = ()
+
+    def model_of(self, i: int) -> int:
+        """The index in ``recipe.models`` of input ``i``."""
+        return self.models[i] if self.models else i
 
     @property
     def a(self) -> TensorInfo:
@@ -120,6 +127,7 @@ class MergePlan:
     t_table: str  # SLERP's t table, or every scheduled parameter's table
     method: str = "slerp"
     random_seed: int = 0
+    restacked: bool = False  # a new layer stack from slices: renumbered, config rewritten
 
     @property
     def tasks(self) -> tuple[TensorTask, ...]:
@@ -201,6 +209,13 @@ def plan_merge(
     Raises:
         CheckpointError: listing every mismatch and every tensor without a parameter, at once.
     """
+    limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
+    if recipe.slices:
+        from shardmerge.plan_stack import as_whole_models, is_whole_models, plan_stack
+
+        if not is_whole_models(recipe, models):
+            return plan_stack(recipe, models, limit)
+        recipe = as_whole_models(recipe)
     warnings: list[str] = []
     first = models[0]
     tied = _ties_embeddings(first)
@@ -210,7 +225,6 @@ def plan_merge(
     for model, other in zip(models[1:], sources[1:], strict=True):
         problems += _compare(first.label, sources[0], model.label, other)
     positions = layer_positions(sources[0])
-    problems += _check_layer_range(recipe, positions)
     spec = None if recipe.method == "slerp" else get_method(recipe.method)
     if spec is None:
         # A rule of the t schedule that matches no tensor is a mistake (a glob, a layer past
@@ -252,7 +266,6 @@ def plan_merge(
         )
     if problems:
         raise CheckpointError(_cap(list(dict.fromkeys(problems))))
-    limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
     names = [t.name for t in tasks]
     return MergePlan(
         shards=layout_shards(tasks, limit),
@@ -446,25 +459,6 @@ def _compare(
                 "(cannot merge a float tensor with an integer one)"
             )
     return problems
-
-
-def _check_layer_range(recipe: Recipe, positions: Mapping[str, LayerPos]) -> list[str]:
-    if recipe.layer_range is None:
-        return []
-    stacks: dict[str, int] = {}
-    for pos in positions.values():
-        stacks[pos.stack] = pos.num_layers
-    if not stacks:
-        return ["slices[0]: layer_range is given but the model has no layer stack"]
-    stack, num_layers = max(stacks.items(), key=lambda item: item[1])
-    start, end = recipe.layer_range
-    if (start, end) != (0, num_layers):
-        return [
-            f"slices[0].sources: layer_range [{start}, {end}] does not cover all {num_layers} "
-            f"layers of {stack!r} ([0, {num_layers}]); partial or re-ordered layer ranges "
-            "(frankenmerges) are not supported"
-        ]
-    return []
 
 
 def _output_dtype(recipe: Recipe, a: TensorInfo) -> str:

@@ -38,10 +38,10 @@ t = 0.4935 (8/31 of the way along the gradient), ``model.layers.3.mlp.down_proj.
 A ``{path: ...}`` model is taken as written (no ``@`` split), for local paths containing ``@``.
 
 **mergekit configs** with ``merge_method: slerp`` are read unchanged: ``base_model`` is the
-t = 0 end; ``models:`` or exactly one ``slices:`` entry of two sources name the other model;
-``parameters.t`` (slice-level first) is a number, a gradient list or a list of
+t = 0 end; ``models:`` or ``slices:`` (see :mod:`shardmerge.recipe_slices`) name the other
+model; ``parameters.t`` (slice-level first) is a number, a gradient list or a list of
 ``{filter, value}`` conditions; ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base`` or
-a model) are kept. Features shardmerge does not implement (other methods, several slices,
+a model) are kept. Features shardmerge does not implement (methods it lacks,
 ``modules``, ``chat_template``, ``union`` tokenizers, LoRA ``model+lora`` references) are
 errors rather than silently ignored, and so is a ``t`` under one model's parameters, which
 mergekit ignores.
@@ -66,6 +66,7 @@ import yaml
 
 from shardmerge.errors import RecipeError
 from shardmerge.schedule import Gradient, LayerMap, Rule, Schedule, TValue
+from shardmerge.slices import Slice
 
 __all__ = [
     "DEFAULT_SHARD_SIZE_BYTES",
@@ -126,6 +127,8 @@ class Recipe:
     model_params: tuple[Mapping[str, Schedule], ...] = ()
     shared_params: Mapping[str, Schedule | bool] = field(default_factory=dict)
     random_seed: int | None = None  # random masks (DARE); None: 0, recorded in the card
+    # A new layer stack (mergekit slices:, our layers:); () merges whole models layer by layer.
+    slices: tuple[Slice, ...] = ()
 
     @property
     def model_a(self) -> ModelRef:
@@ -482,10 +485,10 @@ def _split_revision(text: str, path: str, check: _Check) -> ModelRef | None:
 
 # --------------------------------------------------------------------------- our format
 
-_TOP_KEYS = ("method", "models", "t", "output", "device", "tokenizer_from", "hub")
+_TOP_KEYS = ("method", "models", "t", "layers", "output", "device", "tokenizer_from", "hub")
 # Our format with a method other than slerp (models with parameters, a base, shared parameters).
 _METHOD_TOP_KEYS = (
-    "method", "base", "models", "parameters", "random_seed", "output", "device", "hub",
+    "method", "base", "models", "parameters", "layers", "random_seed", "output", "device", "hub",
 )  # fmt: skip
 _MERGEKIT_ONLY = (
     "base_model",
@@ -609,7 +612,12 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         if "stream" in hub:
             stream = bool(check.boolean(hub["stream"], "hub.stream"))
 
-    if model_a == model_b and model_a != _PLACEHOLDER:
+    slices: tuple[Slice, ...] = ()
+    if "layers" in data:
+        from shardmerge.recipe_slices import our_layers
+
+        slices = tuple(our_layers(data["layers"], check, ("a", "b"), "slerp", True) or ())
+    elif model_a == model_b and model_a != _PLACEHOLDER:
         shown = model_a.ref + (f"@{model_a.revision}" if model_a.revision else "")
         check.warnings.append(
             f"models.a and models.b are the same model ({shown}); the merge reproduces it"
@@ -633,6 +641,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         source=source,
         warnings=tuple(check.warnings),
         name=name,
+        slices=slices,
     )
 
 
@@ -933,32 +942,40 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
 
     other: tuple[ModelRef, str] | None = None
     layer_range: tuple[int, int] | None = None
-    slice_t: Any = None
-    has_slice_t = False
+    slices: tuple[Slice, ...] = ()
     if "models" in data and "slices" in data:
         check.add("models", "give only one of models and slices")
     elif "models" in data:
         other = _mk_models(data["models"], base, base_text, check)
-    elif "slices" in data:
-        found = _mk_slices(data["slices"], base, base_text, check)
-        if found is not None:
-            other, layer_range, slice_t, has_slice_t = found
-    else:
-        check.add("models", "missing; give models: (a list of {model: ...}) or one slices: entry")
+    elif "slices" not in data:
+        check.add("models", "missing; give models: (a list of {model: ...}) or slices:")
 
     # mergekit looks t up in the slice's parameters first, then the top level; a condition
-    # list without a fallback there hands unmatched tensors on to the next level.
+    # list without a fallback hands unmatched tensors on to the next level.
     rules: list[Rule] = []
     default: TValue | None = None
-    if has_slice_t:
-        rules, default = _mk_t(slice_t, "slices[0].parameters.t", check)
     top_t = _mk_parameters(data, check)
-    if top_t is not None:
-        top_rules, top_default = _mk_t(top_t, "parameters.t", check)
-        if default is None:
-            rules += top_rules
-            default = top_default
-    elif not has_slice_t:
+    if "slices" in data and "models" not in data:
+        from shardmerge.recipe_slices import mk_slices
+
+        has_top_t = top_t is not None
+        found = mk_slices(
+            data["slices"], check, method="slerp", spec=None, base=base,
+            top_t=top_t, has_top_t=has_top_t,
+        )  # fmt: skip
+        if found is not None and base is not None:
+            other = (found.models[1], str(data["slices"]))
+            slices = tuple(found.slices)
+            first = slices[0]
+            if len(slices) == 1 and first.schedule is not None:
+                rules, default = list(first.schedule.rules), first.schedule.default
+                ranges = {(s.start, s.end) for s in first.sources}
+                layer_range = next(iter(ranges)) if len(ranges) == 1 else None
+            elif has_top_t:
+                rules, default = _mk_t(top_t, "parameters.t", check)
+    elif top_t is not None:
+        rules, default = _mk_t(top_t, "parameters.t", check)
+    else:
         check.add("parameters.t", "missing; slerp needs t (e.g. parameters: {t: 0.5})")
 
     input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
@@ -982,6 +999,7 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
         text=text,
         source=source,
         warnings=tuple(check.warnings),
+        slices=slices,
     )
 
 
@@ -1066,90 +1084,6 @@ def _the_other(
         )
         return None
     return distinct[1]
-
-
-def _mk_slices(
-    value: Any, base: ModelRef | None, base_text: str, check: _Check
-) -> tuple[tuple[ModelRef, str] | None, tuple[int, int] | None, Any, bool] | None:
-    """(other model, layer_range, slice-level t, whether there is one) of the single slice."""
-    if not isinstance(value, list) or not value:
-        check.add("slices", f"expected a list with one slice, got {_describe(value)}")
-        return None
-    if len(value) > 1:
-        check.add(
-            "slices",
-            f"frankenmerge/multi-slice configs are not supported ({len(value)} slices); "
-            "shardmerge merges two whole models with one slice",
-        )
-        return None
-    item = check.mapping(value[0], "slices[0]")
-    if item is None:
-        return None
-    check.keys(
-        item,
-        "slices[0]",
-        ("sources", "parameters"),
-        unsupported={
-            "base_model": "not supported per slice; set base_model at the top level",
-            "residual_weight": "not supported (mergekit ignores it too)",
-        },
-    )
-    slice_t: Any = None
-    has_t = False
-    if "parameters" in item:
-        params = check.mapping(item["parameters"], "slices[0].parameters")
-        if params is not None:
-            check.keys(params, "slices[0].parameters", ("t",))
-            has_t = "t" in params
-            slice_t = params.get("t")
-
-    if "sources" not in item:
-        check.add("slices[0].sources", "missing; the two models and their layer_range")
-        return None, None, slice_t, has_t
-    sources = item["sources"]
-    if not isinstance(sources, list) or len(sources) != 2:
-        got = f"{len(sources)} sources" if isinstance(sources, list) else _describe(sources)
-        check.add("slices[0].sources", f"slerp needs exactly two sources, got {got}")
-        return None, None, slice_t, has_t
-
-    listed: list[tuple[ModelRef, str]] = []
-    ranges: list[tuple[int, int]] = []
-    for i, entry in enumerate(sources):
-        path = f"slices[0].sources[{i}]"
-        src = check.mapping(entry, path, "a mapping {model: ..., layer_range: [start, end]}")
-        if src is None:
-            continue
-        check.keys(src, path, ("model", "layer_range", "parameters"))
-        if "parameters" in src:
-            _mk_model_parameters(src["parameters"], _at(path, "parameters"), check)
-        if "model" not in src:
-            check.add(_at(path, "model"), "missing; the model reference")
-        else:
-            ref = _mk_ref(src["model"], _at(path, "model"), check)
-            if ref is not None:
-                listed.append((ref, src["model"]))
-        if "layer_range" not in src:
-            check.add(_at(path, "layer_range"), "missing; e.g. [0, 32] for all 32 layers")
-        else:
-            span = _layer_range(src["layer_range"], _at(path, "layer_range"), check)
-            if span is not None:
-                ranges.append(span)
-
-    layer_range = ranges[0] if len(ranges) == 2 else None
-    if len(ranges) == 2 and ranges[0] != ranges[1]:
-        check.add(
-            "slices[0].sources",
-            f"the layer ranges differ ({list(ranges[0])} vs {list(ranges[1])}); slerp pairs "
-            "layer i of one model with layer i of the other",
-        )
-        layer_range = None
-    other = None
-    if len(listed) == 2 and base is not None:
-        if all(ref != base for ref, _ in listed):
-            check.add("base_model", "must be one of the two slice sources")
-        else:
-            other = _the_other(base, base_text, listed, "slices[0].sources", check)
-    return other, layer_range, slice_t, has_t
 
 
 def _layer_range(value: Any, path: str, check: _Check) -> tuple[int, int] | None:
@@ -1329,8 +1263,6 @@ def _parse_mergekit_method(
     if spec is None:
         check.add("merge_method", unknown_method_message(name))
         return _placeholder(text, source, check)
-    if "slices" in data:
-        check.add("slices", f"not supported for {name}; list whole models under models:")
     base: ModelRef | None = None
     if "base_model" in data:
         base = _mk_ref(data["base_model"], "base_model", check)
@@ -1343,7 +1275,14 @@ def _parse_mergekit_method(
         data.get("parameters", {}), "parameters", spec, check, top=True
     )
     merged: list[tuple[ModelRef, str, dict[str, Schedule]]] = []
-    if "models" not in data:
+    slices: tuple[Slice, ...] = ()
+    if "slices" in data:
+        if "models" in data:
+            check.add("models", "give only one of models and slices")
+        found = _method_slices(data, check, name, spec, base, top_model, shared)
+        if found is not None:
+            slices, merged = found
+    elif "models" not in data:
         check.add("models", "missing; give models: (a list of {model: ..., parameters: ...})")
     elif not isinstance(data["models"], list) or not data["models"]:
         check.add(
@@ -1376,14 +1315,35 @@ def _parse_mergekit_method(
                 check.add(_at(path, "model"), f"{item['model']!r} is listed twice")
                 continue
             merged.append((ref, path, own))
-    if base is not None and spec.base == "none" and all(ref != base for ref, _, _ in merged):
+    if (
+        not slices
+        and base is not None
+        and spec.base == "none"
+        and all(ref != base for ref, _, _ in merged)
+    ):
         merged.append((base, "base_model", {}))  # mergekit appends an unlisted base as a model
     if "models" in data:
         problem = _model_count_problem(spec, len(merged), base is not None)
         if problem is not None:
             check.add("models", problem)
+    if name == "passthrough" and not slices and len(merged) > 1:
+        check.add("models", "passthrough copies one model; use slices: to stack layers of several")
     model_params = tuple(_with_fallback(own, top_model) for _, _, own in merged)
-    for (_, path, _), params in zip(merged, model_params, strict=True):
+    checked: list[tuple[tuple[ModelRef, str, Any], Mapping[str, Schedule]]] = list(
+        zip(merged, model_params, strict=True)
+    )
+    if slices:  # the parameters live in each slice
+        model_params = tuple({} for _ in merged)
+        checked = [
+            ((_PLACEHOLDER, key, {}), params)
+            for piece in slices
+            for key, params in zip(
+                piece.keys[len(piece.keys) - len(piece.model_params or ()) :],
+                piece.model_params or (),
+                strict=True,
+            )
+        ]
+    for (_, path, _), params in checked:
         for param in spec.per_model:
             if param.default is None and param.name not in params:
                 check.add(
@@ -1420,7 +1380,33 @@ def _parse_mergekit_method(
         model_keys=keys,
         model_params=model_params,
         shared_params=shared,
+        slices=slices,
     )
+
+
+def _method_slices(
+    data: dict[Any, Any],
+    check: _Check,
+    name: str,
+    spec: Any,
+    base: ModelRef | None,
+    top_model: dict[str, Schedule],
+    shared: dict[str, Schedule | bool],
+) -> tuple[tuple[Slice, ...], list[tuple[ModelRef, str, dict[str, Schedule]]]] | None:
+    """A method's slices: and the models they name (besides a required base), each with no
+    parameters of its own at the recipe level (they live in each slice)."""
+    from shardmerge.recipe_slices import mk_slices
+
+    found = mk_slices(
+        data["slices"], check, method=name, spec=spec, base=base,
+        top_model=top_model, top_shared=shared,
+    )  # fmt: skip
+    if found is None:
+        return None
+    named = list(zip(found.models, found.keys, strict=True))
+    if spec.base == "required" and base is not None:
+        named = named[1:]
+    return tuple(found.slices), [(ref, key, {}) for ref, key in named]
 
 
 _NO_SCHEDULE = Schedule(rules=(), default=None, non_layer=None, style="mergekit")
@@ -1682,6 +1668,23 @@ def _parse_ours_method(
             seed = raw_seed
         else:
             check.add("random_seed", f"expected a non-negative integer, got {_describe(raw_seed)}")
+    slices: tuple[Slice, ...] = ()
+    if "layers" in data:
+        from shardmerge.recipe_slices import our_layers
+
+        if isinstance(raw_models, list):
+            check.add("layers", "name the models (models: as a mapping) to give their layers")
+        else:
+            names = tuple(key.split(".", 1)[1] for key in keys if key != "base")
+            if spec.base == "required":
+                names = ("base", *names)
+            found = our_layers(
+                data["layers"], check, names, name, spec.base == "required",
+                model_params, shared,
+            )  # fmt: skip
+            slices = tuple(found or ())
+    elif name == "passthrough" and len(refs) > 1:
+        check.add("models", "passthrough copies one model; give layers: to stack several")
     slerp_like = _parse_shardmerge(
         {"models": {"a": "x", "b": "y"}, "t": 0.5, **_common(data)}, check, text, source
     )
@@ -1695,6 +1698,7 @@ def _parse_ours_method(
         model_params=tuple(model_params),
         shared_params=shared,
         random_seed=seed,
+        slices=slices,
     )
 
 

@@ -227,7 +227,15 @@ def _recompute(
             open_source(m, stream=False, workdir=Path(scratch), files=files)
             for m, files in zip(
                 models,
-                ([t.inputs[i].file for t in chosen] for i in range(len(models))),
+                (
+                    [
+                        info.file
+                        for t in chosen
+                        for i, info in enumerate(t.inputs)
+                        if t.model_of(i) == k
+                    ]
+                    for k in range(len(models))
+                ),
                 strict=True,
             )
         ]

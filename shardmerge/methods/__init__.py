@@ -21,6 +21,7 @@ from shardmerge.methods import (
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     slerp,
     task_arithmetic,
     ties,
@@ -45,11 +46,11 @@ _MODULES = (
     karcher,
     multislerp,
     nearswap,
+    passthrough,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
 NOT_IMPLEMENTED = (
-    "passthrough",
     "sce",
     "arcee_fusion",
     "ram",

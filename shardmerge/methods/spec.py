@@ -98,6 +98,9 @@ class MethodSpec:
     max_models: int | None = None
     # Per model: a problem with the combination of its parameter values, or None.
     check: Callable[[dict[str, float]], str | None] | None = None
+    # One input whose parameters make the output that input (passthrough without a scale):
+    # the engine copies its bytes instead of running the combine.
+    copies: Callable[[Mapping[str, float]], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
