@@ -267,6 +267,8 @@ def _validate(
         _check_push(args, recipe, pipeline, push)
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
+    for line in prepared.vocab.report if prepared.vocab is not None else ():
+        print(line)
     if out is None:
         pipeline.check_device(device)
         where = "(no output folder given: pass --out to check it too)"

@@ -40,6 +40,8 @@ import xxhash
 from shardmerge import faults, readahead, slerp
 from shardmerge.errors import CheckpointError, NonFiniteInputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
+from shardmerge.rowgather import read_gathered
+from shardmerge.vocab import GatheredTensor
 from shardmerge.plan import (
     CHUNK_NUMEL,
     RESIDENT_NUMEL,
@@ -100,6 +102,8 @@ class _Reader:
         self.drop_consumed = False
         # Called when a read waits for the disk rather than copying from memory.
         self.on_slow_read: Callable[[], None] | None = None
+        # Every model's reader, by model index: a re-indexed embedding reads other models' rows.
+        self.peers: list[_Reader] = [self]
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
         # Only the reader thread opens (and releases) files, so fetching (maybe a download)
@@ -126,6 +130,16 @@ class _Reader:
     ) -> None:
         """Fill ``buf`` from the tensor's bytes at ``byte_start``; ``last``: the merge reads
         these bytes no more (a large tensor's sums pass reads them again for its output)."""
+        if isinstance(info, GatheredTensor):
+            peers = self.peers
+            read_gathered(
+                info,
+                byte_start,
+                buf,
+                lambda m, src, start, view, end: peers[m].read_into(src, start, view, last=end),
+                last,
+            )
+            return
         fd, data_start = self._fd(info)
         offset = data_start + info.begin + byte_start
         done = 0
@@ -510,6 +524,7 @@ def execute_plan(
     """
     reader_a = _Reader(source_a, "model A")
     reader_b = _Reader(source_b, "model B")
+    reader_a.peers = reader_b.peers = [reader_a, reader_b]
     dev = torch.device(device)
     remaining = _file_refcounts(plan, skip_shards)
 
