@@ -1286,7 +1286,10 @@ def _mk_vocab(
         if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20:
             pad = value
         else:
-            check.add("tokenizer.pad_to_multiple_of", f"expected a positive whole number, got {_describe(value)}")
+            check.add(
+                "tokenizer.pad_to_multiple_of",
+                f"expected a positive whole number, got {_describe(value)}",
+            )
     overrides: list[TokenOverride] = []
     tokens = check.mapping(block["tokens"], "tokenizer.tokens") if "tokens" in block else None
     for token, entry in (tokens or {}).items():
@@ -1310,7 +1313,9 @@ def _mk_vocab(
                 overrides.append(TokenOverride(token, None, force=force, where=where))
                 continue
             if kind != "model_token":
-                check.add(f"{where}.source.kind", f"expected zero or model_token, got {_describe(kind)}")
+                check.add(
+                    f"{where}.source.kind", f"expected zero or model_token, got {_describe(kind)}"
+                )
                 continue
             if ("token" in raw) == ("token_id" in raw):
                 check.add(f"{where}.source", "give exactly one of token and token_id")
@@ -1320,7 +1325,10 @@ def _mk_vocab(
             elif isinstance(raw["token_id"], int) and raw["token_id"] >= 0:
                 source_id = raw["token_id"]
             else:
-                check.add(f"{where}.source.token_id", f"expected a token id, got {_describe(raw['token_id'])}")
+                check.add(
+                    f"{where}.source.token_id",
+                    f"expected a token id, got {_describe(raw['token_id'])}",
+                )
                 continue
             raw = raw.get("model")
         found = _mk_model_index(raw, f"{where}.source", refs, check, known)
@@ -1369,7 +1377,9 @@ _CHAT_TEMPLATE_NAMES = ("chatml", "auto")
 
 def _mk_chat_template(value: Any, check: _Check) -> str | None:
     """A built-in name (chatml), auto (the inputs' most common) or a Jinja string."""
-    if isinstance(value, str) and (value in _CHAT_TEMPLATE_NAMES or ("{" in value and len(value) >= 20)):
+    if isinstance(value, str) and (
+        value in _CHAT_TEMPLATE_NAMES or ("{" in value and len(value) >= 20)
+    ):
         return value
     check.add(
         "chat_template",

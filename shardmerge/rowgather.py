@@ -42,7 +42,13 @@ def read_gathered(
                 run += 1
             hi = min(end, (r + run) * row_bytes)
             dst = lo - byte_start
-            read(info.model, stored, src * row_bytes + lo - r * row_bytes, buf[dst : hi - lo + dst], last)
+            read(
+                info.model,
+                stored,
+                src * row_bytes + lo - r * row_bytes,
+                buf[dst : hi - lo + dst],
+                last,
+            )
             r += run
             continue
         row = _made_row(info, r, read)

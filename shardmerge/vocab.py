@@ -273,7 +273,11 @@ def plan_vocab(
         + ", ".join(f"{label} {v.rows} rows" for label, v in zip(labels, vocabs, strict=True))
         + f"; output {rows} rows ({real_rows} tokens, "
         + ("union" if spec.source == "union" else f"the tokenizer of {labels[source]}")
-        + (f", padded to a multiple of {spec.pad_to_multiple_of}" if spec.pad_to_multiple_of else "")
+        + (
+            f", padded to a multiple of {spec.pad_to_multiple_of}"
+            if spec.pad_to_multiple_of
+            else ""
+        )
         + ")"
     ]
     if identity:

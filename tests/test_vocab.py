@@ -113,6 +113,7 @@ def _read(folder: Path) -> dict[str, torch.Tensor]:
 
 def _steps(x: torch.Tensor, y: torch.Tensor) -> int:
     """Largest distance in bf16 steps (adjacent representable values) between x and y."""
+
     def key(t: torch.Tensor) -> torch.Tensor:
         bits = t.to(torch.bfloat16).view(torch.int16).to(torch.int32)
         return torch.where(bits < 0, -(bits & 0x7FFF), bits)
