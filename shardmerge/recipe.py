@@ -490,6 +490,7 @@ _TOP_KEYS = ("method", "models", "t", "output", "device", "tokenizer_from", "hub
 # Our format with a method other than slerp (models with parameters, a base, shared parameters).
 _METHOD_TOP_KEYS = (
     "method", "base", "models", "parameters", "random_seed", "output", "device", "hub",
+    "tokenizer_from",
 )  # fmt: skip
 _MERGEKIT_ONLY = (
     "base_model",
@@ -1719,11 +1720,25 @@ def _parse_ours_method(
             seed = raw_seed
         else:
             check.add("random_seed", f"expected a non-negative integer, got {_describe(raw_seed)}")
+    vocab: VocabSpec | None = None
+    if "tokenizer_from" in data:
+        # base, union, a model's name under models:, or its reference.
+        value = data["tokenizer_from"]
+        named = {key.removeprefix("models."): i for i, key in enumerate(keys)}
+        if value == "union":
+            vocab = VocabSpec("union")
+        elif isinstance(value, str) and value in named:
+            vocab = VocabSpec(named[value])
+        else:
+            known = all(r != _PLACEHOLDER for r in refs)
+            index = _mk_model_index(value, "tokenizer_from", tuple(refs), check, known)
+            vocab = VocabSpec(index) if index is not None else None
     slerp_like = _parse_shardmerge(
         {"models": {"a": "x", "b": "y"}, "t": 0.5, **_common(data)}, check, text, source
     )
     return dataclasses.replace(
         slerp_like,
+        vocab=vocab,
         models=tuple(refs),
         schedule=_NO_SCHEDULE,
         warnings=tuple(check.warnings),

@@ -339,3 +339,50 @@ def test_union_agrees_with_mergekit(tmp_path: Path, method: str) -> None:
     assert {t["content"]: t["id"] for t in our_tok["added_tokens"]} == {
         t["content"]: t["id"] for t in their_tok["added_tokens"]
     }
+
+
+def test_our_method_format_takes_tokenizer_from(tmp_path: Path) -> None:
+    a_dir, b_dir, state_a, state_b = _pair(tmp_path)
+    out = _run(
+        tmp_path,
+        f"method: task_arithmetic\nbase: {a_dir}\nmodels:\n  chat: {{path: {b_dir}, weight: 1}}\n"
+        "tokenizer_from: chat\n",
+    )
+    merged = _read(out)
+    # B's vocabulary (A's plus 4): A's re-indexed rows are its own plus B's new rows, so
+    # base + 1 * (B - A) is B wherever both are exact.
+    embed = merged["model.embed_tokens.weight"]
+    assert embed.shape == (72, HIDDEN)
+    assert torch.equal(embed[68:], state_b["model.embed_tokens.weight"][68:])
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 69
+
+
+def test_hub_union_streams_and_preflight_reads_tokenizers_first(
+    tmp_path: Path, fake_hub, capsys
+) -> None:
+    from tests.conftest import folder_files
+
+    a_dir, b_dir, _, _ = _pair(tmp_path)
+    fake_hub.add_repo("acme/a", folder_files(a_dir))
+    fake_hub.add_repo("acme/b", folder_files(b_dir))
+    local = _run(tmp_path, f"models: {{a: {a_dir}, b: {b_dir}}}\nt: 0.3\ntokenizer_from: union\n")
+    recipe = tmp_path / "hub.yml"
+    recipe.write_text("models: {a: acme/a, b: acme/b}\nt: 0.3\ntokenizer_from: union\n")
+    out = tmp_path / "from-hub"
+    assert cli.main(["run", str(recipe), "--out", str(out), "--stream", "--quiet"]) == 0
+    assert _read(out).keys() == _read(local).keys()
+    for name, tensor in _read(out).items():
+        assert torch.equal(tensor, _read(local)[name]), name
+    assert (out / "tokenizer.json").read_bytes() == (local / "tokenizer.json").read_bytes()
+    # A vocabulary problem on the Hub is found from the tokenizer files and headers alone.
+    files = folder_files(b_dir)
+    del files["tokenizer.json"]
+    fake_hub.add_repo("acme/sp", {**files, "tokenizer.model": b"\0"})
+    fake_hub.log.clear()
+    recipe.write_text("models: {a: acme/a, b: acme/sp}\nt: 0.3\ntokenizer_from: union\n")
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    shard_gets = [r for r in fake_hub.requests("GET") if r.path.endswith(".safetensors")]
+    assert shard_gets and all(r.range is not None for r in shard_gets)  # headers only
+    assert not (tmp_path / "bad").exists()
