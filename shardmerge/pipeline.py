@@ -755,10 +755,15 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     if vocab is not None and vocab.new_tokens:
         labels = [shown_name(m) for m in prepared.models]
         card += "\n## Added tokens\n\n| token | id | from |\n|---|---|---|\n" + "".join(
-            f"| `{t.content}` | {vocab.new_ids[t.content]} | {labels[m]} |\n"
+            f"| `{_cell(t.content)}` | {vocab.new_ids[t.content]} | {_cell(labels[m])} |\n"
             for t, m in vocab.new_tokens
         )
     (work / "README.md").write_text(card)
+
+
+def _cell(text: str) -> str:
+    """``text`` for a markdown table cell (a "|" would end the cell, even in code)."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _card_license(model: ResolvedModel) -> str | None:

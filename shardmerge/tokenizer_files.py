@@ -2,13 +2,14 @@
 output's tokenizer files, config ids and chat template.
 
 Only merges that choose a tokenizer (tokenizer_source, tokenizer:, chat_template) come here, and
-only those whose vocabularies need reading import the ``tokenizers`` library (reading) or
-``transformers`` (writing a new tokenizer), the ``vocab`` extra.
+only those whose vocabularies need reading import the ``tokenizers`` library (the ``vocab``
+extra), to read and to write tokenizer.json.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,10 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # What reading a vocabulary needs from a Hub model (downloaded before any weights).
-VOCAB_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, *TEMPLATE_FILES, "tokenizer.model", "vocab.json")
+VOCAB_FILES = (
+    TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", *TEMPLATE_FILES,
+    "tokenizer.model", "vocab.json",
+)  # fmt: skip
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 # ChatML, written out (mergekit's built-in names other than chatml: paste the template).
@@ -152,39 +156,60 @@ def resolve_chat_template(name: str, folders: Sequence[Path]) -> str | None:
 
 
 def write_tokenizer(work: Path, source: Path, plan: VocabPlan) -> None:
-    """The source tokenizer with the plan's new tokens appended (flags kept), saved into
-    ``work`` with transformers.
+    """The source tokenizer with the plan's new tokens appended (flags kept), written into
+    ``work``: tokenizer.json (the tokenizers library), tokenizer_config.json's
+    added_tokens_decoder, the source's special-token map and chat template files. Vocabulary
+    files of a slow tokenizer (tokenizer.model, vocab.json, ...) would disagree and are left out,
+    as mergekit does for unions.
 
     Raises:
         ShardmergeError: the library gave the new tokens other ids than planned.
     """
-    try:
-        import transformers
-    except ImportError:
-        raise InputError(
-            "writing a merged tokenizer needs transformers: pip install 'shardmerge[vocab]'"
-        ) from None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), use_fast=True)
+    from tokenizers import AddedToken as LibraryToken
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(source / TOKENIZER_JSON))
     for token, _ in plan.new_tokens:
-        tokenizer.add_tokens(
-            transformers.AddedToken(
-                token.content,
-                special=token.special,
-                normalized=token.normalized,
-                lstrip=token.lstrip,
-                rstrip=token.rstrip,
-                single_word=token.single_word,
-            ),
-            special_tokens=token.special,
+        added = LibraryToken(
+            token.content,
+            single_word=token.single_word,
+            lstrip=token.lstrip,
+            rstrip=token.rstrip,
+            normalized=token.normalized,
+            special=token.special,
         )
-    vocab = tokenizer.get_vocab()
-    wrong = [t for t, i in plan.new_ids.items() if vocab.get(t) != i]
+        if token.special:
+            tokenizer.add_special_tokens([added])
+        else:
+            tokenizer.add_tokens([added])
+    wrong = [t for t, i in plan.new_ids.items() if tokenizer.token_to_id(t) != i]
     if wrong:
         raise ShardmergeError(
             f"the merged tokenizer gave {len(wrong)} new token(s) other ids than planned "
-            f"(first: {wrong[0]!r}: {vocab.get(wrong[0])} vs {plan.new_ids[wrong[0]]})"
+            f"(first: {wrong[0]!r}: {tokenizer.token_to_id(wrong[0])} vs "
+            f"{plan.new_ids[wrong[0]]})"
         )
-    tokenizer.save_pretrained(str(work))
+    tokenizer.save(str(work / TOKENIZER_JSON))
+    config: dict[str, Any] = {}
+    if (source / TOKENIZER_CONFIG).is_file():
+        loaded = json.loads((source / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        config = loaded if isinstance(loaded, dict) else {}
+    decoder = dict(config.get("added_tokens_decoder") or {})
+    for token, _ in plan.new_tokens:
+        decoder[str(plan.new_ids[token.content])] = {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+    config["added_tokens_decoder"] = decoder
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (work / TOKENIZER_CONFIG).write_text(text, encoding="utf-8")
+    for name in ("special_tokens_map.json", *TEMPLATE_FILES):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, work / name)
 
 
 def set_chat_template(work: Path, template: str) -> None:

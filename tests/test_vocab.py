@@ -222,7 +222,7 @@ def test_union_output_loads_in_transformers(tmp_path: Path) -> None:
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 72) and torch.isfinite(logits).all()
     card = (out / "README.md").read_text()
-    assert "| `<|im_start|>` | 68 | b |" in card
+    assert "| `<\\|im_start\\|>` | 68 | b |" in card
 
 
 def test_n_model_union_with_tied_embeddings_and_padding(tmp_path: Path) -> None:
