@@ -40,8 +40,6 @@ import xxhash
 from shardmerge import faults, readahead, slerp
 from shardmerge.errors import CheckpointError, NonFiniteInputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo, read_header, safe_member
-from shardmerge.rowgather import read_gathered
-from shardmerge.vocab import GatheredTensor
 from shardmerge.plan import (
     CHUNK_NUMEL,
     RESIDENT_NUMEL,
@@ -50,6 +48,8 @@ from shardmerge.plan import (
     TensorTask,
     chunk_buffers,
 )
+from shardmerge.rowgather import read_gathered
+from shardmerge.vocab import GatheredTensor
 
 _T = TypeVar("_T")
 

@@ -163,8 +163,8 @@ def execute_passes(
     dev = torch.device(device)
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [_Reader(src, label) for src, label in zip(sources, names, strict=True)]
-    for reader in readers:
-        reader.peers = readers
+    for model_reader in readers:
+        model_reader.peers = readers
     chunk = _chunk_numel()
     itemsizes = [
         max((DTYPE_SIZES[t.inputs[i].dtype] for t in plan.tasks), default=4)

@@ -19,7 +19,6 @@ from shardmerge.inventory import (
 )
 from shardmerge.methods import MethodSpec, Param, get_method
 from shardmerge.recipe import Recipe
-from shardmerge.vocab import VocabPlan, gather_tensors
 from shardmerge.schedule import (
     LayerPos,
     Schedule,
@@ -29,6 +28,7 @@ from shardmerge.schedule import (
     resolve_t,
     t_table,
 )
+from shardmerge.vocab import VocabPlan, gather_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"

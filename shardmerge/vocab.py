@@ -178,8 +178,8 @@ def plan_vocab(
     for v in vocabs:
         table = array("q", [-1]) * rows
         for r in range(real_rows):
-            tok = by_id.get(r)
-            idx = v.tokens.get(tok, -1) if tok is not None else -1
+            name = by_id.get(r)
+            idx = v.tokens.get(name, -1) if name is not None else -1
             if 0 <= idx < v.rows:
                 table[r] = idx
         own.append(table)
@@ -214,9 +214,9 @@ def plan_vocab(
             for table in own:
                 table[r] = -1
     for r in range(real_rows):
-        tok = by_id.get(r)
-        if tok is None or tok in overrides:
-            if tok is None:
+        token = by_id.get(r)
+        if token is None or token in overrides:
+            if token is None:
                 fill[r] = ()  # an id the tokenizer skips: mergekit leaves its row zero
             continue
         has = [i for i, table in enumerate(own) if table[r] >= 0]
@@ -225,11 +225,11 @@ def plan_vocab(
         if len(has) == 1:
             fill[r] = ((has[0], own[has[0]][r]),)
             counts["donor"] += 1
-            only_in.setdefault(has[0], []).append(tok)
+            only_in.setdefault(has[0], []).append(token)
         elif not has:
             fill[r] = ()
             counts["zero"] += 1
-            zeros.append(tok)
+            zeros.append(token)
         elif base is not None and base in has:
             fill[r] = ((base, own[base][r]),)
             counts["base"] += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,90 @@ def test_hub_union_streams_and_preflight_reads_tokenizers_first(
     shard_gets = [r for r in fake_hub.requests("GET") if r.path.endswith(".safetensors")]
     assert shard_gets and all(r.range is not None for r in shard_gets)  # headers only
     assert not (tmp_path / "bad").exists()
+
+
+def test_any_tensor_with_the_vocabulary_axis_is_reindexed_and_verify_recomputes_it(
+    tmp_path: Path, capsys
+) -> None:
+    a_dir, b_dir, state_a, state_b = _pair(tmp_path)
+    # A per-token bias under a name no list knows: found by its first axis (config vocab_size).
+    for folder, state, seed in ((a_dir, state_a, 5), (b_dir, state_b, 6)):
+        rows = state["lm_head.weight"].shape[0]
+        bias = torch.randn(rows, generator=torch.Generator().manual_seed(seed))
+        state["head.token_bias"] = bias.to(torch.bfloat16)
+        for old in folder.glob("*.safetensors"):
+            old.unlink()
+        (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        write_checkpoint(folder, state, None, config)
+    recipe = f"models: {{a: {a_dir}, b: {b_dir}}}\nt: 0\ntokenizer_from: union\n"
+    out = _run(tmp_path, recipe)
+    bias = _read(out)["head.token_bias"]
+    assert bias.shape == (72,)
+    assert torch.equal(bias[:68], state_a["head.token_bias"])
+    assert torch.equal(bias[68:], state_b["head.token_bias"][68:])
+    capsys.readouterr()
+    assert cli.main(["verify", str(out), "--recipe", str(tmp_path / "out.yml"), "--full"]) == 0
+
+
+def test_chat_template_auto_and_jinja(tmp_path: Path) -> None:
+    a_dir, b_dir, _, _ = _pair(tmp_path)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    for folder in (a_dir, b_dir):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    head = f"merge_method: slerp\nbase_model: {a_dir}\nmodels: [{{model: {b_dir}}}]\n"
+    head += "parameters: {t: 0.5}\ntokenizer_source: union\n"
+    out = _run(tmp_path, head + "chat_template: auto\n")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == "[user] hi\n"
+    jinja = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    out = _run(tmp_path, head + f"chat_template: {json.dumps(jinja)}\n", out="jinja")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template(chat, tokenize=False) == "<<hi>>"
+
+
+def test_mixed_trained_rows_warn() -> None:
+    # <x> was reserved (plain) in a, added (and presumably trained) in b.
+    a = _vocab("a", ["a", "<x>"])
+    b = _vocab("b", ["a", "<x>"], added=("<x>",))
+    plan = plan_vocab(VocabSpec("union"), [a, b], 0, ["a", "b"])
+    assert plan.identity
+    assert any("may mix a trained row with an untrained one" in w and "'<x>'" in w
+               for w in plan.warnings)  # fmt: skip
+
+
+def test_plain_merges_never_import_the_tokenizer_library(tmp_path: Path) -> None:
+    a_dir, _, _, _ = _pair(tmp_path)
+    code = (
+        "import sys\nfrom shardmerge import cli\n"
+        f"assert cli.main(['validate', {str(tmp_path / 'r.yml')!r}]) == 0\n"
+        "assert 'tokenizers' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    (tmp_path / "r.yml").write_text(f"models: {{a: {a_dir}, b: {a_dir}}}\nt: 0.5\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_token_overrides_end_to_end(tmp_path: Path) -> None:
+    a_dir, b_dir, state_a, state_b = _pair(tmp_path)
+    out = _run(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {a_dir}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {b_dir}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"
+        "tokenizer:\n  source: union\n  tokens:\n"
+        "    a: {source: {kind: zero}, force: true}\n"  # id 3: zero in both models
+        f"    b: {{source: {b_dir}, force: true}}\n"  # id 4: B's row for both
+        f"    <tool>: {{source: {{kind: model_token, model: {a_dir}, token: c}}}}\n",
+    )
+    embed = _read(out)["model.embed_tokens.weight"]
+    assert torch.equal(embed[3], torch.zeros(HIDDEN, dtype=torch.bfloat16))
+    assert torch.equal(embed[4], state_b["model.embed_tokens.weight"][4])
+    # <tool> (70): B has its own row, A (lacking it) takes its row of 'c' (id 5): the mean.
+    expected = (
+        state_a["model.embed_tokens.weight"][5].float()
+        + state_b["model.embed_tokens.weight"][70].float()
+    ) / 2
+    assert _steps(embed[70], expected) <= 1
