@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -93,6 +94,11 @@ class PreparedMerge:
             digest.update(f"\0{self.plan.method}\0seed={self.plan.random_seed}".encode())
         for shard in self.plan.shards:
             digest.update(shard.filename.encode() + shard.header)
+        if self.vocab is not None:  # which rows go where, not only the shapes
+            digest.update(repr(sorted(self.vocab.new_ids.items())).encode())
+            digest.update(repr(sorted(self.vocab.fill.items())).encode())
+            for table in self.vocab.own:
+                digest.update(bytes(memoryview(table)) if isinstance(table, array) else b"")
         return digest.hexdigest()
 
 

@@ -23,7 +23,7 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
       dtype: bfloat16          # default: the first model's dtype
       shard_size: 5GB          # 5GB = 5e9 bytes, 2GiB = 2 * 1024**3 bytes, or a plain int
     device: auto               # auto | cpu | cuda | cuda:N
-    tokenizer_from: a          # a | b
+    tokenizer_from: a          # a | b | union
     hub:
       push_to: me/merged
       private: true            # default false (public), as in huggingface_hub
@@ -40,11 +40,11 @@ A ``{path: ...}`` model is taken as written (no ``@`` split), for local paths co
 **mergekit configs** with ``merge_method: slerp`` are read unchanged: ``base_model`` is the
 t = 0 end; ``models:`` or exactly one ``slices:`` entry of two sources name the other model;
 ``parameters.t`` (slice-level first) is a number, a gradient list or a list of
-``{filter, value}`` conditions; ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base`` or
-a model) are kept. Features shardmerge does not implement (other methods, several slices,
-``modules``, ``chat_template``, ``union`` tokenizers, LoRA ``model+lora`` references) are
-errors rather than silently ignored, and so is a ``t`` under one model's parameters, which
-mergekit ignores.
+``{filter, value}`` conditions; ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``,
+``union`` or a model), the ``tokenizer:`` block (``source``, ``tokens``, ``pad_to_multiple_of``)
+and ``chat_template`` are kept (:mod:`shardmerge.vocab`). Features shardmerge does not implement
+(other methods, several slices, ``modules``, LoRA ``model+lora`` references) are errors rather
+than silently ignored, and so is a ``t`` under one model's parameters, which mergekit ignores.
 
 Every problem is collected with its location (``t.rules[1].gradient[2]: ...``) and raised as
 one :class:`~shardmerge.errors.RecipeError`.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardmerge.errors import InputError, ShardmergeError
+from shardmerge.errors import InputError
 from shardmerge.inventory import ModelInventory
 from shardmerge.vocab import AddedToken, TokenizerVocab, VocabPlan, plan_vocab
 
@@ -80,9 +80,12 @@ def prepare_vocab(recipe: Recipe, models: Sequence[ResolvedModel]) -> VocabPlan 
         vocabs.append(read_vocab(folder, model.label, count))
     base = 0 if recipe.method == "slerp" or recipe.first_merged == 1 else None
     try:
-        return plan_vocab(spec, vocabs, base, [m.label for m in models])
+        plan = plan_vocab(spec, vocabs, base, [m.label for m in models])
     except ValueError as exc:
         raise InputError(str(exc).replace("\n", "; ")) from None
+    if plan.new_tokens:
+        extended_tokenizer(small_files_folder(models[plan.source], VOCAB_FILES), plan)
+    return plan
 
 
 def read_vocab(folder: Path, label: str, rows: int | None) -> TokenizerVocab:
@@ -155,15 +158,13 @@ def resolve_chat_template(name: str, folders: Sequence[Path]) -> str | None:
     return name
 
 
-def write_tokenizer(work: Path, source: Path, plan: VocabPlan) -> None:
-    """The source tokenizer with the plan's new tokens appended (flags kept), written into
-    ``work``: tokenizer.json (the tokenizers library), tokenizer_config.json's
-    added_tokens_decoder, the source's special-token map and chat template files. Vocabulary
-    files of a slow tokenizer (tokenizer.model, vocab.json, ...) would disagree and are left out,
-    as mergekit does for unions.
+def extended_tokenizer(source: Path, plan: VocabPlan) -> Any:
+    """The source's tokenizer.json (a ``tokenizers.Tokenizer``) with the plan's new tokens
+    appended, their flags kept.
 
     Raises:
-        ShardmergeError: the library gave the new tokens other ids than planned.
+        InputError: the library gives the new tokens other ids than planned (checked while
+            planning, so before any tensor is read).
     """
     from tokenizers import AddedToken as LibraryToken
     from tokenizers import Tokenizer
@@ -184,11 +185,22 @@ def write_tokenizer(work: Path, source: Path, plan: VocabPlan) -> None:
             tokenizer.add_tokens([added])
     wrong = [t for t, i in plan.new_ids.items() if tokenizer.token_to_id(t) != i]
     if wrong:
-        raise ShardmergeError(
-            f"the merged tokenizer gave {len(wrong)} new token(s) other ids than planned "
-            f"(first: {wrong[0]!r}: {tokenizer.token_to_id(wrong[0])} vs "
-            f"{plan.new_ids[wrong[0]]})"
+        raise InputError(
+            f"{source / TOKENIZER_JSON}: appending {len(wrong)} token(s) gives other ids than "
+            f"the embedding rows planned for them (first: {wrong[0]!r}: "
+            f"{tokenizer.token_to_id(wrong[0])} vs {plan.new_ids[wrong[0]]}; the tokenizer's ids "
+            "have gaps?); choose one model's tokenizer instead"
         )
+    return tokenizer
+
+
+def write_tokenizer(work: Path, source: Path, plan: VocabPlan) -> None:
+    """The source tokenizer extended by the plan (:func:`extended_tokenizer`) written into
+    ``work``: tokenizer.json (the tokenizers library), tokenizer_config.json's
+    added_tokens_decoder, the source's special-token map and chat template files. Vocabulary
+    files of a slow tokenizer (tokenizer.model, vocab.json, ...) would disagree and are left out,
+    as mergekit does for unions."""
+    tokenizer = extended_tokenizer(source, plan)
     tokenizer.save(str(work / TOKENIZER_JSON))
     config: dict[str, Any] = {}
     if (source / TOKENIZER_CONFIG).is_file():

@@ -148,7 +148,13 @@ def plan_vocab(
             "embedding rows and are left out"
         )
     new_tokens: list[tuple[AddedToken, int]] = []
-    if spec.source == "union":
+    if spec.source == "union" and beyond:
+        problems.append(
+            f"tokenizer_source: union: the tokenizer of {labels[source]} has {beyond} token(s) "
+            f"beyond its {first.rows} embedding rows, so new tokens cannot follow it; choose "
+            "one model's tokenizer instead"
+        )
+    elif spec.source == "union":
         kinds = {v.kind for v in vocabs}
         if len(kinds) > 1:
             which = ", ".join(f"{label}: {v.kind}" for label, v in zip(labels, vocabs, strict=True))

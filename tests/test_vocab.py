@@ -474,3 +474,13 @@ def test_token_overrides_end_to_end(tmp_path: Path) -> None:
         + state_b["model.embed_tokens.weight"][70].float()
     ) / 2
     assert _steps(embed[70], expected) <= 1
+
+
+def test_union_cannot_follow_tokens_beyond_the_embedding() -> None:
+    a = _vocab("a", ["a", "b", "c"], rows=2)  # 'c' has no embedding row
+    b = _vocab("b", ["a", "b", "z"])
+    with pytest.raises(ValueError, match="has 1 token\\(s\\) beyond its 2 embedding rows"):
+        plan_vocab(VocabSpec("union"), [a, b], 0, ["a", "b"])
+    # Its own tokenizer is fine: the extra token is left out, with a warning.
+    plan = plan_vocab(VocabSpec(0), [a, b], 0, ["a", "b"])
+    assert plan.real_rows == 2 and any("beyond its 2 embedding rows" in w for w in plan.warnings)
