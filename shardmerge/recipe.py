@@ -1382,10 +1382,13 @@ def _mk_chat_template(value: Any, check: _Check) -> str | None:
         value in _CHAT_TEMPLATE_NAMES or ("{" in value and len(value) >= 20)
     ):
         return value
+    hint = ""
+    if value in ("alpaca", "llama3", "mistral", "exaone"):
+        hint = f" (mergekit's built-in {value} template is not shipped: paste it as a string)"
     check.add(
         "chat_template",
         f"expected chatml, auto or a Jinja template (at least 20 characters with a '{{'), got "
-        f"{_describe(value)}",
+        f"{_describe(value)}{hint}",
     )
     return None
 

@@ -188,6 +188,12 @@ def plan_vocab(
             idx = v.tokens.get(name, -1) if name is not None else -1
             if 0 <= idx < v.rows:
                 table[r] = idx
+        # A padded embedding keeps its own rows beyond the tokenizer (no token reads them);
+        # rows it lacks there get the mean of its real rows.
+        used = set(v.tokens.values())
+        for r in range(real_rows, min(rows, v.rows)):
+            if r not in used:
+                table[r] = r
         own.append(table)
 
     overrides = {o.token: o for o in spec.overrides}
@@ -266,13 +272,9 @@ def plan_vocab(
     if problems:
         raise ValueError("\n".join(problems))
 
-    identity = (
-        not fill
-        and rows == real_rows
-        and all(
-            v.rows == rows and all(table[r] == r for r in range(rows))
-            for v, table in zip(vocabs, own, strict=True)
-        )
+    identity = not fill and all(
+        v.rows == rows and all(table[r] == r for r in range(rows))
+        for v, table in zip(vocabs, own, strict=True)
     )
     report = [
         "vocabulary: "
@@ -302,7 +304,10 @@ def plan_vocab(
     if overrides:
         report.append(f"  {len(overrides)} row(s) set by tokenizer.tokens")
     if rows > real_rows:
-        report.append(f"  {rows - real_rows} padding row(s): the mean of each model's real rows")
+        report.append(
+            f"  {rows - real_rows} padding row(s): a padded model's own, else the mean of the "
+            "model's real rows"
+        )
     return VocabPlan(
         source=source,
         new_tokens=tuple(new_tokens),

@@ -484,3 +484,18 @@ def test_union_cannot_follow_tokens_beyond_the_embedding() -> None:
     # Its own tokenizer is fine: the extra token is left out, with a warning.
     plan = plan_vocab(VocabSpec(0), [a, b], 0, ["a", "b"])
     assert plan.real_rows == 2 and any("beyond its 2 embedding rows" in w for w in plan.warnings)
+
+
+def test_a_padded_embedding_keeps_its_size_and_padding_rows() -> None:
+    # Qwen2.5-style: 3 tokens, 5 rows, in both models: nothing to re-index (mergekit would
+    # shrink both to 3 rows, its #425).
+    a = _vocab("a", ["a", "b", "c"], rows=5)
+    b = _vocab("b", ["a", "b", "c"], rows=5)
+    same = plan_vocab(VocabSpec("union"), [a, b], 0, ["a", "b"])
+    assert same.identity and same.rows == 5
+    # A chat sibling's new token takes the first spare row; the base keeps its own padding rows.
+    chat = _vocab("chat", ["a", "b", "c", "<x>"], added=("<x>",), rows=5)
+    plan = plan_vocab(VocabSpec("union"), [a, chat], 0, ["a", "chat"])
+    assert (plan.rows, plan.real_rows, plan.new_ids) == (5, 4, {"<x>": 3})
+    assert list(plan.own[0]) == [0, 1, 2, -1, 4] and plan.fill[3] == ((1, 3),)
+    assert list(plan.own[1]) == [0, 1, 2, 3, 4]
