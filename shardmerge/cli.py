@@ -324,6 +324,8 @@ def _validate(
     prepared = pipeline.prepare(recipe, allow_pickle=args.allow_pickle)
     _print_warnings(prepared.plan.warnings)
     pipeline.check_stream_budget(prepared, args.stream_budget)
+    for line in prepared.vocab.report if prepared.vocab is not None else ():
+        print(line)
     if out is None:
         pipeline.check_device(device)
         where = "(no output folder given: pass --out to check it too)"

@@ -49,6 +49,8 @@ from shardmerge.plan import (
     TensorTask,
     chunk_buffers,
 )
+from shardmerge.rowgather import read_gathered
+from shardmerge.vocab import GatheredTensor
 
 _T = TypeVar("_T")
 
@@ -101,6 +103,8 @@ class _Reader:
         self.drop_consumed = False
         # Called when a read waits for the disk rather than copying from memory.
         self.on_slow_read: Callable[[], None] | None = None
+        # Every model's reader, by model index: a re-indexed embedding reads other models' rows.
+        self.peers: list[_Reader] = [self]
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
         # Only the reader thread opens (and releases) files, so fetching (maybe a download)
@@ -127,6 +131,16 @@ class _Reader:
     ) -> None:
         """Fill ``buf`` from the tensor's bytes at ``byte_start``; ``last``: the merge reads
         these bytes no more (a large tensor's sums pass reads them again for its output)."""
+        if isinstance(info, GatheredTensor):
+            peers = self.peers
+            read_gathered(
+                info,
+                byte_start,
+                buf,
+                lambda m, src, start, view, end: peers[m].read_into(src, start, view, last=end),
+                last,
+            )
+            return
         fd, data_start = self._fd(info)
         offset = data_start + info.begin + byte_start
         done = 0
@@ -514,6 +528,7 @@ def execute_plan(
     """
     reader_a = _Reader(source_a, "model A")
     reader_b = _Reader(source_b, "model B")
+    reader_a.peers = reader_b.peers = [reader_a, reader_b]
     dev = torch.device(device)
     remaining = _file_refcounts(plan, skip_shards)
 

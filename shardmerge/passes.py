@@ -170,6 +170,8 @@ def execute_passes(
     dev = torch.device(device)
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [_Reader(src, label) for src, label in zip(sources, names, strict=True)]
+    for model_reader in readers:
+        model_reader.peers = readers
     chunk = _chunk_numel()
     # One buffer per input position (a sliced stack's tasks may have fewer inputs than models).
     positions = max((len(t.inputs) for t in plan.tasks), default=len(readers))

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -60,6 +61,15 @@ from shardmerge.resolve import (
     small_files_folder,
     stream_disk_needed,
 )
+from shardmerge.tokenizer_files import (
+    VOCAB_FILES,
+    prepare_vocab,
+    resolve_chat_template,
+    set_chat_template,
+    vocab_config,
+    write_tokenizer,
+)
+from shardmerge.vocab import VocabPlan
 
 if TYPE_CHECKING:
     from shardmerge.hub import PushResult, PushTarget
@@ -72,6 +82,7 @@ class PreparedMerge:
     recipe: Recipe
     models: tuple[ResolvedModel, ...]  # in the recipe's order (recipe.models)
     plan: MergePlan
+    vocab: VocabPlan | None = None  # the output vocabulary, when embeddings are re-indexed
 
     @property
     def model_a(self) -> ResolvedModel:
@@ -91,6 +102,11 @@ class PreparedMerge:
             digest.update(f"\0{self.plan.method}\0seed={self.plan.random_seed}".encode())
         for shard in self.plan.shards:
             digest.update(shard.filename.encode() + shard.header)
+        if self.vocab is not None:  # which rows go where, not only the shapes
+            digest.update(repr(sorted(self.vocab.new_ids.items())).encode())
+            digest.update(repr(sorted(self.vocab.fill.items())).encode())
+            for table in self.vocab.own:
+                digest.update(bytes(memoryview(table)) if isinstance(table, array) else b"")
         return digest.hexdigest()
 
 
@@ -113,8 +129,13 @@ def prepare(
         resolve_model(ref, key, allow_pickle=allow_pickle, base_dir=base, other_base=other)
         for ref, key in zip(recipe.models, _resolve_keys(recipe), strict=True)
     )
-    plan = plan_merge(recipe, *(m.inventory for m in models), shard_size_bytes=shard_size_bytes)
-    return PreparedMerge(recipe, models, plan)
+    # Tokenizer files first (for a Hub model, before any weights): a vocabulary problem is
+    # found before anything big is read.
+    vocab = prepare_vocab(recipe, models)
+    plan = plan_merge(
+        recipe, *(m.inventory for m in models), shard_size_bytes=shard_size_bytes, vocab=vocab
+    )
+    return PreparedMerge(recipe, models, plan, vocab)
 
 
 def _resolve_keys(recipe: Recipe) -> tuple[str, ...]:
@@ -203,6 +224,8 @@ def describe_plan(
             size = sum(plan.shards[i].file_bytes for i in shard_ids)
             names = ", ".join(plan.shards[i].filename for i in shard_ids) or "(none)"
             lines.append(f"  rank {rank}: {size:,} bytes: {names}")
+    if prepared.vocab is not None:
+        lines += prepared.vocab.report
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -858,18 +881,34 @@ def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None
     """config, tokenizer and other small files, and the card without statistics (everything
     but shards and index; :func:`finish_output` writes the card again with them)."""
     plan = prepared.plan
-    a = prepared.model_a
-    tok_from_b = prepared.recipe.tokenizer_source == "b"
-    # Only what the output takes: A's files (B's tokenizer instead of A's when asked for).
-    files_a = [f for f in a.small_files if not (tok_from_b and is_tokenizer_file(f))]
+    recipe = prepared.recipe
+    a, vocab, spec = prepared.model_a, prepared.vocab, recipe.vocab
+    # The model the tokenizer comes from (the first model's config and other files either way).
+    if vocab is not None:
+        tok = prepared.models[vocab.source]
+    elif spec is not None and isinstance(spec.source, int):
+        tok = prepared.models[spec.source]
+    else:
+        tok = prepared.models[1 if recipe.tokenizer_source == "b" else 0]
+    own_tokenizer = tok is a and (vocab is None or vocab.identity)
+    files_a = [f for f in a.small_files if own_tokenizer or not is_tokenizer_file(f)]
     folder_a = small_files_folder(a, files_a)
     copy_files(folder_a, [f for f in files_a if f != "config.json"], work)
-    if tok_from_b:
-        b = prepared.model_b
-        files_b = [f for f in b.small_files if is_tokenizer_file(f)]
-        copy_files(small_files_folder(b, files_b), files_b, work)
+    if vocab is not None and not vocab.identity:
+        write_tokenizer(work, small_files_folder(tok, VOCAB_FILES), vocab)
+    elif tok is not a:
+        files_tok = [f for f in tok.small_files if is_tokenizer_file(f)]
+        copy_files(small_files_folder(tok, files_tok), files_tok, work)
+    if spec is not None and spec.chat_template is not None:
+        folders = [small_files_folder(m, VOCAB_FILES) for m in prepared.models]
+        template = resolve_chat_template(spec.chat_template, folders)
+        if template is not None:
+            set_chat_template(work, template)
     out_dtype = _dominant_out_dtype(plan)
     config = dict(a.inventory.config) if a.inventory.config is not None else None
+    if config is not None and (vocab is not None or tok is not a):
+        source_config = dict(tok.inventory.config) if tok.inventory.config is not None else None
+        config = vocab_config(config, vocab, source_config if tok is not a else None)
     if config is not None and prepared.recipe.slices and plan.restacked:
         from shardmerge.slices import rewrite_config
 
@@ -916,6 +955,13 @@ def write_card(
         random_seed=plan.random_seed if uses_seed else None,
         statistics=section,
     )
+    vocab = prepared.vocab
+    if vocab is not None and vocab.new_tokens:
+        labels = [shown_name(m) for m in prepared.models]
+        card += "\n## Added tokens\n\n| token | id | from |\n|---|---|---|\n" + "".join(
+            f"| `{_cell(t.content)}` | {vocab.new_ids[t.content]} | {_cell(labels[m])} |\n"
+            for t, m in vocab.new_tokens
+        )
     (work / "README.md").write_text(card)
 
 
@@ -964,6 +1010,11 @@ def _statistics_section(
 # Licenses found, by (Hub id or folder, pin): the card is written twice per run (before and
 # after the merge) and should not ask the Hub twice.
 _LICENSES: dict[tuple[str, str], str | None] = {}
+
+
+def _cell(text: str) -> str:
+    """``text`` for a markdown table cell (a "|" would end the cell, even in code)."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _card_license(model: ResolvedModel) -> str | None:

@@ -28,6 +28,7 @@ from shardmerge.schedule import (
     resolve_t,
     t_table,
 )
+from shardmerge.vocab import VocabPlan, gather_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
@@ -201,10 +202,12 @@ def plan_merge(
     recipe: Recipe,
     *models: ModelInventory,
     shard_size_bytes: int | None = None,
+    vocab: VocabPlan | None = None,
 ) -> MergePlan:
     """Check the models against each other and the recipe; lay out the output.
 
-    ``models`` are in the recipe's order (``recipe.models``).
+    ``models`` are in the recipe's order (``recipe.models``). ``vocab``: the output vocabulary
+    (tokenizer_source); vocabulary-indexed tensors are re-indexed to it before anything else.
 
     Raises:
         CheckpointError: listing every mismatch and every tensor without a parameter, at once.
@@ -220,6 +223,10 @@ def plan_merge(
     first = models[0]
     tied = _ties_embeddings(first)
     sources = [_sources(model, tied, warnings) for model in models]
+    if vocab is not None:
+        warnings += vocab.warnings
+        if not vocab.identity:
+            sources, _ = gather_tensors(vocab, sources)
 
     problems: list[str] = []
     for model, other in zip(models[1:], sources[1:], strict=True):
@@ -446,8 +453,9 @@ def _compare(
             hint = ""
             if name == LM_HEAD or name.endswith(_EMBED_SUFFIXES):
                 hint = (
-                    " (the vocabularies differ; shardmerge does not silently truncate: merge "
-                    "models that share a tokenizer)"
+                    " (the vocabularies differ; shardmerge does not silently truncate: add "
+                    "tokenizer_source: union to the recipe (tokenizer_from: union in "
+                    "shardmerge's format), or base or a model's reference for that tokenizer)"
                 )
             problems.append(
                 f"tensor {name!r}: shape {list(ta.shape)} in {label_a} vs {list(tb.shape)} "

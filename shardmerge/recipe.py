@@ -23,7 +23,7 @@ Two formats are read; a ``merge_method`` key means mergekit's, anything else is 
       dtype: bfloat16          # default: the first model's dtype
       shard_size: 5GB          # 5GB = 5e9 bytes, 2GiB = 2 * 1024**3 bytes, or a plain int
     device: auto               # auto | cpu | cuda | cuda:N
-    tokenizer_from: a          # a | b
+    tokenizer_from: a          # a | b | union
     hub:
       push_to: me/merged
       private: true            # default false (public), as in huggingface_hub
@@ -40,11 +40,11 @@ A ``{path: ...}`` model is taken as written (no ``@`` split), for local paths co
 **mergekit configs** with ``merge_method: slerp`` are read unchanged: ``base_model`` is the
 t = 0 end; ``models:`` or ``slices:`` (see :mod:`shardmerge.recipe_slices`) name the other
 model; ``parameters.t`` (slice-level first) is a number, a gradient list or a list of
-``{filter, value}`` conditions; ``dtype``, ``out_dtype`` and ``tokenizer_source`` (``base`` or
-a model) are kept. Features shardmerge does not implement (methods it lacks,
-``modules``, ``chat_template``, ``union`` tokenizers, LoRA ``model+lora`` references) are
-errors rather than silently ignored, and so is a ``t`` under one model's parameters, which
-mergekit ignores.
+``{filter, value}`` conditions; ``dtype``, ``out_dtype``, ``tokenizer_source`` (``base``,
+``union`` or a model), the ``tokenizer:`` block (``source``, ``tokens``, ``pad_to_multiple_of``)
+and ``chat_template`` are kept (:mod:`shardmerge.vocab`). Features shardmerge does not implement
+(methods it lacks, ``modules``, LoRA ``model+lora`` references) are errors rather than silently
+ignored, and so is a ``t`` under one model's parameters, which mergekit ignores.
 
 Every problem is collected with its location (``t.rules[1].gradient[2]: ...``) and raised as
 one :class:`~shardmerge.errors.RecipeError`.
@@ -67,6 +67,7 @@ import yaml
 from shardmerge.errors import RecipeError
 from shardmerge.schedule import Gradient, LayerMap, Rule, Schedule, TValue
 from shardmerge.slices import Slice
+from shardmerge.vocab import TokenOverride, VocabSpec
 
 __all__ = [
     "DEFAULT_SHARD_SIZE_BYTES",
@@ -129,6 +130,9 @@ class Recipe:
     random_seed: int | None = None  # random masks (DARE); None: 0, recorded in the card
     # A new layer stack (mergekit slices:, our layers:); () merges whole models layer by layer.
     slices: tuple[Slice, ...] = ()
+    # tokenizer_source / tokenizer: / chat_template; None: the first model's tokenizer, and
+    # the vocabularies must match.
+    vocab: VocabSpec | None = None
 
     @property
     def model_a(self) -> ModelRef:
@@ -489,6 +493,7 @@ _TOP_KEYS = ("method", "models", "t", "layers", "output", "device", "tokenizer_f
 # Our format with a method other than slerp (models with parameters, a base, shared parameters).
 _METHOD_TOP_KEYS = (
     "method", "base", "models", "parameters", "layers", "random_seed", "output", "device", "hub",
+    "tokenizer_from",
 )  # fmt: skip
 _MERGEKIT_ONLY = (
     "base_model",
@@ -584,12 +589,16 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
             check.add("device", f"expected auto, cpu, cuda or cuda:N, got {_describe(value)}")
 
     tokenizer: Literal["a", "b"] = "a"
+    vocab: VocabSpec | None = None
     if "tokenizer_from" in data:
         value = data["tokenizer_from"]
         if value in ("a", "b"):
             tokenizer = "b" if value == "b" else "a"
+            vocab = VocabSpec(source=1 if value == "b" else 0)
+        elif value == "union":
+            vocab = VocabSpec(source="union")
         else:
-            check.add("tokenizer_from", f"expected a or b, got {_describe(value)}")
+            check.add("tokenizer_from", f"expected a, b or union, got {_describe(value)}")
 
     push_to: str | None = None
     private = False
@@ -632,6 +641,7 @@ def _parse_shardmerge(data: dict[Any, Any], check: _Check, text: str, source: st
         shard_size_bytes=shard_size,
         device=device,
         tokenizer_source=tokenizer,
+        vocab=vocab,
         layer_range=None,
         push_to_hub=push_to,
         private=private,
@@ -907,17 +917,12 @@ _MK_KEYS = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "chat_template",
 )
 _MK_UNSUPPORTED = {
     "modules": "multi-module (modules:) configs are not supported; use models: or one slices: "
     "entry",
-    "chat_template": "not supported: the output keeps the chat template of the model its "
-    "tokenizer comes from (tokenizer_source); remove this key",
 }
-_UNION = (
-    "union (a merged vocabulary) is not supported: shardmerge merges models that share one "
-    "vocabulary; use base or the other model's reference"
-)
 _T_UNDER_MODEL = (
     "slerp's t is a global parameter, which mergekit silently ignores here; move it to the "
     "top-level parameters (or the slice's parameters)"
@@ -980,7 +985,7 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
 
     input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
     out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
-    tokenizer = _mk_tokenizer(data, base, base_text, other, check)
+    tokenizer, vocab = _mk_tokenizer(data, base, base_text, other, check)
 
     return Recipe(
         models=(base or _PLACEHOLDER, other[0] if other is not None else _PLACEHOLDER),
@@ -991,6 +996,7 @@ def _parse_mergekit(data: dict[Any, Any], check: _Check, text: str, source: str)
         shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
         device="auto",
         tokenizer_source=tokenizer,
+        vocab=vocab,
         layer_range=layer_range,
         push_to_hub=None,
         private=False,
@@ -1179,67 +1185,146 @@ def _mk_tokenizer(
     base_text: str,
     other: tuple[ModelRef, str] | None,
     check: _Check,
-) -> Literal["a", "b"]:
-    """tokenizer_source or a `tokenizer: {source: ...}` block -> "a" or "b" (default base)."""
+) -> tuple[Literal["a", "b"], VocabSpec | None]:
+    """SLERP's tokenizer choices: ("a" or "b" for the files copied, the vocabulary spec)."""
+    refs = (base or _PLACEHOLDER, other[0] if other is not None else _PLACEHOLDER)
+    spec = _mk_vocab(data, refs, check, known=base is not None and other is not None)
+    return ("b" if spec is not None and spec.source == 1 else "a"), spec
+
+
+def _mk_vocab(
+    data: dict[Any, Any], refs: tuple[ModelRef, ...], check: _Check, known: bool = True
+) -> VocabSpec | None:
+    """tokenizer_source, or mergekit's `tokenizer:` block, and chat_template -> a VocabSpec
+    (None: neither given; the base's, or first model's, tokenizer, vocabularies must match).
+    ``known``: every model reference parsed (else unknown names are not reported)."""
     if "tokenizer_source" in data and "tokenizer" in data:
         check.add("tokenizer", "give only one of tokenizer_source and tokenizer")
-        return "a"
+        return None
+    template = None
+    if "chat_template" in data:
+        template = _mk_chat_template(data["chat_template"], check)
     if "tokenizer_source" in data:
-        return _mk_tokenizer_choice(
-            data["tokenizer_source"], "tokenizer_source", base, other, check
-        )
+        source = _mk_vocab_source(data["tokenizer_source"], "tokenizer_source", refs, check, known)
+        return VocabSpec(source=source, chat_template=template)
     if "tokenizer" not in data:
-        return "a"  # mergekit copies the base model's tokenizer
+        return VocabSpec(source=0, chat_template=template) if template is not None else None
     block = check.mapping(data["tokenizer"], "tokenizer")
     if block is None:
-        return "a"
-    check.keys(
-        block,
-        "tokenizer",
-        ("source",),
-        unsupported={
-            "tokens": "per-token embedding sources are not supported; the merged model keeps "
-            "the chosen tokenizer's vocabulary",
-            "pad_to_multiple_of": "vocabulary padding is not supported",
-        },
-    )
-    if "source" not in block:
-        check.add("tokenizer.source", "missing; give base or one of the models (" + _UNION + ")")
-        return "a"
-    return _mk_tokenizer_choice(block["source"], "tokenizer.source", base, other, check)
+        return None
+    check.keys(block, "tokenizer", ("source", "tokens", "pad_to_multiple_of"))
+    # mergekit's default source in the block is union.
+    source = _mk_vocab_source(block.get("source", "union"), "tokenizer.source", refs, check, known)
+    pad = None
+    if "pad_to_multiple_of" in block:
+        value = block["pad_to_multiple_of"]
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20:
+            pad = value
+        else:
+            check.add(
+                "tokenizer.pad_to_multiple_of",
+                f"expected a positive whole number, got {_describe(value)}",
+            )
+    overrides: list[TokenOverride] = []
+    tokens = check.mapping(block["tokens"], "tokenizer.tokens") if "tokens" in block else None
+    for token, entry in (tokens or {}).items():
+        where = f"tokenizer.tokens[{token!r}]"
+        item = check.mapping(entry, where, "a mapping {source: ..., force: ...}")
+        if item is None:
+            continue
+        if not isinstance(token, str) or not token:
+            check.add(where, "a token must be a non-empty string")
+            continue
+        check.keys(item, where, ("source", "force"))
+        force = bool(check.boolean(item["force"], f"{where}.force")) if "force" in item else False
+        raw = item.get("source")
+        model: int | None = None
+        source_token: str | None = None
+        source_id: int | None = None
+        if isinstance(raw, dict):
+            kind = raw.get("kind")
+            check.keys(raw, f"{where}.source", ("kind", "model", "token", "token_id"))
+            if kind == "zero":
+                overrides.append(TokenOverride(token, None, force=force, where=where))
+                continue
+            if kind != "model_token":
+                check.add(
+                    f"{where}.source.kind", f"expected zero or model_token, got {_describe(kind)}"
+                )
+                continue
+            if ("token" in raw) == ("token_id" in raw):
+                check.add(f"{where}.source", "give exactly one of token and token_id")
+                continue
+            if "token" in raw:
+                source_token = check.string(raw["token"], f"{where}.source.token")
+            elif isinstance(raw["token_id"], int) and raw["token_id"] >= 0:
+                source_id = raw["token_id"]
+            else:
+                check.add(
+                    f"{where}.source.token_id",
+                    f"expected a token id, got {_describe(raw['token_id'])}",
+                )
+                continue
+            raw = raw.get("model")
+        found = _mk_model_index(raw, f"{where}.source", refs, check, known)
+        if found is None:
+            continue
+        model = found
+        overrides.append(TokenOverride(token, model, source_token, source_id, force, where))
+    return VocabSpec(source, tuple(overrides), pad, template)
 
 
-def _mk_tokenizer_choice(
-    value: Any,
-    path: str,
-    base: ModelRef | None,
-    other: tuple[ModelRef, str] | None,
-    check: _Check,
-) -> Literal["a", "b"]:
-    if value == "base":
-        return "a"
+def _mk_vocab_source(
+    value: Any, path: str, refs: tuple[ModelRef, ...], check: _Check, known: bool
+) -> Literal["union"] | int:
     if value == "union":
-        check.add(path, _UNION)
-        return "a"
+        return "union"
+    if value == "base":
+        return 0
+    return _mk_model_index(value, path, refs, check, known) or 0
+
+
+def _mk_model_index(
+    value: Any, path: str, refs: tuple[ModelRef, ...], check: _Check, known: bool
+) -> int | None:
+    """The index in ``refs`` of a model named "base", "org/name@rev" or "org/name"."""
+    if value == "base":
+        return 0
     if not isinstance(value, str):
-        check.add(path, f"expected base or a model reference, got {_describe(value)}")
-        return "a"
-    sides: list[tuple[Literal["a", "b"], ModelRef]] = []
-    if base is not None:
-        sides.append(("a", base))
-    if other is not None:
-        sides.append(("b", other[0]))
-    # "org/name@rev" first, then the bare "org/name" (which is ambiguous only when both
-    # models are revisions of one repo; the base wins then).
-    for side, ref in sides:
+        check.add(path, f"expected base, union or a model reference, got {_describe(value)}")
+        return None
+    # "org/name@rev" first, then the bare "org/name" (ambiguous only when two models are
+    # revisions of one repo; the first wins then).
+    for i, ref in enumerate(refs):
         if ref.revision is not None and value == f"{ref.ref}@{ref.revision}":
-            return side
-    for side, ref in sides:
+            return i
+    for i, ref in enumerate(refs):
         if value == ref.ref:
-            return side
-    if base is not None and other is not None:
-        check.add(path, f"{value!r} is neither base nor one of the two models")
-    return "a"
+            return i
+    if known:
+        names = ", ".join(r.ref for r in refs)
+        check.add(path, f"{value!r} is not base, union or one of the models ({names})")
+    return None
+
+
+_CHAT_TEMPLATE_NAMES = ("chatml", "auto")
+
+
+def _mk_chat_template(value: Any, check: _Check) -> str | None:
+    """A built-in name (chatml), auto (the inputs' most common) or a Jinja string."""
+    if isinstance(value, str) and (
+        value in _CHAT_TEMPLATE_NAMES or ("{" in value and len(value) >= 20)
+    ):
+        return value
+    hint = ""
+    if value in ("alpaca", "llama3", "mistral", "exaone"):
+        hint = f" (mergekit's built-in {value} template is not shipped: paste it as a string)"
+    check.add(
+        "chat_template",
+        f"expected chatml, auto or a Jinja template (at least 20 characters with a '{{'), got "
+        f"{_describe(value)}{hint}",
+    )
+    return None
 
 
 # Parameter names mergekit methods take: under a method that does not use one, mergekit ignores
@@ -1356,7 +1441,7 @@ def _parse_mergekit_method(
     if spec.base == "required" or (spec.base == "optional" and base is not None):
         refs = (base or _PLACEHOLDER, *refs)
         keys = ("base_model", *keys)
-    tokenizer = _mk_method_tokenizer(data, refs, check)
+    vocab = _mk_vocab(data, refs, check, known=all(r != _PLACEHOLDER for r in refs))
     input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
     out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
     return Recipe(
@@ -1367,7 +1452,7 @@ def _parse_mergekit_method(
         output_dir=None,
         shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
         device="auto",
-        tokenizer_source=tokenizer,
+        tokenizer_source="a",
         layer_range=None,
         push_to_hub=None,
         private=False,
@@ -1376,6 +1461,7 @@ def _parse_mergekit_method(
         text=text,
         source=source,
         warnings=tuple(check.warnings),
+        vocab=vocab,
         method=name,
         model_keys=keys,
         model_params=model_params,
@@ -1511,30 +1597,6 @@ def _with_fallback(own: dict[str, Schedule], top: dict[str, Schedule]) -> dict[s
             )
         merged[key] = schedule
     return merged
-
-
-def _mk_method_tokenizer(
-    data: dict[Any, Any], refs: tuple[ModelRef, ...], check: _Check
-) -> Literal["a", "b"]:
-    """Methods other than slerp copy the tokenizer of the base (or the first model)."""
-    for key in ("tokenizer_source", "tokenizer"):
-        if key not in data:
-            continue
-        value = data[key]
-        if isinstance(value, dict):
-            value = value.get("source")
-            key = "tokenizer.source"
-        if value == "base" or (refs and isinstance(value, str) and value == refs[0].ref):
-            continue
-        if value == "union":
-            check.add(key, _UNION)
-        else:
-            check.add(
-                key,
-                f"{_describe(value)}: only base (the base_model's, or the first model's, "
-                "tokenizer) is supported for this method",
-            )
-    return "a"
 
 
 def _check_param_range(param: Any, schedule: Schedule, where: str, check: _Check) -> None:
@@ -1685,11 +1747,25 @@ def _parse_ours_method(
             slices = tuple(found or ())
     elif name == "passthrough" and len(refs) > 1:
         check.add("models", "passthrough copies one model; give layers: to stack several")
+    vocab: VocabSpec | None = None
+    if "tokenizer_from" in data:
+        # base, union, a model's name under models:, or its reference.
+        value = data["tokenizer_from"]
+        named = {key.removeprefix("models."): i for i, key in enumerate(keys)}
+        if value == "union":
+            vocab = VocabSpec("union")
+        elif isinstance(value, str) and value in named:
+            vocab = VocabSpec(named[value])
+        else:
+            known = all(r != _PLACEHOLDER for r in refs)
+            index = _mk_model_index(value, "tokenizer_from", tuple(refs), check, known)
+            vocab = VocabSpec(index) if index is not None else None
     slerp_like = _parse_shardmerge(
         {"models": {"a": "x", "b": "y"}, "t": 0.5, **_common(data)}, check, text, source
     )
     return dataclasses.replace(
         slerp_like,
+        vocab=vocab,
         models=tuple(refs),
         schedule=_NO_SCHEDULE,
         warnings=tuple(check.warnings),

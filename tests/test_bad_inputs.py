@@ -185,8 +185,8 @@ def _refused(
         ),
         pytest.param(
             "merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
-            "parameters: {{t: 0.5}}\nchat_template: chatml\n",
-            ["chat_template", "not supported"],
+            "parameters: {{t: 0.5}}\nchat_template: vicuna\n",
+            ["chat_template", "expected chatml, auto or a Jinja template"],
             id="mergekit-chat-template",
         ),
         pytest.param(

@@ -18,6 +18,7 @@ from shardmerge.recipe import (
     parse_size,
 )
 from shardmerge.schedule import Gradient, LayerMap, LayerPos, Rule, Schedule, resolve_t
+from shardmerge.vocab import VocabSpec
 
 ORCA = "psmathur/orca_mini_v3_13b"
 PLATYPUS = "garage-bAInd/Platypus2-13B"
@@ -173,7 +174,7 @@ def test_mergekit_dtypes_and_tokenizer_source() -> None:
     assert parse_recipe(base + "tokenizer: {source: base}\n").tokenizer_source == "a"
     assert parse_recipe(base + f"tokenizer: {{source: {PLATYPUS}}}\n").tokenizer_source == "b"
     problem = the_problem(base + "tokenizer_source: someone/else\n")
-    assert problem.startswith("tokenizer_source: 'someone/else' is neither base nor")
+    assert problem.startswith("tokenizer_source: 'someone/else' is not base, union or one of")
 
 
 def test_mergekit_slice_t_takes_precedence_and_falls_through() -> None:
@@ -233,13 +234,29 @@ def test_mergekit_unsupported_methods_are_rejected_with_the_supported_list() -> 
     assert problem == f"merge_method: unknown merge method 'tie'; {supported}"
 
 
-def test_mergekit_union_tokenizer_is_rejected() -> None:
-    problem = the_problem(MERGEKIT_MODELS + "tokenizer_source: union\n")
-    assert problem.startswith("tokenizer_source: union (a merged vocabulary) is not supported")
-    block = the_problem(MERGEKIT_MODELS + "tokenizer:\n  source: union\n")
-    assert block.startswith("tokenizer.source: union")
-    tokens = the_problem(MERGEKIT_MODELS + "tokenizer:\n  source: base\n  tokens: {}\n")
-    assert tokens.startswith("tokenizer.tokens: per-token embedding sources are not supported")
+def test_mergekit_union_tokenizer_block_and_chat_template() -> None:
+    assert parse_recipe(MERGEKIT_MODELS + "tokenizer_source: union\n").vocab == VocabSpec("union")
+    # mergekit's block defaults its source to union.
+    block = parse_recipe(
+        MERGEKIT_MODELS + "tokenizer:\n  pad_to_multiple_of: 64\n  tokens:\n"
+        f"    <x>: {{source: {PLATYPUS}, force: true}}\n    <y>: {{source: {{kind: zero}}}}\n"
+        f"    <z>: {{source: {{kind: model_token, model: base, token: '<s>'}}}}\n"
+        "chat_template: chatml\n"
+    ).vocab
+    assert block is not None
+    assert (block.source, block.pad_to_multiple_of, block.chat_template) == ("union", 64, "chatml")
+    assert [(o.token, o.model, o.source_token, o.force) for o in block.overrides] == [
+        ("<x>", 1, None, True), ("<y>", None, None, False), ("<z>", 0, "<s>", False),
+    ]  # fmt: skip
+    problems = "\n".join(
+        problems_of(
+            MERGEKIT_MODELS + "tokenizer:\n  pad_to_multiple_of: 0\n  tokens:\n"
+            "    <x>: {source: nobody/there}\nchat_template: vicuna\n"
+        )
+    )
+    assert "tokenizer.pad_to_multiple_of: expected a positive whole number" in problems
+    assert "tokenizer.tokens['<x>'].source: 'nobody/there' is not base, union or one" in problems
+    assert "chat_template: expected chatml, auto or a Jinja template" in problems
 
 
 def test_mergekit_t_under_a_model_is_an_error() -> None:
@@ -265,7 +282,6 @@ def test_mergekit_lora_reference_is_rejected() -> None:
     ("key", "expected"),
     [
         ("modules: {}", "modules: multi-module (modules:) configs are not supported"),
-        ("chat_template: auto", "chat_template: not supported"),
         ("paramters: {t: 0.5}", "paramters: unknown key; did you mean 'parameters'?"),
     ],
 )
@@ -552,7 +568,7 @@ def test_wrong_types_elsewhere() -> None:
         "or float32 (fp32, float)",
         "output.shard_size: expected a size such as 5GB or a number of bytes, got a list",
         "device: expected auto, cpu, cuda or cuda:N, got a string ('gpu')",
-        "tokenizer_from: expected a or b, got a string ('c')",
+        "tokenizer_from: expected a, b or union, got a string ('c')",
         "hub.push_to: expected a Hub repo id 'org/name', got a string ('not a repo')",
         "hub.private: expected true or false, got a number (1)",
         "hub.stream: expected true or false, got a string ('no')",
