@@ -198,3 +198,27 @@ def make_hf_cache_repo(
         link.symlink_to(os.path.relpath(blob, link.parent))
     snapshot.mkdir(parents=True, exist_ok=True)
     return snapshot
+
+
+# mergekit 0.1.5, installed by benchmarks/setup_mergekit.sh (git-ignored): the agreement tests
+# run its CLI on the same config and skip where it is absent.
+MERGEKIT_YAML = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-mergekit" / "bin"
+MERGEKIT_YAML = MERGEKIT_YAML / "mergekit-yaml"
+needs_mergekit = pytest.mark.skipif(
+    not MERGEKIT_YAML.exists(), reason="mergekit not installed (benchmarks/setup_mergekit.sh)"
+)
+
+
+def run_mergekit(config: Path, out: Path) -> Path:
+    """mergekit's output of ``config`` in ``out``, on the CPU, offline."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(
+        [str(MERGEKIT_YAML), str(config), str(out)],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    return out

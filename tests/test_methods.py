@@ -16,7 +16,7 @@ from safetensors import safe_open
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob, rng
 from shardmerge.methods.select import magnitude_keys
-from tests.conftest import write_checkpoint
+from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
 # --------------------------------------------------------------------------- dense references
 # Whole tensors in memory, written from the method descriptions (mergekit's semantics and our
@@ -432,24 +432,14 @@ def test_verify_recomputes_a_ties_merge(tmp_path, capsys):
 # --------------------------------------------------------------------------- mergekit
 
 
-MERGEKIT = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-mergekit" / "bin"
-
-
-@pytest.mark.skipif(not (MERGEKIT / "mergekit-yaml").exists(), reason="mergekit not installed")
+@needs_mergekit
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_agrees_with_mergekit(tmp_path, capsys, method):
     folders, states = _family(tmp_path, llama=True)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(
-        [str(MERGEKIT / "mergekit-yaml"), str(recipe), str(tmp_path / "theirs")],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    run_mergekit(recipe, tmp_path / "theirs")
     ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
     assert set(ours) == set(theirs)
     for name, mine in ours.items():

@@ -5,8 +5,6 @@ benchmarks/.venv-mergekit exists) agreement with mergekit 0.1.5 on a base and th
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,8 @@ import torch
 
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob
-from tests.test_methods import MERGEKIT, _family, _max_steps, _read, _shard_bytes
+from tests.conftest import needs_mergekit, run_mergekit
+from tests.test_methods import _family, _max_steps, _read, _shard_bytes
 
 # --------------------------------------------------------------------------- dense references
 # From the method descriptions (mergekit 0.1.5's semantics), on whole tensors.
@@ -401,20 +400,13 @@ def test_configs_run_match_the_reference_and_ignore_the_chunk_size(
     assert _shard_bytes(tmp_path / "small") == _shard_bytes(tmp_path / "out")
 
 
-@pytest.mark.skipif(not (MERGEKIT / "mergekit-yaml").exists(), reason="mergekit not installed")
+@needs_mergekit
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_agrees_with_mergekit_within_one_bf16_step(tmp_path, capsys, config):
     folders, states = _family(tmp_path, llama=True, tunes=3)
     recipe = _write(tmp_path, config, folders)
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(
-        [str(MERGEKIT / "mergekit-yaml"), str(recipe), str(tmp_path / "theirs")],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    run_mergekit(recipe, tmp_path / "theirs")
     ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
     assert set(ours) == set(theirs)
     for name, mine in ours.items():

@@ -5,9 +5,7 @@ resume, and (where benchmarks/.venv-mergekit exists) agreement with mergekit 0.1
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,9 +24,9 @@ from shardmerge.slices import (
     rewrite_config,
     stack_layers,
 )
-from tests.conftest import folder_files, write_checkpoint
+from tests.conftest import folder_files, needs_mergekit, run_mergekit, write_checkpoint
 from tests.test_distributed import _launch, needs_gloo
-from tests.test_methods import LAYERS, MERGEKIT, _family, _max_steps, _read, dense_linear
+from tests.test_methods import LAYERS, _family, _max_steps, _read, dense_linear
 from tests.test_resume import _run_subprocess
 from tests.test_slerp import reference_slerp
 
@@ -487,7 +485,7 @@ out_dtype: bfloat16
 """
 
 
-@pytest.mark.skipif(not (MERGEKIT / "mergekit-yaml").exists(), reason="mergekit not installed")
+@needs_mergekit
 @pytest.mark.parametrize(
     "config", [PASSTHROUGH, SLERP_ALIGNED, LINEAR], ids=["passthrough", "slerp", "linear"]
 )
@@ -495,14 +493,7 @@ def test_agrees_with_mergekit(tmp_path, capsys, config):
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, config, folders)
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(
-        [str(MERGEKIT / "mergekit-yaml"), str(recipe), str(tmp_path / "theirs")],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    run_mergekit(recipe, tmp_path / "theirs")
     ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
     assert set(ours) == set(theirs)
     for name, mine in ours.items():

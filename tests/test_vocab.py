@@ -16,12 +16,11 @@ from safetensors import safe_open
 
 from shardmerge import cli
 from shardmerge.vocab import AddedToken, TokenizerVocab, TokenOverride, VocabSpec, plan_vocab
-from tests.conftest import write_checkpoint
+from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
 pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-MERGEKIT = Path(__file__).resolve().parent.parent / "benchmarks" / ".venv-mergekit" / "bin"
 HIDDEN, INTER, LAYERS = 16, 32, 2
 # Four tokens a chat fine-tune adds: two special, two plain.
 ADDED = [("<|im_start|>", True), ("<|im_end|>", True), ("<tool>", False), ("foo_bar", False)]
@@ -306,7 +305,7 @@ def test_plan_reports_the_vocabularies(tmp_path: Path, capsys) -> None:
     assert "4 token(s) only in model B" in out and "'<|im_start|>'" in out
 
 
-@pytest.mark.skipif(not (MERGEKIT / "mergekit-yaml").exists(), reason="no mergekit venv")
+@needs_mergekit
 @pytest.mark.parametrize("method", ["slerp", "linear"])
 def test_union_agrees_with_mergekit(tmp_path: Path, method: str) -> None:
     a_dir, b_dir, _, _ = _pair(tmp_path)
@@ -322,14 +321,7 @@ def test_union_agrees_with_mergekit(tmp_path: Path, method: str) -> None:
         )
     text += "tokenizer_source: union\n"
     ours = _run(tmp_path, text, out="ours")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(
-        [str(MERGEKIT / "mergekit-yaml"), str(tmp_path / "ours.yml"), str(tmp_path / "theirs")],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+    run_mergekit(tmp_path / "ours.yml", tmp_path / "theirs")
     mine, theirs = _read(ours), _read(tmp_path / "theirs")
     assert set(mine) == set(theirs)
     for name, tensor in mine.items():
