@@ -32,7 +32,7 @@ from compare import compare_checkpoints, format_comparison  # noqa: E402
 from make_pair import DATA_DIR, PRESETS, PairSpec, ensure_pair, tensor_shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TOOLS = ("shardmerge", "mergekit", "floor", "read", "write", "baseline")
+TOOLS = ("shardmerge", "mergekit", "floor", "read", "write", "mixed", "baseline")
 DEFAULT_TOOLS = ("shardmerge", "mergekit", "floor")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 DEFAULT_SHARDMERGE = REPO / ".venv" / "bin" / "shardmerge"
@@ -160,6 +160,30 @@ def direct_write_command(out_dir: Path, out_bytes: int) -> list[str]:
     script = f"""set -e
 mkdir -p {shlex.quote(str(out_dir))}
 dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct status=none
+"""
+    return ["bash", "-c", script]
+
+
+def mixed_io_command(models: list[list[Path]], out_dir: Path, out_bytes: int) -> list[str]:
+    """Read every input (one `cat` per model) while writing the output's size with O_DIRECT,
+    all at once: the merge's I/O with no arithmetic and no ordering between reads and writes.
+    On a disk that shares one bandwidth between reads and writes this takes about read + write;
+    on one that overlaps them, less."""
+    jobs = "\n".join(
+        "cat " + " ".join(shlex.quote(str(p)) for p in files) + " > /dev/null & pids+=($!)"
+        for files in models
+    )
+    out = shlex.quote(str(out_dir / "mixed.bin"))
+    write = (
+        f"dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct "
+        "status=none & pids+=($!)"
+    )
+    script = f"""set -e
+mkdir -p {shlex.quote(str(out_dir))}
+pids=()
+{jobs}
+{write}
+for p in "${{pids[@]}}"; do wait "$p"; done
 """
     return ["bash", "-c", script]
 
@@ -325,6 +349,9 @@ def resolve_tools(
             version = _first_line(["cat", "--version"])
         elif name == "write":
             cmd = direct_write_command(out, out_bytes)
+            version = _first_line(["dd", "--version"])
+        elif name == "mixed":
+            cmd = mixed_io_command(models, out, out_bytes)
             version = _first_line(["dd", "--version"])
         else:
             cmd = floor_command(inputs, out, out_bytes)
@@ -516,6 +543,7 @@ def summarize(tools: list[ToolRuns], input_bytes: int) -> dict[str, dict[str, ob
             "ratio_to_shardmerge": ratio_to(t, "shardmerge"),
             "ratio_to_floor": ratio_to(t, "floor"),
             "ratio_to_read_write": ratio_to_read_write(t),
+            "ratio_to_mixed": ratio_to(t, "mixed"),
         }
     return summary
 
@@ -526,8 +554,8 @@ def markdown_table(tools: list[ToolRuns], summary: dict[str, dict[str, object]])
 
     rows = [
         "| tool | median wall (s) | runs (s) | input GB/s | peak RSS (GB) "
-        "| wall / shardmerge | wall / floor | wall / (read + write) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| wall / shardmerge | wall / floor | wall / (read + write) | wall / mixed |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for t in tools:
         s = summary[t.name]
@@ -539,7 +567,7 @@ def markdown_table(tools: list[ToolRuns], summary: dict[str, dict[str, object]])
             f"| {fmt(s['input_gb_per_s'], '.2f')} "
             f"| {fmt(None if rss is None else rss / 1e9, '.2f')} "
             f"| {fmt(s['ratio_to_shardmerge'], '.2f')} | {fmt(s['ratio_to_floor'], '.2f')} "
-            f"| {fmt(s['ratio_to_read_write'], '.2f')} |"
+            f"| {fmt(s['ratio_to_read_write'], '.2f')} | {fmt(s['ratio_to_mixed'], '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -552,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
         default=list(DEFAULT_TOOLS),
         help="comma-separated, run in this order each repeat (default shardmerge,mergekit,floor;"
-        " also: read = both inputs read at once, write = the output's size written with O_DIRECT)",
+        " also: read = both inputs read at once, write = the output's size written with O_DIRECT,"
+        " mixed = both at the same time)",
     )
     parser.add_argument(
         "--baseline-src",

@@ -59,3 +59,28 @@ def test_read_write_reference_is_taken_repeat_by_repeat():
     ]
     summary = run.summarize(tools, input_bytes=10**9)
     assert summary["shardmerge"]["ratio_to_read_write"] == (30 / 25 + 33 / 30) / 2
+
+
+def test_mixed_io_reads_every_input_and_writes_the_output_size(tmp_path):
+    files = []
+    for name in ("a1", "b1"):
+        (tmp_path / name).write_bytes(b"x" * 1000)
+        files.append(tmp_path / name)
+    command = run.mixed_io_command([files[:1], files[1:]], tmp_path / "out", 3 * 4096)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 and "Invalid argument" in done.stderr:  # tmpfs refuses O_DIRECT
+        return
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "mixed.bin").stat().st_size == 3 * 4096
+    missing = run.mixed_io_command([[tmp_path / "nope"], files[1:]], tmp_path / "out", 4096)
+    assert subprocess.run(missing, capture_output=True).returncode != 0
+
+
+def test_mixed_reference_is_taken_repeat_by_repeat():
+    tools = [
+        run.ToolRuns("shardmerge", [], walls_s=[30.0, 33.0]),
+        run.ToolRuns("mixed", [], walls_s=[25.0, 30.0]),
+    ]
+    summary = run.summarize(tools, input_bytes=10**9)
+    assert summary["shardmerge"]["ratio_to_mixed"] == (30 / 25 + 33 / 30) / 2
+    assert "| wall / mixed |" in run.markdown_table(tools, summary)
