@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/family.py --size medium --methods ties,dare_ties --repeats 3
     .venv/bin/python benchmarks/family.py --size tiny --tools shardmerge,floor --repeats 1
+    .venv/bin/python benchmarks/family.py --size wide --fine-tunes 3 --tools shardmerge --repeats 1
 
 The base and the first fine-tune are make_pair.py's A and B; the second fine-tune is the B of a
-second pair (another seed), sharded differently again. Each repeat runs every tool once per
+second pair (another seed), sharded differently again; with ``--fine-tunes N`` the k-th (k > 2)
+is the B of a k-th pair (DATA_DIR/SIZE-ftK). Each repeat runs every tool once per
 method, alternating, under `/usr/bin/time -v` from a warm page cache (run.py's machinery). The
 floor reads the three inputs once and writes one model's bytes with dd. Results: a markdown
 table on stdout, JSON in DATA_DIR/family-SIZE.json.
@@ -41,6 +43,7 @@ METHOD_PARAMS = {
     "breadcrumbs_ties": "weight: {w}, density: 0.5, gamma: 0.01",
     "della": "weight: {w}, density: 0.5, epsilon: 0.1",
     "model_stock": "",  # no per-model parameters
+    "karcher": "",
 }
 
 
@@ -48,7 +51,7 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
     """A mergekit config (shardmerge runs it unchanged) of ``method`` over the family."""
     lines = [f"merge_method: {method}"]
     models = list(fine_tunes)
-    if method == "linear":
+    if method in ("linear", "karcher"):
         models = [base, *fine_tunes]
     else:
         lines.append(f"base_model: {base}")
@@ -59,6 +62,8 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
         lines.append(f"  - model: {path}")
         if params:
             lines.append(f"    parameters: {{{params}}}")
+    if method == "karcher":
+        lines.append("parameters: {max_iter: 10, tol: 1.0e-5}")
     if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         lines.append("parameters: {int8_mask: true}")
     lines.append("dtype: bfloat16")
@@ -75,16 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shardmerge-bin", default=str(DEFAULT_SHARDMERGE))
     parser.add_argument("--mergekit-bin", default=str(DEFAULT_MERGEKIT))
     parser.add_argument("--quiet-wait-s", type=float, default=20.0)
+    parser.add_argument(
+        "--fine-tunes", type=int, default=2, help="how many fine-tunes of the base (2 or more)"
+    )
     args = parser.parse_args(argv)
+    if args.fine_tunes < 2:
+        parser.error("--fine-tunes: at least 2")
     methods = args.methods.split(",")
     tools = args.tools.split(",")
 
     spec = PRESETS[args.size]
     work = (DATA_DIR / args.size).resolve()
     ensure_pair(spec, work)
-    second = (DATA_DIR / f"{args.size}-second").resolve()
-    ensure_pair(replace(spec, seed=spec.seed + 1, shard_size_b_bytes=400_000_000), second)
-    base, fine_tunes = work / "a", [work / "b", second / "b"]
+    base, fine_tunes = work / "a", [work / "b"]
+    for k in range(2, args.fine_tunes + 1):
+        name = f"{args.size}-second" if k == 2 else f"{args.size}-ft{k}"
+        other = (DATA_DIR / name).resolve()
+        ensure_pair(replace(spec, seed=spec.seed + k - 1, shard_size_b_bytes=400_000_000), other)
+        fine_tunes.append(other / "b")
     inputs = safetensors_files(base) + [p for f in fine_tunes for p in safetensors_files(f)]
     input_bytes = sum(p.stat().st_size for p in inputs)
     out_bytes = sum(p.stat().st_size for p in safetensors_files(base))
@@ -151,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = "\n".join(rows)
     print(
-        f"## {args.size} family: a base and two fine-tunes, {input_bytes / 1e9:.2f} GB of bf16 "
+        f"## {args.size} family: a base and {len(fine_tunes)} fine-tunes, {input_bytes / 1e9:.2f} GB of bf16 "
         f"inputs\n\nMachine: {machine['nproc']} CPUs, load at start "
         f"{machine['load_avg_1min_at_start']}; warm page cache.\n\n{table}"
     )
     result = {"size": args.size, "machine": machine, "markdown": table, "walls": medians}
-    (DATA_DIR / f"family-{args.size}.json").write_text(json.dumps(result, indent=2))
+    suffix = "" if args.fine_tunes == 2 else f"-ft{args.fine_tunes}"
+    (DATA_DIR / f"family-{args.size}{suffix}.json").write_text(json.dumps(result, indent=2))
     return 1 if any(t.failed for t in runs) else 0
 
 
