@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         config = fam / f"{method}.yml"
         config.write_text(family_config(method, base, fine_tunes))
         if "shardmerge" in tools:
-            out = fam / f"out-{method}-shardmerge"
+            out = fam / f"out-shardmerge-{method}"  # the loop below deletes it after each run
             cmd = [args.shardmerge_bin, "run", str(config), "--out", str(out), "--overwrite"]
             runs.append(ToolRuns(f"shardmerge {method}", [*cmd, "--quiet"]))
         if "mergekit" in tools and Path(args.mergekit_bin).exists():
-            out = fam / f"out-{method}-mergekit"
+            out = fam / f"out-mergekit-{method}"
             runs.append(ToolRuns(f"mergekit {method}", [args.mergekit_bin, str(config), str(out)]))
     for repeat in range(max(args.repeats, args.mergekit_repeats)):
         for tool in runs:
