@@ -541,12 +541,10 @@ def merge_shards(
     finished shard with its digest so ``--resume`` can skip it. ``alongside`` runs on a thread
     meanwhile; it is waited for, also when the merge fails, and what it raises is raised."""
     plan = prepared.plan
-    # The chunk slots' memory is faulted in by the kernel while torch imports (on a GPU, the
-    # engine then registers it with CUDA as pinned memory).
-    slots_bytes = chunk_buffers(plan).total_bytes
-    # Small merges never touch most of the slots: leave their pages to be faulted in on use.
-    wanted_early = plan.input_bytes >= slots_bytes
-    slots_memory = _fault_in(slots_bytes) if wanted_early else None
+    # SLERP's chunk slots' memory is faulted in by the kernel while torch imports (on a GPU,
+    # the engine then registers it with CUDA as pinned memory).
+    slots_bytes = early_slots_bytes(plan)
+    slots_memory = _fault_in(slots_bytes) if slots_bytes else None
     # From a cold disk the first chunks of local inputs load while torch imports.
     readahead.hint_start(_first_reads(prepared, only_shards))
     work = partial_dir(out)
@@ -721,6 +719,17 @@ def _in_background(task: Callable[[], None] | None, name: str) -> Iterator[None]
 
 # Linux >= 5.14: fault a range of pages in now, as writes would (older kernels: EINVAL, no harm).
 _MADV_POPULATE_WRITE = 23
+
+
+def early_slots_bytes(plan: MergePlan) -> int:
+    """How much of SLERP's chunk-slot memory to fault in before the merge starts: all of it
+    for a SLERP merge at least as large as the slots, else none (a small merge never touches
+    most slots; the other methods' engine has pools of its own, :mod:`shardmerge.passes`, and
+    mapping SLERP's for them cost 192 MB of RSS for nothing)."""
+    slots_bytes = chunk_buffers(plan).total_bytes
+    if plan.method != "slerp" or plan.input_bytes < slots_bytes:
+        return 0
+    return slots_bytes
 
 
 def _fault_in(nbytes: int) -> Callable[[], mmap.mmap | None]:
