@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shardmerge.methods import bits
+
 __all__ = ["KeySpace", "RankSelector", "Threshold", "key_space", "magnitude_keys"]
 
 
@@ -106,7 +108,9 @@ class RankSelector:
                 upper = self.space.digit_shifts[p - 1]
                 digits = keys[(keys >> upper) == prefix]
                 digits = digits.bitwise_and_((1 << upper) - 1) >> shift
-            counts = torch.bincount(digits.to(torch.int64), minlength=bins).cpu()
+            # int16/int32 keys straight into bincount: converting them to int64 first cost
+            # three times the count itself.
+            counts = torch.bincount(digits, minlength=bins).cpu()
             if prefix in self._hist:
                 self._hist[prefix] += counts
             else:
@@ -166,3 +170,19 @@ class RankSelector:
         # The boundary chunk: only the first ``left`` of its ties (in flat order) are kept.
         ranks = at.cumsum(0)
         return keep.logical_or_(at.logical_and_(ranks <= left))
+
+    def mask_bits(self, keys: torch.Tensor, i: int) -> torch.Tensor:
+        """:meth:`mask` as an int16 mask (:mod:`shardmerge.methods.bits`), for the int16 keys
+        of a 16-bit tensor (:func:`shardmerge.methods.bits.magnitudes`)."""
+        th = self.thresholds[i]
+        left = th.at_key - self._seen_at_key[i]
+        if th.at_key == 0 or left <= 0 or not 0 <= th.key_t <= 0x7FFF:
+            return bits.greater(keys, th.key_t)
+        here = keys.numel() - int(torch.count_nonzero(keys ^ th.key_t))
+        self._seen_at_key[i] += here
+        if here <= left:  # every tie in this chunk is kept
+            return bits.greater(keys, th.key_t - 1)
+        # The boundary chunk: only the first ``left`` of its ties (in flat order) are kept.
+        at = keys == th.key_t
+        keep = (keys > th.key_t).logical_or_(at.logical_and_(at.cumsum(0) <= left))
+        return bits.from_bool(keep)

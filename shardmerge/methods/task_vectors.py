@@ -22,12 +22,12 @@ thresholds). The L1 norms are float64 sums of fixed 1024-element blocks added up
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
-from shardmerge.methods import rng
+from shardmerge.methods import bits, rng
 from shardmerge.methods.family import Family
 from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
 from shardmerge.methods.spec import TensorJob
@@ -108,6 +108,17 @@ class _Model:
             keep.logical_and_(self.selector.mask(keys, 1).logical_not_())
         return keep
 
+    def mask_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`mask` as an int16 mask, for a 16-bit ``delta`` (:mod:`~.bits`)."""
+        if self.kind != "select":
+            return bits.from_bool(self.mask(delta, start))
+        assert self.selector is not None
+        keys = bits.magnitudes(delta)
+        keep = self.selector.mask_bits(keys, 0)
+        if len(self.counts) == 2:  # breadcrumbs: not among the top ``top`` (outliers)
+            keep.bitwise_and_(self.selector.mask_bits(keys, 1).bitwise_not_())
+        return keep
+
     def _della_mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         """DELLA's MagPrune: within each row (the chunk holds whole rows), the keep probability
         grows linearly with the rank of |delta| from density - epsilon to density + epsilon;
@@ -147,6 +158,9 @@ class TaskVectorMerge:
         self.rescale = bool(job.shared["rescale"])
         self.normalize = bool(job.shared["normalize"])
         self.lambda_ = float(job.shared["lambda"])
+        # 16-bit merges take their masks as int16 bit patterns (the same results, a fraction of
+        # bool comparisons' and conversions' cost on a CPU: shardmerge.methods.bits).
+        self.bits = job.dtype in bits.SIXTEEN_BIT
         selectors = [m.selector for m in self.models if m.selector is not None]
         self.select_passes = max((s.passes for s in selectors), default=0)
         self.l1_pass = self.rescale and any(m.sparsified for m in self.models)
@@ -170,7 +184,8 @@ class TaskVectorMerge:
             for model, delta in zip(self.models, deltas, strict=True):
                 selector = model.selector
                 if selector is not None and pass_index < selector.passes:
-                    selector.add(magnitude_keys(delta))
+                    keys = bits.magnitudes(delta) if self.bits else magnitude_keys(delta)
+                    selector.add(keys)
             return
         # The L1 pass: norms before and after masking, per model.
         for model, delta, (before, after) in zip(self.models, deltas, self._l1, strict=True):
@@ -215,6 +230,13 @@ class TaskVectorMerge:
         if model.kind == "zero":
             return torch.zeros_like(delta)
         work = self._work(model, delta)
+        if self.bits and work.dtype == delta.dtype:
+            keep_bits = model.mask_bits(delta, start)
+            kept = bits.count(keep_bits)
+            before = self._kept[model.index]
+            self._kept[model.index] = kept if before is None else before + kept
+            masked = work * bits.ones_where(keep_bits, work.dtype)
+            return masked if factor is None else masked * factor
         keep = model.mask(delta, start)
         kept = keep.sum()
         before = self._kept[model.index]
@@ -237,7 +259,9 @@ class TaskVectorMerge:
             self._sparsified(model, self.factors[i], delta, start) * weights[i]
             for i, (model, delta) in enumerate(zip(self.models, self._deltas(inputs), strict=True))
         ]
-        if self.family.consensus:
+        if self.family.consensus and self.bits:
+            mixed, divisor = self._elect_bits(weighted, weights, dtype)
+        elif self.family.consensus:
             # The elected sign is that of the summed weighted deltas, zero counting as positive;
             # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
             positive = _sum_rounded(weighted, dtype) >= 0
@@ -264,11 +288,32 @@ class TaskVectorMerge:
             mixed *= self.lambda_
         return (base + mixed).to(dtype)
 
+    def _elect_bits(
+        self, weighted: list[torch.Tensor], weights: list[torch.Tensor], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sign election of the bool branch of :meth:`combine`, bit for bit, with int16
+        masks: a model takes part where its weighted delta is non-zero and (d > 0) equals
+        (sum >= 0)."""
+        positive = bits.is_nonneg(_sum_rounded(weighted, dtype))
+        nonzero = [bits.nonzero(d) for d in weighted]
+        agreeing = [
+            bits.is_positive(d).bitwise_xor_(positive).bitwise_not_().bitwise_and_(nz)
+            for d, nz in zip(weighted, nonzero, strict=True)
+        ]
+        self._count_election(nonzero, agreeing, bits.count)
+        takes = [bits.ones_where(a, dtype) for a in agreeing]
+        mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
+        divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
+        return mixed, bits.where_zero_one(divisor)
+
     def _count_election(
-        self, nonzero: Sequence[torch.Tensor], agreeing: Sequence[torch.Tensor]
+        self,
+        nonzero: Sequence[torch.Tensor],
+        agreeing: Sequence[torch.Tensor],
+        count: Callable[[torch.Tensor], torch.Tensor] = torch.sum,
     ) -> None:
-        total = torch.stack([nz.sum() for nz in nonzero]).sum()
-        agree = torch.stack([a.sum() for a in agreeing]).sum()
+        total = torch.stack([count(nz) for nz in nonzero]).sum()
+        agree = torch.stack([count(a) for a in agreeing]).sum()
         self._nonzero = total if self._nonzero is None else self._nonzero + total
         self._agree = agree if self._agree is None else self._agree + agree
 

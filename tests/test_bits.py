@@ -1,0 +1,89 @@
+"""shardmerge.methods.bits: every int16 mask equals the float comparison it replaces, for all
+65536 bit patterns of bf16 and f16 (zeros of both signs, subnormals, infinities, NaNs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardmerge.methods import bits
+
+
+def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    assert mask.dtype == torch.int16
+    assert bool(((mask == 0) | (mask == -1)).all()), "a mask is -1 or 0"
+    return mask != 0
+
+
+@pytest.mark.parametrize("dtype", bits.SIXTEEN_BIT)
+def test_masks_equal_the_float_comparisons(dtype):
+    x = _every_pattern(dtype)
+    assert torch.equal(_as_bool(bits.nonzero(x)), x != 0)
+    assert torch.equal(_as_bool(bits.is_positive(x)), x > 0)
+    assert torch.equal(_as_bool(bits.is_nonneg(x)), x >= 0)
+    assert torch.isnan(x).sum() > 0 and torch.isinf(x).sum() == 2  # the patterns cover them
+
+
+@pytest.mark.parametrize("dtype", bits.SIXTEEN_BIT)
+def test_greater_orders_like_the_magnitude(dtype):
+    x = _every_pattern(dtype)
+    keys = bits.magnitudes(x)
+    for t in (-1, 0, 1, 0x3F80, 0x7C00, 0x7F80, 0x7FFE, 0x7FFF, 0x7FFFFFFF):
+        want = keys.to(torch.int64) > t
+        assert torch.equal(_as_bool(bits.greater(keys, t)), want), t
+
+
+@pytest.mark.parametrize("dtype", bits.SIXTEEN_BIT)
+def test_ones_where_and_products_match_bool_conversion(dtype):
+    x = _every_pattern(dtype)
+    keep = torch.arange(x.numel()) % 3 == 0
+    ones = bits.ones_where(bits.from_bool(keep), dtype)
+    assert torch.equal(ones.view(torch.int16), keep.to(dtype).view(torch.int16))
+    # x * mask keeps NaN * 0 = NaN and the sign of a dropped zero, as the bool version does.
+    assert torch.equal((x * ones).view(torch.int16), (x * keep.to(dtype)).view(torch.int16))
+    assert int(bits.count(bits.from_bool(keep))) == int(keep.sum())
+
+
+@pytest.mark.parametrize("dtype", bits.SIXTEEN_BIT)
+def test_where_zero_one_is_masked_fill_of_zeros(dtype):
+    x = _every_pattern(dtype)
+    want = x.clone().masked_fill_(x == 0, 1)
+    got = bits.where_zero_one(x.clone())
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_rank_selector_int16_masks_equal_the_bool_masks_for_any_chunking():
+    from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
+
+    g = torch.Generator().manual_seed(5)
+    # Few distinct magnitudes: many ties at the threshold, so the boundary chunk is exercised.
+    x = (torch.randint(-40, 40, (5000,), generator=g).float() / 8).to(torch.bfloat16)
+    for counts in ((2500,), (1, 4999), (4000, 300)):
+        for chunk in (7, 333, 5000):
+            ref = RankSelector(x.numel(), counts, key_space(torch.bfloat16))
+            fast = RankSelector(x.numel(), counts, key_space(torch.bfloat16))
+            for sel, keys in ((ref, magnitude_keys(x)), (fast, bits.magnitudes(x))):
+                for s in range(0, x.numel(), chunk):
+                    sel.add(keys[s : s + chunk])
+                sel.end_pass()
+            for i in range(len(counts)):
+                want = torch.cat(
+                    [
+                        ref.mask(magnitude_keys(x[s : s + chunk]), i)
+                        for s in range(0, x.numel(), chunk)
+                    ]
+                )
+                got = torch.cat(
+                    [
+                        fast.mask_bits(bits.magnitudes(x[s : s + chunk]), i)
+                        for s in range(0, x.numel(), chunk)
+                    ]
+                )
+                assert torch.equal(_as_bool(got), want), (counts, chunk, i)
+                assert int(want.sum()) == counts[i]
+                ref.restart()
+                fast.restart()
