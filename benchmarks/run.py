@@ -143,13 +143,18 @@ iflag=count_bytes status=none
     return ["bash", "-c", script]
 
 
-def concurrent_read_command(models: list[list[Path]]) -> list[str]:
-    """Read every input once, one `cat` per model at the same time (the disk's best case for
-    the reads: two streams in flight, no arithmetic)."""
-    jobs = "\n".join(
+def _cat_jobs(models: list[list[Path]]) -> str:
+    """One background `cat` per model reading its files, each pid appended to ``pids``."""
+    return "\n".join(
         "cat " + " ".join(shlex.quote(str(p)) for p in files) + " > /dev/null & pids+=($!)"
         for files in models
     )
+
+
+def concurrent_read_command(models: list[list[Path]]) -> list[str]:
+    """Read every input once, one `cat` per model at the same time (the disk's best case for
+    the reads: two streams in flight, no arithmetic)."""
+    jobs = _cat_jobs(models)
     # `wait PID` for each, so a failed read fails the command (plain `wait` returns 0).
     return ["bash", "-c", f'set -e\npids=()\n{jobs}\nfor p in "${{pids[@]}}"; do wait "$p"; done']
 
@@ -169,10 +174,7 @@ def mixed_io_command(models: list[list[Path]], out_dir: Path, out_bytes: int) ->
     all at once: the merge's I/O with no arithmetic and no ordering between reads and writes.
     On a disk that shares one bandwidth between reads and writes this takes about read + write;
     on one that overlaps them, less."""
-    jobs = "\n".join(
-        "cat " + " ".join(shlex.quote(str(p)) for p in files) + " > /dev/null & pids+=($!)"
-        for files in models
-    )
+    jobs = _cat_jobs(models)
     out = shlex.quote(str(out_dir / "mixed.bin"))
     write = (
         f"dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct "

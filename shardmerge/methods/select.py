@@ -154,35 +154,36 @@ class RankSelector:
 
     def mask(self, keys: torch.Tensor, i: int) -> torch.Tensor:
         """The keep mask (bool) of count ``i`` for the next chunk in flat order."""
-        th = self.thresholds[i]
-        keep = keys > th.key_t
-        if th.at_key == 0:
-            return keep
-        seen = self._seen_at_key[i]
-        left = th.at_key - seen
-        if left <= 0:
-            return keep
-        at = keys == th.key_t
-        here = int(at.sum())
-        self._seen_at_key[i] = seen + here
-        if here <= left:
-            return keep.logical_or_(at)
-        # The boundary chunk: only the first ``left`` of its ties (in flat order) are kept.
-        ranks = at.cumsum(0)
-        return keep.logical_or_(at.logical_and_(ranks <= left))
+        threshold, left = self._chunk_rule(keys, i)
+        if left == 0:
+            return keys > threshold
+        return _boundary_mask(keys, threshold, left)
 
     def mask_bits(self, keys: torch.Tensor, i: int) -> torch.Tensor:
         """:meth:`mask` as an int16 mask (:mod:`shardmerge.methods.bits`), for the int16 keys
         of a 16-bit tensor (:func:`shardmerge.methods.bits.magnitudes`)."""
+        threshold, left = self._chunk_rule(keys, i)
+        if left == 0:
+            return bits.greater(keys, threshold)
+        return bits.from_bool(_boundary_mask(keys, threshold, left))
+
+    def _chunk_rule(self, keys: torch.Tensor, i: int) -> tuple[int, int]:
+        """For count ``i`` and the next chunk: ``(t, 0)``, keep ``key > t``; or, in the chunk
+        where the kept ties at the threshold run out, ``(key_t, left)``: keep ``key > key_t``
+        and the first ``left`` elements equal to it. Advances the running tie count."""
         th = self.thresholds[i]
         left = th.at_key - self._seen_at_key[i]
-        if th.at_key == 0 or left <= 0 or not 0 <= th.key_t <= 0x7FFF:
-            return bits.greater(keys, th.key_t)
+        if th.at_key == 0 or left <= 0:
+            return th.key_t, 0
+        # The threshold is a real key here, so it fits the keys' dtype.
         here = keys.numel() - int(torch.count_nonzero(keys ^ th.key_t))
         self._seen_at_key[i] += here
         if here <= left:  # every tie in this chunk is kept
-            return bits.greater(keys, th.key_t - 1)
-        # The boundary chunk: only the first ``left`` of its ties (in flat order) are kept.
-        at = keys == th.key_t
-        keep = (keys > th.key_t).logical_or_(at.logical_and_(at.cumsum(0) <= left))
-        return bits.from_bool(keep)
+            return th.key_t - 1, 0
+        return th.key_t, left
+
+
+def _boundary_mask(keys: torch.Tensor, key_t: int, left: int) -> torch.Tensor:
+    """Keep ``key > key_t`` and the first ``left`` keys equal to it, in flat order (bool)."""
+    at = keys == key_t
+    return (keys > key_t).logical_or_(at.logical_and_(at.cumsum(0) <= left))

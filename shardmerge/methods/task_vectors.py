@@ -232,16 +232,13 @@ class TaskVectorMerge:
         work = self._work(model, delta)
         if self.bits and work.dtype == delta.dtype:
             keep_bits = model.mask_bits(delta, start)
-            kept = bits.count(keep_bits)
-            before = self._kept[model.index]
-            self._kept[model.index] = kept if before is None else before + kept
-            masked = work * bits.ones_where(keep_bits, work.dtype)
-            return masked if factor is None else masked * factor
-        keep = model.mask(delta, start)
-        kept = keep.sum()
+            kept, ones = bits.count(keep_bits), bits.ones_where(keep_bits, work.dtype)
+        else:
+            keep = model.mask(delta, start)
+            kept, ones = keep.sum(), keep.to(work.dtype)
         before = self._kept[model.index]
         self._kept[model.index] = kept if before is None else before + kept
-        masked = work * keep.to(work.dtype)
+        masked = work * ones
         if factor is not None:
             masked = masked * factor
         return masked.to(delta.dtype)
