@@ -21,14 +21,16 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shardmerge import pipeline
 from shardmerge.errors import InputError, ShardmergeError
 from shardmerge.output import output_lock, output_path, partial_dir
-from shardmerge.plan import MergePlan
+from shardmerge.pipeline import PROGRESS_NAME
+from shardmerge.plan import split_shards
 
 if TYPE_CHECKING:
     from shardmerge.pipeline import PreparedMerge, RunResult
@@ -67,16 +69,6 @@ def active() -> bool:
 def is_main_process() -> bool:
     """Rank 0, or a plain launch: the process that reports, finalises and pushes."""
     return os.environ.get("RANK", "0").strip() in ("", "0")
-
-
-def split_shards(plan: MergePlan, num_processes: int) -> list[list[int]]:
-    """Output shard indices per rank: contiguous runs, balanced by bytes.
-
-    Contiguous, so neighbouring output shards (which read the same input files) stay together;
-    the largest per-rank total is the smallest any contiguous split reaches, and every rank gets
-    a shard while there are enough. Deterministic: every rank computes the same split.
-    """
-    return _split([shard.file_bytes for shard in plan.shards], num_processes)
 
 
 def run_distributed(
@@ -171,8 +163,6 @@ class _Run:
         stream: bool,
         stream_budget: int | None = None,
     ) -> RunResult | None:
-        from shardmerge import pipeline
-
         kept = f"{self.out} was not written; the finished shards are kept: rerun with --resume"
         tokens = self._together(
             "preparing the output",
@@ -211,8 +201,6 @@ class _Run:
 
     def _start(self, *, overwrite: bool, resume: bool) -> str | None:
         """Rank 0: check the output location, create the working folder and mark it."""
-        from shardmerge import pipeline
-
         if self.rank != 0:
             return None
         pipeline.check_run(
@@ -254,8 +242,6 @@ class _Run:
         """This rank's shards; returns (shards skipped by --resume, input bytes read)."""
         import torch
 
-        from shardmerge import pipeline
-
         if self.rank == 0:
             _marker(self.work).unlink(missing_ok=True)  # every rank has seen it
         plan = self.prepared.plan
@@ -282,8 +268,6 @@ class _Run:
 
     def _finish(self) -> None:
         """Rank 0: every shard in place, then metadata, index and the move into place."""
-        from shardmerge import pipeline
-
         if self.rank != 0:
             return
         wrong = [
@@ -418,8 +402,6 @@ def _cpu_count() -> int:
 
 
 def _marker(work: Path) -> Path:
-    from shardmerge.pipeline import PROGRESS_NAME
-
     return work / f"{PROGRESS_NAME}.run"
 
 
@@ -438,36 +420,6 @@ def _size(path: Path) -> int | None:
             return os.fstat(fh.fileno()).st_size
     except OSError:
         return None
-
-
-def _split(sizes: Sequence[int], num_processes: int) -> list[list[int]]:
-    """Contiguous groups of indices, one per rank, minimising the largest sum."""
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
-    # The smallest cap that greedy packing fits into num_processes groups is the optimum.
-    low, high = max(sizes, default=0), sum(sizes)
-    while low < high:
-        mid = (low + high) // 2
-        if len(_pack(sizes, mid)) <= num_processes:
-            high = mid
-        else:
-            low = mid + 1
-    groups = _pack(sizes, low, spread_over=num_processes)
-    return groups + [[] for _ in range(num_processes - len(groups))]
-
-
-def _pack(sizes: Sequence[int], cap: int, spread_over: int = 0) -> list[list[int]]:
-    """Indices in order, a new group whenever ``cap`` would be passed; also, once the indices
-    left are no more than the groups still empty out of ``spread_over``, one per group."""
-    groups: list[list[int]] = []
-    load = 0
-    for i, size in enumerate(sizes):
-        if not groups or load + size > cap or len(sizes) - i <= spread_over - len(groups):
-            groups.append([])
-            load = 0
-        groups[-1].append(i)
-        load += size
-    return groups
 
 
 def _report(line: str) -> None:

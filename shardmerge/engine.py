@@ -90,7 +90,7 @@ _SLOW_READ_MIN_BYTES = 1 << 22
 _SLOW_READ_RATE = 1.5e9
 
 
-class _Reader:
+class Reader:
     """Open shard files of one model, checked against the plan's header view."""
 
     def __init__(self, source: ShardSource, label: str) -> None:
@@ -104,7 +104,7 @@ class _Reader:
         # Called when a read waits for the disk rather than copying from memory.
         self.on_slow_read: Callable[[], None] | None = None
         # Every model's reader, by model index: a re-indexed embedding reads other models' rows.
-        self.peers: list[_Reader] = [self]
+        self.peers: list[Reader] = [self]
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
         # Only the reader thread opens (and releases) files, so fetching (maybe a download)
@@ -347,7 +347,7 @@ _STAGE_BYTES = 8 << 20
 _DIRECT_MIN = 1 << 20
 
 
-class _ShardFile:
+class ShardFile:
     """One output shard, written front to back.
 
     Where the filesystem allows it, the file is opened with O_DIRECT: bytes go from our memory to
@@ -471,12 +471,12 @@ class _ShardFile:
 
 
 @dataclass
-class _Output:
+class OutputFile:
     """An output shard being written, hashed as it goes (writes arrive in file order)."""
 
     path: Path
     shard: OutputShard
-    file: _ShardFile
+    file: ShardFile
     hasher: xxhash.xxh3_128 = field(default_factory=new_digest)
     written: int = 0
 
@@ -526,8 +526,8 @@ def execute_plan(
         recorder: gets each tensor's statistics (its sums and t), as its first output chunk is
             computed (so before its shard is done).
     """
-    reader_a = _Reader(source_a, "model A")
-    reader_b = _Reader(source_b, "model B")
+    reader_a = Reader(source_a, "model A")
+    reader_b = Reader(source_b, "model B")
     reader_a.peers = reader_b.peers = [reader_a, reader_b]
     dev = torch.device(device)
     remaining = _file_refcounts(plan, skip_shards)
@@ -611,7 +611,7 @@ def execute_plan(
         finally:
             ready.put(_STOP)
 
-    outputs: dict[int, _Output] = {}
+    outputs: dict[int, OutputFile] = {}
     results: list[ShardResult] = []
 
     def write(
@@ -625,10 +625,10 @@ def execute_plan(
         out = outputs.get(shard_index)
         if out is None:
             shard = plan.shards[shard_index]
-            out = outputs[shard_index] = _Output(
+            out = outputs[shard_index] = OutputFile(
                 out_dir / shard.filename,
                 shard,
-                _ShardFile(out_dir / shard.filename, shard.file_bytes),
+                ShardFile(out_dir / shard.filename, shard.file_bytes),
             )
             write(shard_index, 0, memoryview(shard.header), None, None, tensor_data=False)
         tensor = data if isinstance(data, torch.Tensor) else None
@@ -818,8 +818,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 def _read_step(
     step: _Step,
-    reader_a: _Reader,
-    reader_b: _Reader,
+    reader_a: Reader,
+    reader_b: Reader,
     free: queue.Queue[_Slot],
     stop: threading.Event,
 ) -> int:

@@ -188,7 +188,7 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> HubModel:
         api = HfApi()
         if constants.is_offline_mode():
             sha = api.resolve_revision(repo_id, revision=revision, local_files_only=True).resolved
-            if not _snapshot_dir(repo_id, sha).is_dir():
+            if not snapshot_dir(repo_id, sha).is_dir():
                 raise InputError(f"{repo_id}@{wanted}: {_OFFLINE_HINT}")
         elif _FULL_SHA_RE.fullmatch(wanted):
             # A sha needs no resolving, but asking checks it exists and is readable.
@@ -259,7 +259,7 @@ def download_files(model: HubModel, filenames: list[str], *, progress: bool = Fa
         ShardmergeError: a file still does not match its sha256 after one re-download.
     """
     names = list(dict.fromkeys(filenames))
-    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    snapshot = snapshot_dir(model.repo_id, model.sha)
     bar = _DownloadBar(f"downloading {model.repo_id}") if progress else None
     offline = constants.is_offline_mode()
     bar_class = bar.file_bar_class() if bar else None
@@ -845,7 +845,7 @@ def _url_filename(err: HfHubHTTPError) -> str:
     return unquote(path.split("/", 1)[-1]) if "/resolve/" in url else url
 
 
-def _snapshot_dir(repo_id: str, sha: str) -> Path:
+def snapshot_dir(repo_id: str, sha: str) -> Path:
     """Where the HF cache keeps this commit's files (huggingface_hub's documented layout)."""
     return (
         Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
@@ -853,7 +853,7 @@ def _snapshot_dir(repo_id: str, sha: str) -> Path:
 
 
 def _require_cached(model: HubModel, filenames: list[str]) -> None:
-    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    snapshot = snapshot_dir(model.repo_id, model.sha)
     missing = [name for name in filenames if not (snapshot / name).is_file()]
     if missing:
         raise InputError(f"{model.label}: {', '.join(missing)}: {_OFFLINE_HINT}")
@@ -1017,7 +1017,7 @@ def _list_remote_files(model: HubModel) -> tuple[dict[str, int], dict[str, str]]
 def _list_cached_files(model: HubModel) -> tuple[dict[str, int], dict[str, str]]:
     """Offline file list: the cached snapshot's files (sizes of the blobs they point to), and
     the sha256 of those whose blob is named by one (the cache names LFS blobs so)."""
-    snapshot = _snapshot_dir(model.repo_id, model.sha)
+    snapshot = snapshot_dir(model.repo_id, model.sha)
     paths = [path for path in sorted(snapshot.rglob("*")) if path.is_file()]
     files = {path.relative_to(snapshot).as_posix(): path.stat().st_size for path in paths}
     sha256 = {}
@@ -1065,7 +1065,7 @@ def _read_range(url: str, start: int, length: int) -> bytes:
 
 
 def _read_cached_header(model: HubModel, filename: str) -> dict:
-    path = _snapshot_dir(model.repo_id, model.sha) / filename
+    path = snapshot_dir(model.repo_id, model.sha) / filename
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):

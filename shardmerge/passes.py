@@ -32,11 +32,11 @@ from shardmerge import faults
 from shardmerge.engine import (
     TORCH_DTYPES,
     ExecuteResult,
+    OutputFile,
+    Reader,
+    ShardFile,
     ShardResult,
     ShardSource,
-    _Output,
-    _Reader,
-    _ShardFile,
     bytes_view,
     execute_plan,
 )
@@ -169,7 +169,7 @@ def execute_passes(
     method = get_method(plan.method)
     dev = torch.device(device)
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
-    readers = [_Reader(src, label) for src, label in zip(sources, names, strict=True)]
+    readers = [Reader(src, label) for src, label in zip(sources, names, strict=True)]
     for model_reader in readers:
         model_reader.peers = readers
     chunk = _chunk_numel()
@@ -272,7 +272,7 @@ def execute_passes(
         finally:
             ready.put(_STOP)
 
-    outputs: dict[int, _Output] = {}
+    outputs: dict[int, OutputFile] = {}
     results: list[ShardResult] = []
 
     def write(shard_index: int, data: torch.Tensor, header: bool = False) -> None:
@@ -280,7 +280,7 @@ def execute_passes(
         if out is None:
             shard = plan.shards[shard_index]
             path = out_dir / shard.filename
-            out = outputs[shard_index] = _Output(path, shard, _ShardFile(path, shard.file_bytes))
+            out = outputs[shard_index] = OutputFile(path, shard, ShardFile(path, shard.file_bytes))
             write(shard_index, torch.frombuffer(bytearray(shard.header), dtype=torch.uint8), True)
         view = bytes_view(data)
         result = out.append(view, data, in_place=True)

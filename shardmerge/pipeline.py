@@ -52,7 +52,8 @@ from shardmerge.output import (
     write_config,
     write_json,
 )
-from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, plan_merge
+from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, split_shards
+from shardmerge.plan_stack import plan_recipe
 from shardmerge.recipe import Recipe
 from shardmerge.resolve import (
     ResolvedModel,
@@ -132,7 +133,7 @@ def prepare(
     # Tokenizer files first (for a Hub model, before any weights): a vocabulary problem is
     # found before anything big is read.
     vocab = prepare_vocab(recipe, models)
-    plan = plan_merge(
+    plan = plan_recipe(
         recipe, *(m.inventory for m in models), shard_size_bytes=shard_size_bytes, vocab=vocab
     )
     return PreparedMerge(recipe, models, plan, vocab)
@@ -217,8 +218,6 @@ def describe_plan(
     )
     lines.append(estimate_wall_time(prepared, out, measure_disk=measure_disk))
     if num_processes > 1:
-        from shardmerge.distributed import split_shards
-
         lines.append(f"split across {num_processes} processes (balanced by bytes):")
         for rank, shard_ids in enumerate(split_shards(plan, num_processes)):
             size = sum(plan.shards[i].file_bytes for i in shard_ids)
@@ -303,9 +302,9 @@ def _cached_snapshot(model: ResolvedModel) -> Path | None:
     """A Hub model's snapshot folder in the HF cache when it holds every shard, else None."""
     if model.hub is None:
         return None
-    from shardmerge.hub import _snapshot_dir
+    from shardmerge.hub import snapshot_dir
 
-    folder = _snapshot_dir(model.hub.repo_id, model.hub.sha)
+    folder = snapshot_dir(model.hub.repo_id, model.hub.sha)
     return folder if all((folder / f).is_file() for f in model.inventory.files) else None
 
 

@@ -32,7 +32,7 @@ from shardmerge.vocab import VocabPlan, gather_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 # Engine working set: elements per chunk, and the memory for chunk buffers in flight. Kept here
 # so `plan` can estimate memory without importing torch.
 CHUNK_NUMEL = 1 << 22
@@ -204,25 +204,22 @@ def plan_merge(
     shard_size_bytes: int | None = None,
     vocab: VocabPlan | None = None,
 ) -> MergePlan:
-    """Check the models against each other and the recipe; lay out the output.
+    """Check whole models against each other and the recipe; lay out the output.
 
-    ``models`` are in the recipe's order (``recipe.models``). ``vocab``: the output vocabulary
+    For a recipe without slices (:func:`shardmerge.plan_stack.plan_recipe` plans any recipe and
+    calls this one). ``models`` are in the recipe's order (``recipe.models``). ``vocab``: the output vocabulary
     (tokenizer_source); vocabulary-indexed tensors are re-indexed to it before anything else.
 
     Raises:
         CheckpointError: listing every mismatch and every tensor without a parameter, at once.
     """
-    limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
     if recipe.slices:
-        from shardmerge.plan_stack import as_whole_models, is_whole_models, plan_stack
-
-        if not is_whole_models(recipe, models):
-            return plan_stack(recipe, models, limit)
-        recipe = as_whole_models(recipe)
+        raise ValueError("a recipe with slices is planned by plan_stack.plan_recipe")
+    limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
     warnings: list[str] = []
     first = models[0]
-    tied = _ties_embeddings(first)
-    sources = [_sources(model, tied, warnings) for model in models]
+    tied = ties_embeddings(first)
+    sources = [model_sources(model, tied, warnings) for model in models]
     if vocab is not None:
         warnings += vocab.warnings
         if not vocab.identity:
@@ -230,7 +227,7 @@ def plan_merge(
 
     problems: list[str] = []
     for model, other in zip(models[1:], sources[1:], strict=True):
-        problems += _compare(first.label, sources[0], model.label, other)
+        problems += compare_inventories(first.label, sources[0], model.label, other)
     positions = layer_positions(sources[0])
     spec = None if recipe.method == "slerp" else get_method(recipe.method)
     if spec is None:
@@ -253,7 +250,7 @@ def plan_merge(
             if spec is None:
                 t = resolve_t(recipe.schedule, name, pos)
             else:
-                model_params, shared = _resolve_params(recipe, spec, name, pos)
+                model_params, shared = resolve_params(recipe, spec, name, pos)
         except ScheduleError as exc:
             problems.append(str(exc))
             continue
@@ -262,17 +259,17 @@ def plan_merge(
                 name=name,
                 t=t,
                 inputs=tuple(i for i in inputs if i is not None),
-                out_dtype=_output_dtype(recipe, a),
+                out_dtype=output_dtype(recipe, a),
                 shape=a.shape,
                 out_begin=0,
                 layer=pos,
-                input_dtype=_input_dtype(recipe, a),
+                input_dtype=input_dtype(recipe, a),
                 model_params=model_params,
                 shared=shared,
             )
         )
     if problems:
-        raise CheckpointError(_cap(list(dict.fromkeys(problems))))
+        raise CheckpointError(cap_problems(list(dict.fromkeys(problems))))
     names = [t.name for t in tasks]
     return MergePlan(
         shards=layout_shards(tasks, limit),
@@ -284,7 +281,7 @@ def plan_merge(
     )
 
 
-def _resolve_params(
+def resolve_params(
     recipe: Recipe, spec: MethodSpec, name: str, pos: LayerPos | None
 ) -> tuple[tuple[dict[str, float], ...], dict[str, float | bool]]:
     """A tensor's per-model and shared parameter values (defaults where not given).
@@ -384,6 +381,46 @@ def layout_shards(tasks: list[TensorTask], shard_size_bytes: int) -> tuple[Outpu
     return tuple(shards)
 
 
+def split_shards(plan: MergePlan, num_processes: int) -> list[list[int]]:
+    """Output shard indices per rank: contiguous runs, balanced by bytes.
+
+    Contiguous, so neighbouring output shards (which read the same input files) stay together;
+    the largest per-rank total is the smallest any contiguous split reaches, and every rank gets
+    a shard while there are enough. Deterministic: every rank computes the same split.
+    """
+    return _balanced_runs([shard.file_bytes for shard in plan.shards], num_processes)
+
+
+def _balanced_runs(sizes: Sequence[int], num_processes: int) -> list[list[int]]:
+    """Contiguous groups of indices, one per rank, minimising the largest sum."""
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be at least 1, got {num_processes}")
+    # The smallest cap that greedy packing fits into num_processes groups is the optimum.
+    low, high = max(sizes, default=0), sum(sizes)
+    while low < high:
+        mid = (low + high) // 2
+        if len(_pack(sizes, mid)) <= num_processes:
+            high = mid
+        else:
+            low = mid + 1
+    groups = _pack(sizes, low, spread_over=num_processes)
+    return groups + [[] for _ in range(num_processes - len(groups))]
+
+
+def _pack(sizes: Sequence[int], cap: int, spread_over: int = 0) -> list[list[int]]:
+    """Indices in order, a new group whenever ``cap`` would be passed; also, once the indices
+    left are no more than the groups still empty out of ``spread_over``, one per group."""
+    groups: list[list[int]] = []
+    load = 0
+    for i, size in enumerate(sizes):
+        if not groups or load + size > cap or len(sizes) - i <= spread_over - len(groups):
+            groups.append([])
+            load = 0
+        groups[-1].append(i)
+        load += size
+    return groups
+
+
 def _place(group: list[TensorTask]) -> tuple[tuple[TensorTask, ...], bytes]:
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     placed = []
@@ -408,7 +445,7 @@ def _replace_begin(task: TensorTask, begin: int) -> TensorTask:
     return replace(task, out_begin=begin)
 
 
-def _ties_embeddings(model: ModelInventory) -> bool:
+def ties_embeddings(model: ModelInventory) -> bool:
     config = model.config or {}
     value = config.get("tie_word_embeddings")
     if isinstance(value, bool):
@@ -419,12 +456,12 @@ def _ties_embeddings(model: ModelInventory) -> bool:
 
 def _embed_name(tensors: Mapping[str, TensorInfo]) -> str | None:
     for name in tensors:
-        if name.endswith(_EMBED_SUFFIXES):
+        if name.endswith(EMBED_SUFFIXES):
             return name
     return None
 
 
-def _sources(model: ModelInventory, tied: bool, warnings: list[str]) -> dict[str, TensorInfo]:
+def model_sources(model: ModelInventory, tied: bool, warnings: list[str]) -> dict[str, TensorInfo]:
     """The tensors the output is made from, following the first model's tie_word_embeddings."""
     sources = dict(model.tensors)
     embed = _embed_name(sources)
@@ -440,7 +477,7 @@ def _sources(model: ModelInventory, tied: bool, warnings: list[str]) -> dict[str
     return sources
 
 
-def _compare(
+def compare_inventories(
     label_a: str, a: Mapping[str, TensorInfo], label_b: str, b: Mapping[str, TensorInfo]
 ) -> list[str]:
     problems = [f"tensor {n!r} is in {label_a} but not in {label_b}" for n in a if n not in b]
@@ -451,7 +488,7 @@ def _compare(
             continue
         if ta.shape != tb.shape:
             hint = ""
-            if name == LM_HEAD or name.endswith(_EMBED_SUFFIXES):
+            if name == LM_HEAD or name.endswith(EMBED_SUFFIXES):
                 hint = (
                     " (the vocabularies differ; shardmerge does not silently truncate: add "
                     "tokenizer_source: union to the recipe (tokenizer_from: union in "
@@ -469,20 +506,20 @@ def _compare(
     return problems
 
 
-def _output_dtype(recipe: Recipe, a: TensorInfo) -> str:
+def output_dtype(recipe: Recipe, a: TensorInfo) -> str:
     if not a.is_float:
         return a.dtype
     name = recipe.out_dtype or recipe.input_dtype
     return CODES_BY_TORCH_NAME[name] if name else a.dtype
 
 
-def _input_dtype(recipe: Recipe, a: TensorInfo) -> str | None:
+def input_dtype(recipe: Recipe, a: TensorInfo) -> str | None:
     if not a.is_float or recipe.input_dtype is None:
         return None
     return CODES_BY_TORCH_NAME[recipe.input_dtype]
 
 
-def _cap(problems: list[str]) -> list[str]:
+def cap_problems(problems: list[str]) -> list[str]:
     if len(problems) <= _MAX_LISTED:
         return problems
     return problems[:_MAX_LISTED] + [f"... and {len(problems) - _MAX_LISTED} more problems"]

@@ -1,6 +1,7 @@
 """Plan a merge that builds a new layer stack from slices (see :mod:`shardmerge.slices`).
 
-Pure, like :mod:`shardmerge.plan`, which calls it when the recipe has slices. Output tensors
+Pure, like :mod:`shardmerge.plan`, whose helpers it uses; :func:`plan_recipe` is the entry for
+every recipe (a stack here, whole models by :func:`shardmerge.plan.plan_merge`). Output tensors
 are, in order, as mergekit lays them out: the tensors before the stack (embeddings) from the
 first slice's sources, every output layer from its slice's sources (renumbered), the tensors
 after the stack (final norm, lm_head) from the last slice's sources. Each slice's parameters
@@ -16,16 +17,17 @@ from shardmerge.errors import CheckpointError
 from shardmerge.inventory import ModelInventory, TensorInfo
 from shardmerge.methods import get_method
 from shardmerge.plan import (
-    _EMBED_SUFFIXES,
+    EMBED_SUFFIXES,
     MergePlan,
     TensorTask,
-    _cap,
-    _input_dtype,
-    _output_dtype,
-    _resolve_params,
-    _sources,
-    _ties_embeddings,
+    cap_problems,
+    input_dtype,
     layout_shards,
+    model_sources,
+    output_dtype,
+    plan_merge,
+    resolve_params,
+    ties_embeddings,
 )
 from shardmerge.recipe import Recipe
 from shardmerge.schedule import LayerPos, ScheduleError, find_layer, layer_positions, resolve_t
@@ -39,12 +41,13 @@ from shardmerge.slices import (
     stack_layers,
     stack_table,
 )
+from shardmerge.vocab import VocabPlan
 
 
 def _is_before_stack(name: str) -> bool:
     """Embeddings come before the layers; every other non-layer tensor (final norm, lm_head)
     after them, as in mergekit's architecture definitions."""
-    return name.endswith(_EMBED_SUFFIXES) or "embed" in name.rsplit(".", 2)[0]
+    return name.endswith(EMBED_SUFFIXES) or "embed" in name.rsplit(".", 2)[0]
 
 
 def is_whole_models(recipe: Recipe, models: Sequence[ModelInventory]) -> bool:
@@ -70,6 +73,27 @@ def as_whole_models(recipe: Recipe) -> Recipe:
     return dataclasses.replace(_slice_view(recipe, piece), slices=())
 
 
+def plan_recipe(
+    recipe: Recipe,
+    *models: ModelInventory,
+    shard_size_bytes: int | None = None,
+    vocab: VocabPlan | None = None,
+) -> MergePlan:
+    """The plan of any recipe, ``models`` in ``recipe.models`` order: a new layer stack when
+    its slices build one, else :func:`~shardmerge.plan.plan_merge` (a single slice of every
+    model's whole stack is the plain merge).
+
+    Raises:
+        CheckpointError: listing every problem at once.
+    """
+    if recipe.slices:
+        if not is_whole_models(recipe, models):
+            limit = shard_size_bytes if shard_size_bytes is not None else recipe.shard_size_bytes
+            return plan_stack(recipe, models, limit)
+        recipe = as_whole_models(recipe)
+    return plan_merge(recipe, *models, shard_size_bytes=shard_size_bytes, vocab=vocab)
+
+
 def plan_stack(
     recipe: Recipe, models: Sequence[ModelInventory], shard_size_bytes: int
 ) -> MergePlan:
@@ -82,8 +106,8 @@ def plan_stack(
     warnings: list[str] = []
     # The output's config and tie_word_embeddings are the first model's (the base, else the
     # first source named), as mergekit takes its config from the base model.
-    tied = _ties_embeddings(models[0])
-    sources = [_sources(model, tied, warnings) for model in models]
+    tied = ties_embeddings(models[0])
+    sources = [model_sources(model, tied, warnings) for model in models]
     labels = [m.label for m in models]
     problems: list[str] = []
 
@@ -106,7 +130,7 @@ def plan_stack(
     depths = [max(names) + 1 if names else None for names in layer_names]
     problems += check_stack(recipe.slices, depths, labels)
     if problems:
-        raise CheckpointError(_cap(problems))
+        raise CheckpointError(cap_problems(problems))
 
     spec = None if recipe.method == "slerp" else get_method(recipe.method)
     tasks: list[TensorTask] = []
@@ -142,7 +166,7 @@ def plan_stack(
             if spec is None:
                 t = resolve_t(piece.schedule or recipe.schedule, out_name, pos)
             else:
-                model_params, shared = _resolve_params(
+                model_params, shared = resolve_params(
                     _slice_view(recipe, piece), spec, out_name, pos
                 )
         except ScheduleError as exc:
@@ -153,11 +177,11 @@ def plan_stack(
                 name=out_name,
                 t=t,
                 inputs=tuple(infos),
-                out_dtype=_output_dtype(recipe, first),
+                out_dtype=output_dtype(recipe, first),
                 shape=first.shape,
                 out_begin=0,
                 layer=pos,
-                input_dtype=_input_dtype(recipe, first),
+                input_dtype=input_dtype(recipe, first),
                 model_params=model_params,
                 shared=shared,
                 models=tuple(model for model, _ in inputs),
@@ -182,7 +206,7 @@ def plan_stack(
         if not _is_before_stack(name):
             add(name, last_slice, [(m, name) for m in last_slice.models], None)
     if problems:
-        raise CheckpointError(_cap(list(dict.fromkeys(problems))))
+        raise CheckpointError(cap_problems(list(dict.fromkeys(problems))))
     configs = [m.config for m in models]
     if models[0].config is not None:
         rewritten = rewrite_config(models[0].config, recipe.slices, configs)

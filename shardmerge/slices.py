@@ -34,6 +34,13 @@ NUM_LAYERS_KEY = "num_hidden_layers"
 # models each output layer comes from (mergekit 0.1.5 only rewrites num_hidden_layers, which
 # leaves e.g. Gemma 3's or Qwen 3's layer_types the old length: transformers then refuses it).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+# Configs that give their attention layout as a repeating pattern instead of a layer_types list
+# (Gemma 3's ``sliding_window_pattern: 6``: every 6th layer attends globally). transformers
+# expands the pattern by output position, which a new stack breaks (layer 8 of the source, a
+# sliding-window layer, may land at position 11), so the output gets the explicit list.
+# Defaults of the architectures whose configs may omit the key (transformers' own).
+PATTERN_KEY = "sliding_window_pattern"
+_DEFAULT_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "cohere2": 4}
 
 
 @dataclass(frozen=True)
@@ -153,17 +160,21 @@ def rewrite_config(
     config: Mapping[str, Any], slices: Sequence[Slice], configs: Sequence[Mapping[str, Any] | None]
 ) -> dict[str, Any]:
     """The output's config.json: ``config`` (the base's or first model's) with the new depth,
-    and its per-layer lists rebuilt from the config of each output layer's first source."""
+    and its per-layer lists rebuilt from the config of each output layer's first source
+    (``layer_types`` also where the configs give only a ``sliding_window_pattern``)."""
     out = dict(config)
     layers = stack_layers(slices)
     out[NUM_LAYERS_KEY] = len(layers)
+    # A pattern-only config (Gemma 3) gets its layer_types written out, per source model.
+    expanded = [_with_layer_types(c) for c in configs]
+    own = _with_layer_types(config) or config
     for key in PER_LAYER_KEYS:
-        if not isinstance(config.get(key), list):
+        if not isinstance(own.get(key), list):
             continue
         values: list[Any] = []
         for layer in layers:
             model, source_layer = layer.inputs[0]
-            entries = (configs[model] or {}).get(key)
+            entries = (expanded[model] or {}).get(key)
             if not isinstance(entries, list) or source_layer >= len(entries):
                 break
             values.append(entries[source_layer])
@@ -182,3 +193,23 @@ def stack_table(layers: Sequence[StackLayer], labels: Sequence[str], values: Seq
         sources = " + ".join(f"{labels[m]} layer {i}" for m, i in layer.inputs)
         lines.append(f"| {layer.index} | {sources} | {shown} |")
     return "\n".join(lines) + "\n"
+
+
+def _with_layer_types(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``config`` with its attention pattern written out as ``layer_types`` (every n-th layer
+    full attention, the others sliding-window, transformers' rule) when it gives only the
+    pattern, or nothing where its architecture has a default one."""
+    if config is None or isinstance(config.get("layer_types"), list):
+        return config
+    if "sliding_window" in config and config["sliding_window"] is None:
+        return config  # no sliding-window attention at all
+    depth = config.get(NUM_LAYERS_KEY)
+    pattern = config.get(PATTERN_KEY, _DEFAULT_PATTERNS.get(str(config.get("model_type"))))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (depth, pattern)):
+        return config
+    assert isinstance(depth, int) and isinstance(pattern, int)
+    if depth < 0 or pattern < 1:
+        return config
+    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+             for i in range(depth)]  # fmt: skip
+    return {**config, "layer_types": types}

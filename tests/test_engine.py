@@ -497,13 +497,13 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK_NUMEL", 4096)  # 8 KiB of bf16 per chunk
     monkeypatch.setattr(engine, "_DIRECT_MIN", 4096)
     opened = []
-    real_init = engine._ShardFile.__init__
+    real_init = engine.ShardFile.__init__
 
     def spy(self, path, size):
         real_init(self, path, size)
         opened.append(self.stage is not None)
 
-    real_pwrite = engine._ShardFile._pwrite_direct
+    real_pwrite = engine.ShardFile._pwrite_direct
     from_slots = []
 
     def record(self, view, pos):
@@ -524,8 +524,8 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
         ("buffered", 1 << 40), ("direct", 8192), ("refused", 8192), ("efault", 8192)
     ):  # fmt: skip
         monkeypatch.setattr(engine, "_STAGE_BYTES", stage)
-        monkeypatch.setattr(engine._ShardFile, "_pwrite_direct", writers.get(mode, record))
-        monkeypatch.setattr(engine._ShardFile, "__init__", spy)
+        monkeypatch.setattr(engine.ShardFile, "_pwrite_direct", writers.get(mode, record))
+        monkeypatch.setattr(engine.ShardFile, "__init__", spy)
         opened.clear()
         out = tmp_path / mode
         out.mkdir()

@@ -92,6 +92,44 @@ def test_rewrite_config_sets_the_depth_and_rebuilds_per_layer_lists() -> None:
     assert "layer_types" not in rewrite_config(a, stack, [a, {}])
 
 
+def test_rewrite_config_writes_out_a_sliding_window_pattern() -> None:
+    """Gemma 3 configs give only ``sliding_window_pattern`` (every 6th layer global); a stack
+    of shifted layers keeps each layer's own attention type in an explicit layer_types."""
+    gemma3 = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 12,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+    }
+    stack = [Slice((SliceSource(0, 0, 9),), "slices[0]"), Slice((SliceSource(0, 3, 12),), "s1")]
+    out = rewrite_config(gemma3, stack, [gemma3])
+    full = [i for i, kind in enumerate(out["layer_types"]) if kind == "full_attention"]
+    # Source layers 5 and 11 attend globally: output 5 (first slice), then 11 and 17 (source 5
+    # and 11 again in the second slice, which starts at output 9 with source layer 3).
+    assert full == [5, 11, 17] and len(out["layer_types"]) == 18
+    assert set(out["layer_types"]) == {"full_attention", "sliding_attention"}
+    # Gemma 2 has no key: its fixed alternation (odd layers global) is written out the same way.
+    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 4, "sliding_window": 4096}
+    out2 = rewrite_config(gemma2, [Slice((SliceSource(0, 1, 4),), "s")], [gemma2])
+    assert out2["layer_types"] == ["full_attention", "sliding_attention", "full_attention"]
+    # No sliding window, or an architecture without a pattern: nothing is invented.
+    off = {**gemma3, "sliding_window": None}
+    assert "layer_types" not in rewrite_config(off, stack, [off])
+    llama = {"model_type": "llama", "num_hidden_layers": 12}
+    assert "layer_types" not in rewrite_config(llama, stack, [llama])
+
+
+def test_written_layer_types_match_what_transformers_expands_per_source() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = {"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 512}
+    config["sliding_window_pattern"] = 6
+    source = transformers.Gemma3TextConfig(**config).layer_types
+    stack = [Slice((SliceSource(0, 0, 9),), "slices[0]"), Slice((SliceSource(0, 3, 12),), "s1")]
+    out = rewrite_config(config, stack, [config])
+    assert out["layer_types"] == source[0:9] + source[3:12]
+    assert transformers.Gemma3TextConfig(**out).layer_types == out["layer_types"]
+
+
 # --------------------------------------------------------------------------- recipes
 
 MK_LINEAR = """
@@ -205,6 +243,69 @@ def test_our_layers_errors() -> None:
         "layers[1].c: not a model of this recipe; expected one of a, b",
         "layers[2]: the layer ranges have different lengths (a: 4, b: 2 layers)",
     ]
+
+
+def test_our_layers_entry_parameters_and_their_precedence() -> None:
+    recipe = parse_recipe(
+        """
+method: ties
+base: ./base
+models:
+  x: {path: ./X, weight: 0.9}
+  y: ./Y
+parameters: {weight: 0.5, density: 0.7, normalize: true}
+layers:
+  - base: 0-3
+    x: {layers: 0-3, weight: 0.2}
+    y: 4-7
+    parameters: {weight: 0.4, density: 0.3, normalize: false}
+  - {base: 4-5, x: 4-5, y: 0-1}
+"""
+    )
+    first, second = recipe.slices
+    assert first.model_params is not None and second.model_params is not None
+    # x: its own in the entry; y: the entry's; the second entry: models:, then parameters:.
+    assert [p["weight"].default for p in first.model_params] == [0.2, 0.4]
+    assert [p["density"].default for p in first.model_params] == [0.3, 0.3]
+    assert [p["weight"].default for p in second.model_params] == [0.9, 0.5]
+    assert [p["density"].default for p in second.model_params] == [0.7, 0.7]
+    assert first.shared_params is not None and second.shared_params is not None
+    assert first.shared_params["normalize"] is False
+    assert second.shared_params["normalize"] is True
+
+
+def test_our_layers_entry_parameter_errors() -> None:
+    problems = _problems(
+        """
+method: linear
+models: {x: ./X, y: ./Y}
+parameters: {weight: 0.5}
+layers:
+  - {x: {weight: 0.3}, y: 0-1}
+  - {x: {layers: 0-1, normalize: true}, y: 0-1}
+  - {x: 0-1, y: 0-1, parameters: {weight: 2x, colour: red}}
+"""
+    )
+    assert problems == [
+        'layers[0].x.layers: missing; the model\'s layers, e.g. "0-23"',
+        "layers[1].x.normalize: unknown key; expected one of weight",
+        "layers[2].parameters.colour: unknown key; expected one of weight, normalize",
+        "layers[2].parameters.weight: expected a number, got a string ('2x')",
+    ]
+    slerp = _problems(
+        "models: {a: ./A, b: ./B}\nt: 0.5\nlayers:\n  - {a: {layers: 0-1, t: 0.2}, b: 0-1}\n"
+        "  - {a: 0-1, b: 0-1, parameters: {t: 1.5, weight: 1}}\n"
+    )
+    assert slerp[0] == (
+        'layers[0].a: expected a layer range such as "0-23"; slerp takes no per-model '
+        "parameters (slerp's t goes under layers[0].parameters)"
+    )
+    assert slerp[1].startswith("layers[1].parameters.weight: unknown key")
+    assert slerp[2].startswith("layers[1].parameters.t: ")
+    (named,) = _problems(
+        "method: passthrough\nmodels: {parameters: ./A}\nlayers:\n  - {parameters: 0-1}\n"
+    )
+    assert named.startswith("layers: a model named 'parameters' cannot be used here")
 
 
 def test_passthrough_of_several_whole_models_is_refused() -> None:
@@ -393,6 +494,64 @@ def test_our_format_stack_runs(tmp_path):
     name = "model.layers.{}.self_attn.q_proj.weight"
     assert torch.equal(got[name.format(2)], states[2][name.format(1)])
     assert torch.equal(got[name.format(1)], states[1][name.format(1)])
+
+
+OURS_LINEAR = """
+method: linear
+models:
+  m0: {m0}
+  m1: {m1}
+  m2: {m2}
+parameters: {{weight: 1.0}}
+layers:
+  - m0: {{layers: 0-1, weight: 0.3}}
+    m1: 1-2
+    parameters: {{weight: {{default: {{gradient: [0.2, 0.8]}}, non_layer: 0.2}}}}
+  - {{m2: 2, m1: 0}}
+"""
+
+MK_SLERP_PER_SLICE = """
+merge_method: slerp
+base_model: {m0}
+slices:
+  - sources:
+      - {{model: {m0}, layer_range: [0, 2]}}
+      - {{model: {m1}, layer_range: [1, 3]}}
+    parameters: {{t: [0.1, 0.9]}}
+  - sources:
+      - {{model: {m0}, layer_range: [0, 3]}}
+      - {{model: {m1}, layer_range: [0, 3]}}
+parameters: {{t: 0.3}}
+"""
+
+OURS_SLERP_PER_ENTRY = """
+models: {{a: {m0}, b: {m1}}}
+t: 0.3
+layers:
+  - a: 0-1
+    b: 1-2
+    parameters: {{t: {{default: {{gradient: [0.1, 0.9]}}, non_layer: 0.1}}}}
+  - {{a: 0-2, b: 0-2}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("ours", "mergekit"), [(OURS_LINEAR, LINEAR), (OURS_SLERP_PER_ENTRY, MK_SLERP_PER_SLICE)]
+)
+def test_our_entry_parameters_merge_as_mergekits_slice_parameters(tmp_path, ours, mergekit):
+    """The same stack and parameters written both ways gives the same bytes (mergekit's form
+    is checked against dense references above)."""
+    folders, _ = _family(tmp_path, llama=True)
+    outs = []
+    for text, name in ((ours, "ours"), (mergekit, "mergekit")):
+        recipe = tmp_path / f"{name}.yml"
+        recipe.write_text(text.format(**{f"m{j}": f for j, f in enumerate(folders[:3])}))
+        out = tmp_path / f"out-{name}"
+        assert cli.main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+        outs.append(_read(out))
+    assert outs[0].keys() == outs[1].keys()
+    for name in outs[0]:
+        assert torch.equal(outs[0][name], outs[1][name]), name
 
 
 def test_out_of_range_layer_range_is_one_line_and_writes_nothing(tmp_path, capsys):

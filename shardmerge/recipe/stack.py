@@ -1,28 +1,26 @@
-"""Recipe parsing of layer stacks: mergekit's ``slices:`` and our format's ``layers:``.
+"""Layer stacks in a recipe: mergekit's ``slices:`` and our format's ``layers:``.
 
-Called by :mod:`shardmerge.recipe` (which owns the rest of both formats); the stack itself is
-:mod:`shardmerge.slices`. Every problem is added to the recipe's collector with its key.
+Called by :mod:`shardmerge.recipe.mergekit` and :mod:`shardmerge.recipe.ours`; the stack
+itself (renumbering, which output layer comes from where) is :mod:`shardmerge.slices`. Every
+problem is added to the recipe's collector with its key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shardmerge.recipe import (
-    ModelRef,
-    _at,
-    _Check,
-    _describe,
-    _layer_range,
-    _mk_method_params,
-    _mk_model_parameters,
-    _mk_ref,
-    _mk_t,
-    _with_fallback,
+from shardmerge.recipe.checks import Check, at, describe, with_fallback
+from shardmerge.recipe.mergekit_values import (
+    mk_layer_range,
+    mk_method_params,
+    mk_model_parameters,
+    mk_ref,
+    mk_t,
 )
+from shardmerge.recipe.model import ModelRef
 from shardmerge.schedule import Rule, Schedule, TValue
 from shardmerge.slices import Slice, SliceSource, parse_span
 
@@ -49,7 +47,7 @@ def _register(found: StackParse, ref: ModelRef, key: str) -> int:
 
 def mk_slices(
     value: Any,
-    check: _Check,
+    check: Check,
     *,
     method: str,
     spec: Any,  # the MethodSpec; None for slerp
@@ -62,9 +60,7 @@ def mk_slices(
     """mergekit's ``slices:``: any number of slices, each with sources of (model, layer_range)
     and parameters at the slice and source level (falling back on the top level)."""
     if not isinstance(value, list) or not value:
-        check.add(
-            "slices", f"expected a non-empty list of {{sources: ...}}, got {_describe(value)}"
-        )
+        check.add("slices", f"expected a non-empty list of {{sources: ...}}, got {describe(value)}")
         return None
     found = StackParse([], [], [])
     if base is not None:
@@ -152,7 +148,7 @@ def mk_slices(
 def _mk_slice(
     item: Mapping[Any, Any],
     where: str,
-    check: _Check,
+    check: Check,
     found: StackParse,
     method: str,
     spec: Any,
@@ -167,7 +163,7 @@ def _mk_slice(
     if not isinstance(raw, list) or not raw:
         check.add(
             f"{where}.sources",
-            f"expected a non-empty list of {{model, layer_range}}, got {_describe(raw)}",
+            f"expected a non-empty list of {{model, layer_range}}, got {describe(raw)}",
         )
         return None
     entries: list[tuple[SliceSource, str, Any, bool]] = []
@@ -181,21 +177,21 @@ def _mk_slice(
         check.keys(src, path, ("model", "layer_range", "parameters"))
         params = src.get("parameters")
         if params is not None and method == "slerp":
-            _mk_model_parameters(params, _at(path, "parameters"), check)
+            mk_model_parameters(params, at(path, "parameters"), check)
         ref = None
         if "model" not in src:
-            check.add(_at(path, "model"), "missing; the model reference")
+            check.add(at(path, "model"), "missing; the model reference")
         else:
-            ref = _mk_ref(src["model"], _at(path, "model"), check)
+            ref = mk_ref(src["model"], at(path, "model"), check)
         span = None
         if "layer_range" not in src:
-            check.add(_at(path, "layer_range"), "missing; e.g. [0, 32] for all 32 layers")
+            check.add(at(path, "layer_range"), "missing; e.g. [0, 32] for all 32 layers")
         else:
-            span = _layer_range(src["layer_range"], _at(path, "layer_range"), check)
+            span = mk_layer_range(src["layer_range"], at(path, "layer_range"), check)
         if ref is None or span is None:
             ok = False
             continue
-        model = _register(found, ref, _at(path, "model"))
+        model = _register(found, ref, at(path, "model"))
         is_base = base is not None and ref == base
         entries.append((SliceSource(model, span[0], span[1]), path, params, is_base))
     if not ok:
@@ -233,16 +229,16 @@ def _mk_slice(
 
 
 def slerp_schedule(
-    slice_t: Any, has_slice_t: bool, where: str, top_t: Any, has_top_t: bool, check: _Check
+    slice_t: Any, has_slice_t: bool, where: str, top_t: Any, has_top_t: bool, check: Check
 ) -> Schedule | None:
     """SLERP's t in one slice: the slice's, falling back on the top level's (a condition list
     without a fallback hands unmatched tensors on, as in mergekit)."""
     rules: list[Rule] = []
     default: TValue | None = None
     if has_slice_t:
-        rules, default = _mk_t(slice_t, f"{where}.parameters.t", check)
+        rules, default = mk_t(slice_t, f"{where}.parameters.t", check)
     if has_top_t and default is None:
-        top_rules, top_default = _mk_t(top_t, "parameters.t", check)
+        top_rules, top_default = mk_t(top_t, "parameters.t", check)
         rules += top_rules
         default = top_default
     if not has_slice_t and not has_top_t:
@@ -256,47 +252,70 @@ def method_parameters(
     source_params: Sequence[Any],
     where: str,
     keys: Sequence[str],
-    check: _Check,
+    check: Check,
     top_model: Mapping[str, Schedule],
     top_shared: Mapping[str, Schedule | bool],
     skip_first: bool,
 ) -> tuple[tuple[Mapping[str, Schedule], ...], Mapping[str, Schedule | bool]]:
     """Per source (the base left out when ``skip_first``) and shared parameters of one slice."""
-    slice_model, slice_shared = _mk_method_params(
+    slice_model, slice_shared = mk_method_params(
         slice_params if slice_params is not None else {},
         f"{where}.parameters",
         spec,
         check,
         top=True,
     )
-    fallback = _with_fallback(slice_model, dict(top_model))
+    fallback = with_fallback(slice_model, dict(top_model))
     shared = {**top_shared, **slice_shared}
     per_source: list[Mapping[str, Schedule]] = []
     for i, (params, key) in enumerate(zip(source_params, keys, strict=True)):
-        own, _ = _mk_method_params(
+        own, _ = mk_method_params(
             params if params is not None else {}, f"{key}.parameters", spec, check, top=False
         )
         if skip_first and i == 0:
             continue
-        per_source.append(_with_fallback(own, fallback))
+        per_source.append(with_fallback(own, fallback))
     return tuple(per_source), shared
+
+
+# Reads the parameters inside one ``layers:`` entry (supplied by :mod:`~.ours`, which knows
+# the method): (raw mapping, its path, per-model names only?) -> (per-model, shared) values.
+EntryParams = Callable[
+    [Mapping[Any, Any], str, bool], tuple[dict[str, Schedule], dict[str, Schedule | bool]]
+]
+ENTRY_PARAMETERS = "parameters"  # the key of an entry's own parameters in ``layers:``
 
 
 def our_layers(
     value: Any,
-    check: _Check,
+    check: Check,
     model_keys: Sequence[str],
     method: str,
     base_first: bool,
     model_params: Sequence[Mapping[str, Schedule]] | None = None,
     shared_params: Mapping[str, Schedule | bool] | None = None,
+    read_params: EntryParams | None = None,
 ) -> list[Slice] | None:
     """Our format's ``layers:``: a list of slices, each mapping model keys to an inclusive
-    layer range ("0-23"); the models are the recipe's, named by their keys."""
+    layer range ("0-23"); the models are the recipe's, named by their keys.
+
+    An entry may carry its own parameters (``read_params`` parses them): under
+    ``parameters:`` for the entry (SLERP's ``t``, a method's shared ones, and per-model ones
+    for every model of the entry), and per model as ``key: {layers: "0-23", weight: 0.3}``.
+    The most specific wins: the model's in the entry, the entry's, the model's in ``models:``,
+    then the recipe's ``parameters:``. Gradients run along the entry's own depth.
+    """
     if not isinstance(value, list) or not value:
         check.add(
             "layers",
-            f'expected a list such as [{{a: "0-23"}}, {{b: "8-31"}}], got {_describe(value)}',
+            f'expected a list such as [{{a: "0-23"}}, {{b: "8-31"}}], got {describe(value)}',
+        )
+        return None
+    if ENTRY_PARAMETERS in model_keys:
+        check.add(
+            "layers",
+            f"a model named {ENTRY_PARAMETERS!r} cannot be used here: in layers: that key holds "
+            "an entry's parameters; rename the model",
         )
         return None
     slices: list[Slice] = []
@@ -305,20 +324,53 @@ def our_layers(
         item = check.mapping(entry, where, 'a mapping of model keys to layer ranges ("0-23")')
         if item is None:
             continue
-        sources: list[tuple[int, SliceSource, str]] = []
+        entry_model: dict[str, Schedule] = {}
+        entry_shared: dict[str, Schedule | bool] = {}
+        ok = True
+        if ENTRY_PARAMETERS in item:
+            path = f"{where}.{ENTRY_PARAMETERS}"
+            raw_params = check.mapping(item[ENTRY_PARAMETERS], path)
+            if raw_params is None or read_params is None:
+                if read_params is None:
+                    check.add(path, f"{method} takes no parameters")
+                ok = False
+            else:
+                entry_model, entry_shared = read_params(raw_params, path, False)
+        sources: list[tuple[int, SliceSource, str, dict[str, Schedule]]] = []
         for key, raw in item.items():
+            if key == ENTRY_PARAMETERS:
+                continue
             path = f"{where}.{key}"
             if key not in model_keys:
                 known = ", ".join(model_keys)
                 check.add(path, f"not a model of this recipe; expected one of {known}")
+                ok = False
                 continue
+            own: dict[str, Schedule] = {}
+            if isinstance(raw, dict):
+                if read_params is None or method == "slerp":
+                    hint = f" (slerp's t goes under {where}.{ENTRY_PARAMETERS})"
+                    check.add(
+                        path,
+                        f'expected a layer range such as "0-23"; {method} takes no per-model '
+                        f"parameters{hint if method == 'slerp' else ''}",
+                    )
+                    ok = False
+                    continue
+                if "layers" not in raw:
+                    check.add(f"{path}.layers", 'missing; the model\'s layers, e.g. "0-23"')
+                    ok = False
+                    continue
+                own, _ = read_params({p: v for p, v in raw.items() if p != "layers"}, path, True)
+                raw = raw["layers"]
             span = parse_span(raw)
             if isinstance(span, str):
                 check.add(path, span)
+                ok = False
                 continue
             model = list(model_keys).index(key)
-            sources.append((model, SliceSource(model, span[0], span[1]), path))
-        if len(sources) != len(item):
+            sources.append((model, SliceSource(model, span[0], span[1]), path, own))
+        if not ok:
             continue
         if not sources:
             check.add(where, "empty; name at least one model and its layers")
@@ -329,27 +381,33 @@ def our_layers(
         if method == "slerp" and len(sources) != 2:
             check.add(where, "slerp merges two models: give the layers of both a and b")
             continue
-        lengths = {s.num_layers for _, s, _ in sources}
+        lengths = {s.num_layers for _, s, _, _ in sources}
         if len(lengths) > 1:
-            spans = ", ".join(f"{p.rsplit('.', 1)[1]}: {s.num_layers}" for _, s, p in sources)
+            spans = ", ".join(f"{p.rsplit('.', 1)[1]}: {s.num_layers}" for _, s, p, _ in sources)
             check.add(where, f"the layer ranges have different lengths ({spans} layers)")
             continue
-        if base_first and all(m != 0 for m, _, _ in sources):
+        if base_first and all(m != 0 for m, _, _, _ in sources):
             check.add(where, f"{model_keys[0]} must be one of the models of every entry")
             continue
         sources.sort(key=lambda e: e[0] != 0 if base_first else 0)
         params = None
         if model_params is not None:
-            # Every model's parameters as the recipe gives them (the base has none).
+            # Every model's parameters as the recipe gives them (the base has none), then the
+            # entry's, then the model's own in the entry.
             first = 1 if base_first and method != "slerp" else 0
-            params = tuple(model_params[m - first] for m, _, _ in sources[first:])
+            params = tuple(
+                {**model_params[m - first], **entry_model, **own}
+                for m, _, _, own in sources[first:]
+            )
+        shared = {**shared_params, **entry_shared} if shared_params is not None else None
         slices.append(
             Slice(
-                tuple(s for _, s, _ in sources),
+                tuple(s for _, s, _, _ in sources),
                 where,
-                tuple(p for _, _, p in sources),
+                tuple(p for _, _, p, _ in sources),
+                schedule=entry_model.get("t") if method == "slerp" else None,
                 model_params=params,
-                shared_params=shared_params,
+                shared_params=shared,
             )
         )
     return slices if len(slices) == len(value) else None
