@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from shardmerge import import_torch, readahead
 from shardmerge.errors import CheckpointError, InputError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo
-from shardmerge.plan import CHUNK_NUMEL, _cap, _compare, _sources, _ties_embeddings
+from shardmerge.matching import cap_problems, mismatches, tensor_sources, ties_embeddings
+from shardmerge.plan import CHUNK_NUMEL
 from shardmerge.recipe import ModelRef
 from shardmerge.resolve import ResolvedModel, open_sources, resolve_model
 
@@ -64,13 +65,13 @@ def match_models(models: list[ResolvedModel]) -> tuple[list[_Task], list[str], l
     """The tensors to compare, in the first model's file order; the integer tensors skipped; and
     warnings. Raises a CheckpointError listing every mismatch with the first model."""
     warnings: list[str] = []
-    tied = _ties_embeddings(models[0].inventory)
-    sources = [_sources(m.inventory, tied, warnings) for m in models]
+    tied = ties_embeddings(models[0].inventory)
+    sources = [tensor_sources(m.inventory, tied, warnings) for m in models]
     problems: list[str] = []
     for other, model in zip(sources[1:], models[1:], strict=True):
-        problems += _compare(models[0].label, sources[0], model.label, other)
+        problems += mismatches(models[0].label, sources[0], model.label, other)
     if problems:
-        raise CheckpointError(_cap(problems))
+        raise CheckpointError(cap_problems(problems))
     tasks, skipped = [], []
     for name, info in sources[0].items():
         if not info.is_float:
@@ -117,10 +118,10 @@ def _stream_sums(
     import torch
 
     from shardmerge import similarity
-    from shardmerge.engine import TORCH_DTYPES, _Reader, bytes_view
+    from shardmerge.engine import TORCH_DTYPES, ShardReader, bytes_view
 
     dev = torch.device(dev_name)
-    readers = [_Reader(s, m.label) for s, m in zip(sources, models, strict=True)]
+    readers = [ShardReader(s, m.label) for s, m in zip(sources, models, strict=True)]
     itemsize = max((DTYPE_SIZES[i.dtype] for t in tasks for i in t.infos), default=4)
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
     for _ in range(SLOTS):

@@ -14,17 +14,14 @@ from collections.abc import Sequence
 
 from shardmerge.errors import CheckpointError
 from shardmerge.inventory import ModelInventory, TensorInfo
+from shardmerge.matching import EMBED_SUFFIXES, cap_problems, tensor_sources, ties_embeddings
 from shardmerge.methods import get_method
 from shardmerge.plan import (
-    _EMBED_SUFFIXES,
     MergePlan,
     TensorTask,
-    _cap,
     _input_dtype,
     _output_dtype,
     _resolve_params,
-    _sources,
-    _ties_embeddings,
     layout_shards,
 )
 from shardmerge.recipe import Recipe
@@ -44,7 +41,7 @@ from shardmerge.slices import (
 def _is_before_stack(name: str) -> bool:
     """Embeddings come before the layers; every other non-layer tensor (final norm, lm_head)
     after them, as in mergekit's architecture definitions."""
-    return name.endswith(_EMBED_SUFFIXES) or "embed" in name.rsplit(".", 2)[0]
+    return name.endswith(EMBED_SUFFIXES) or "embed" in name.rsplit(".", 2)[0]
 
 
 def is_whole_models(recipe: Recipe, models: Sequence[ModelInventory]) -> bool:
@@ -82,8 +79,8 @@ def plan_stack(
     warnings: list[str] = []
     # The output's config and tie_word_embeddings are the first model's (the base, else the
     # first source named), as mergekit takes its config from the base model.
-    tied = _ties_embeddings(models[0])
-    sources = [_sources(model, tied, warnings) for model in models]
+    tied = ties_embeddings(models[0])
+    sources = [tensor_sources(model, tied, warnings) for model in models]
     labels = [m.label for m in models]
     problems: list[str] = []
 
@@ -106,7 +103,7 @@ def plan_stack(
     depths = [max(names) + 1 if names else None for names in layer_names]
     problems += check_stack(recipe.slices, depths, labels)
     if problems:
-        raise CheckpointError(_cap(problems))
+        raise CheckpointError(cap_problems(problems))
 
     spec = None if recipe.method == "slerp" else get_method(recipe.method)
     tasks: list[TensorTask] = []
@@ -182,7 +179,7 @@ def plan_stack(
         if not _is_before_stack(name):
             add(name, last_slice, [(m, name) for m in last_slice.models], None)
     if problems:
-        raise CheckpointError(_cap(list(dict.fromkeys(problems))))
+        raise CheckpointError(cap_problems(list(dict.fromkeys(problems))))
     configs = [m.config for m in models]
     if models[0].config is not None:
         rewritten = rewrite_config(models[0].config, recipe.slices, configs)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardmerge.errors import InputError
 from shardmerge.inventory import ModelInventory
+from shardmerge.matching import EMBED_SUFFIXES
 from shardmerge.vocab import AddedToken, TokenizerVocab, VocabPlan, plan_vocab
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ VOCAB_FILES = (
     TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", *TEMPLATE_FILES,
     "tokenizer.model", "vocab.json",
 )  # fmt: skip
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 # ChatML, written out (mergekit's built-in names other than chatml: paste the template).
 CHATML = (
@@ -51,7 +51,7 @@ def model_rows(inventory: ModelInventory) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     for name, info in inventory.tensors.items():
-        if name.endswith(_EMBED_SUFFIXES) and info.shape:
+        if name.endswith(EMBED_SUFFIXES) and info.shape:
             return info.shape[0]
     return None
 
