@@ -32,7 +32,7 @@ from typing import Any
 
 # The engine functions timed in --profile, by the role they play.
 PROFILED = {
-    "read": ("Reader", "read_into"),  # preadv of input chunks into the slots
+    "read": ("ShardReader", "read_into"),  # preadv of input chunks into the slots
     "compute": (None, "_compute"),  # one step's math: H2D, sums or combine, D2H
     "write": ("ShardFile", "write"),  # output chunks to the disk (O_DIRECT or staged)
     "merge": (None, "execute_plan"),  # the whole engine run

@@ -6,6 +6,10 @@ data is read), then a reader thread fills a small fixed pool of chunk slots with
 of every input (the engine's reader: ``preadv``, no mapping) while the calling thread adds each
 chunk to its tensor's sums, on the CPU or a CUDA device. Memory stays at a few chunks whatever
 the model size.
+
+On the CPU two compute threads add up chunks side by side (one torch thread each: OpenMP's
+spinning workers fought the reader); each chunk's sums are kept apart and added to its tensor's in
+chunk order, so the result never depends on which thread did what.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import os
 import queue
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +29,8 @@ from typing import TYPE_CHECKING
 from shardmerge import import_torch, readahead
 from shardmerge.errors import CheckpointError, InputError
 from shardmerge.inventory import DTYPE_SIZES, TensorInfo
-from shardmerge.plan import (
-    CHUNK_NUMEL,
-    cap_problems,
-    compare_inventories,
-    model_sources,
-    ties_embeddings,
-)
+from shardmerge.matching import cap_problems, mismatches, tensor_sources, ties_embeddings
+from shardmerge.plan import CHUNK_NUMEL
 from shardmerge.recipe import ModelRef
 from shardmerge.resolve import ResolvedModel, open_sources, resolve_model
 
@@ -39,8 +40,10 @@ if TYPE_CHECKING:
     from shardmerge.engine import ShardSource
     from shardmerge.similarity import Comparison, Sums
 
-# Chunk slots in flight: one being added up, the others read ahead.
-SLOTS = 4
+# Compute threads on the CPU (a CUDA device: one, its stream does the work).
+CPU_WORKERS = 2
+# Chunk slots in flight: one per compute thread being added up, the others read ahead.
+READ_AHEAD_SLOTS = 3
 _STOP = object()
 
 
@@ -71,10 +74,10 @@ def match_models(models: list[ResolvedModel]) -> tuple[list[_Task], list[str], l
     warnings. Raises a CheckpointError listing every mismatch with the first model."""
     warnings: list[str] = []
     tied = ties_embeddings(models[0].inventory)
-    sources = [model_sources(m.inventory, tied, warnings) for m in models]
+    sources = [tensor_sources(m.inventory, tied, warnings) for m in models]
     problems: list[str] = []
     for other, model in zip(sources[1:], models[1:], strict=True):
-        problems += compare_inventories(models[0].label, sources[0], model.label, other)
+        problems += mismatches(models[0].label, sources[0], model.label, other)
     if problems:
         raise CheckpointError(cap_problems(problems))
     tasks, skipped = [], []
@@ -98,6 +101,8 @@ def compare_models(
     keys = ("a", "b", "base")[: len(refs)]
     models = [resolve_model(parse_model_ref(r), k) for r, k in zip(refs, keys, strict=True)]
     tasks, skipped, warnings = match_models(models)
+    # From a cold disk the first chunks of local inputs load while torch imports.
+    readahead.hint_start(_first_reads(tasks, models))
     from shardmerge.pipeline import resolve_device
 
     dev = resolve_device(device)
@@ -123,13 +128,14 @@ def _stream_sums(
     import torch
 
     from shardmerge import similarity
-    from shardmerge.engine import TORCH_DTYPES, Reader, bytes_view
+    from shardmerge.engine import TORCH_DTYPES, ShardReader, bytes_view
 
     dev = torch.device(dev_name)
-    readers = [Reader(s, m.label) for s, m in zip(sources, models, strict=True)]
+    readers = [ShardReader(s, m.label) for s, m in zip(sources, models, strict=True)]
     itemsize = max((DTYPE_SIZES[i.dtype] for t in tasks for i in t.infos), default=4)
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
-    for _ in range(SLOTS):
+    workers = CPU_WORKERS if dev.type == "cpu" else 1
+    for _ in range(workers + READ_AHEAD_SLOTS):
         free.put([torch.empty(CHUNK_NUMEL * itemsize, dtype=torch.uint8) for _ in models])
     ready: queue.Queue[object] = queue.Queue()
     stop = threading.Event()
@@ -168,30 +174,58 @@ def _stream_sums(
 
     sums = [similarity.Sums() for _ in tasks]
     sub = similarity.sub_numel(dev)
-    scratch = similarity.scratch_buffer(sub or CHUNK_NUMEL, dev)
+    scratches: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+    for _ in range(workers):
+        scratches.put(similarity.scratch_buffer(sub or CHUNK_NUMEL, dev))
+
+    def add_up(item: tuple[int, int, int, list[torch.Tensor]]) -> similarity.Sums:
+        """One chunk's sums, apart from its tensor's; its slot is free once they are known."""
+        index, start, count, slot = item
+        infos = tasks[index].infos
+        typed = [
+            raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype]).to(dev)
+            for raw, info in zip(slot, infos, strict=True)
+        ]
+        base = typed[2] if len(typed) == 3 else None
+        part = similarity.Sums()
+        scratch = scratches.get()
+        try:
+            similarity.accumulate(part, typed[0], typed[1], base, scratch, sub=sub)
+        finally:
+            scratches.put(scratch)
+        free.put(slot)  # the sums are read back (a sync on CUDA): the slot is free
+        return part
+
     reader = threading.Thread(target=read_loop, name="shardmerge-compare-read", daemon=True)
     reader.start()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="shardmerge-compare-sums")
+    pending: deque[tuple[int, int, int, Future[similarity.Sums]]] = deque()
+
+    def finish() -> None:
+        """Add the oldest chunk's sums to its tensor's (chunk order); check a finished tensor."""
+        index, start, count, future = pending.popleft()
+        sums[index].add(future.result())
+        task = tasks[index]
+        if start + count == task.numel and (bad := sums[index].non_finite()) is not None:
+            label = models[("a", "b", "base").index(bad)].label
+            raise CheckpointError(f"{label}: tensor {task.name!r} contains NaN or Inf values")
+
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        # A core for the reader: with every core in torch's pool, OpenMP's spinning workers
-        # fought it (medium pair, 2 cores: 3.5-22 s per run; one thread: 3.6-4.2 s).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        # One torch thread per compute thread: with every core in torch's pool, OpenMP's
+        # spinning workers fought the reader (medium pair, 2 cores: 3.5-22 s per run).
+        torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // workers))
     try:
         while (item := ready.get()) is not _STOP:
             assert isinstance(item, tuple)
-            index, start, count, slot = item
-            task = tasks[index]
-            typed = [
-                raw[: count * DTYPE_SIZES[info.dtype]].view(TORCH_DTYPES[info.dtype]).to(dev)
-                for raw, info in zip(slot, task.infos, strict=True)
-            ]
-            base = typed[2] if len(typed) == 3 else None
-            similarity.accumulate(sums[index], typed[0], typed[1], base, scratch, sub=sub)
-            free.put(slot)  # the sums are read back (a sync on CUDA): the slot is free
-            if start + count == task.numel and (bad := sums[index].non_finite()) is not None:
-                label = models[("a", "b", "base").index(bad)].label
-                raise CheckpointError(f"{label}: tensor {task.name!r} contains NaN or Inf values")
+            index, start, count, _ = item
+            pending.append((index, start, count, pool.submit(add_up, item)))
+            if len(pending) >= workers:
+                finish()
+        while pending:
+            finish()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
         stop.set()
         while reader.is_alive():
@@ -203,6 +237,14 @@ def _stream_sums(
     if errors:
         raise errors[0]
     return [(task.name, s) for task, s in zip(tasks, sums, strict=True)]
+
+
+def _first_reads(tasks: list[_Task], models: list[ResolvedModel]) -> Iterator[readahead.Span]:
+    """The local input ranges compare reads, in its order (a hint before the sources exist)."""
+    for task in tasks:
+        for model, info in zip(models, task.infos, strict=True):
+            if model.local_dir is not None:
+                yield readahead.Span(str(model.local_dir / info.file), info.begin, info.nbytes)
 
 
 def _read_spans(tasks: list[_Task], sources: list[ShardSource]) -> Iterator[list[readahead.Span]]:

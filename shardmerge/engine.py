@@ -90,7 +90,7 @@ _SLOW_READ_MIN_BYTES = 1 << 22
 _SLOW_READ_RATE = 1.5e9
 
 
-class Reader:
+class ShardReader:
     """Open shard files of one model, checked against the plan's header view."""
 
     def __init__(self, source: ShardSource, label: str) -> None:
@@ -104,7 +104,7 @@ class Reader:
         # Called when a read waits for the disk rather than copying from memory.
         self.on_slow_read: Callable[[], None] | None = None
         # Every model's reader, by model index: a re-indexed embedding reads other models' rows.
-        self.peers: list[Reader] = [self]
+        self.peers: list[ShardReader] = [self]
 
     def _fd(self, info: TensorInfo) -> tuple[int, int]:
         # Only the reader thread opens (and releases) files, so fetching (maybe a download)
@@ -526,8 +526,8 @@ def execute_plan(
         recorder: gets each tensor's statistics (its sums and t), as its first output chunk is
             computed (so before its shard is done).
     """
-    reader_a = Reader(source_a, "model A")
-    reader_b = Reader(source_b, "model B")
+    reader_a = ShardReader(source_a, "model A")
+    reader_b = ShardReader(source_b, "model B")
     reader_a.peers = reader_b.peers = [reader_a, reader_b]
     dev = torch.device(device)
     remaining = _file_refcounts(plan, skip_shards)
@@ -818,8 +818,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 def _read_step(
     step: _Step,
-    reader_a: Reader,
-    reader_b: Reader,
+    reader_a: ShardReader,
+    reader_b: ShardReader,
     free: queue.Queue[_Slot],
     stop: threading.Event,
 ) -> int:

@@ -33,8 +33,8 @@ from shardmerge.engine import (
     TORCH_DTYPES,
     ExecuteResult,
     OutputFile,
-    Reader,
     ShardFile,
+    ShardReader,
     ShardResult,
     ShardSource,
     bytes_view,
@@ -169,7 +169,7 @@ def execute_passes(
     method = get_method(plan.method)
     dev = torch.device(device)
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
-    readers = [Reader(src, label) for src, label in zip(sources, names, strict=True)]
+    readers = [ShardReader(src, label) for src, label in zip(sources, names, strict=True)]
     for model_reader in readers:
         model_reader.peers = readers
     chunk = _chunk_numel()

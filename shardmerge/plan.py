@@ -17,6 +17,7 @@ from shardmerge.inventory import (
     ModelInventory,
     TensorInfo,
 )
+from shardmerge.matching import cap_problems, mismatches, tensor_sources, ties_embeddings
 from shardmerge.methods import MethodSpec, Param, get_method
 from shardmerge.recipe import Recipe
 from shardmerge.schedule import (
@@ -31,8 +32,6 @@ from shardmerge.schedule import (
 from shardmerge.vocab import VocabPlan, gather_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
-LM_HEAD = "lm_head.weight"
-EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 # Engine working set: elements per chunk, and the memory for chunk buffers in flight. Kept here
 # so `plan` can estimate memory without importing torch.
 CHUNK_NUMEL = 1 << 22
@@ -48,7 +47,6 @@ PASS_CHUNK_NUMEL = 1 << 20
 PASS_SLOTS = 6
 # Where each output shard's data section starts: a whole number of disk blocks.
 DATA_ALIGN = 4096
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -219,7 +217,7 @@ def plan_merge(
     warnings: list[str] = []
     first = models[0]
     tied = ties_embeddings(first)
-    sources = [model_sources(model, tied, warnings) for model in models]
+    sources = [tensor_sources(model, tied, warnings) for model in models]
     if vocab is not None:
         warnings += vocab.warnings
         if not vocab.identity:
@@ -227,7 +225,7 @@ def plan_merge(
 
     problems: list[str] = []
     for model, other in zip(models[1:], sources[1:], strict=True):
-        problems += compare_inventories(first.label, sources[0], model.label, other)
+        problems += mismatches(first.label, sources[0], model.label, other)
     positions = layer_positions(sources[0])
     spec = None if recipe.method == "slerp" else get_method(recipe.method)
     if spec is None:
@@ -445,67 +443,6 @@ def _replace_begin(task: TensorTask, begin: int) -> TensorTask:
     return replace(task, out_begin=begin)
 
 
-def ties_embeddings(model: ModelInventory) -> bool:
-    config = model.config or {}
-    value = config.get("tie_word_embeddings")
-    if isinstance(value, bool):
-        return value
-    # No explicit setting: a checkpoint without lm_head ties it to the embeddings.
-    return LM_HEAD not in model.tensors and _embed_name(model.tensors) is not None
-
-
-def _embed_name(tensors: Mapping[str, TensorInfo]) -> str | None:
-    for name in tensors:
-        if name.endswith(EMBED_SUFFIXES):
-            return name
-    return None
-
-
-def model_sources(model: ModelInventory, tied: bool, warnings: list[str]) -> dict[str, TensorInfo]:
-    """The tensors the output is made from, following the first model's tie_word_embeddings."""
-    sources = dict(model.tensors)
-    embed = _embed_name(sources)
-    if tied and LM_HEAD in sources:
-        del sources[LM_HEAD]
-        warnings.append(
-            f"{model.label} has a separate {LM_HEAD} but the first model ties it to the "
-            "embeddings: following the first model, it is left out"
-        )
-    elif not tied and LM_HEAD not in sources and embed is not None:
-        sources[LM_HEAD] = sources[embed]
-        warnings.append(f"{model.label} ties {LM_HEAD} to {embed}: using {embed} as its {LM_HEAD}")
-    return sources
-
-
-def compare_inventories(
-    label_a: str, a: Mapping[str, TensorInfo], label_b: str, b: Mapping[str, TensorInfo]
-) -> list[str]:
-    problems = [f"tensor {n!r} is in {label_a} but not in {label_b}" for n in a if n not in b]
-    problems += [f"tensor {n!r} is in {label_b} but not in {label_a}" for n in b if n not in a]
-    for name, ta in a.items():
-        tb = b.get(name)
-        if tb is None:
-            continue
-        if ta.shape != tb.shape:
-            hint = ""
-            if name == LM_HEAD or name.endswith(EMBED_SUFFIXES):
-                hint = (
-                    " (the vocabularies differ; shardmerge does not silently truncate: add "
-                    "tokenizer_source: union to the recipe (tokenizer_from: union in "
-                    "shardmerge's format), or base or a model's reference for that tokenizer)"
-                )
-            problems.append(
-                f"tensor {name!r}: shape {list(ta.shape)} in {label_a} vs {list(tb.shape)} "
-                f"in {label_b}{hint}"
-            )
-        elif ta.is_float != tb.is_float:
-            problems.append(
-                f"tensor {name!r}: {ta.dtype} in {label_a} vs {tb.dtype} in {label_b} "
-                "(cannot merge a float tensor with an integer one)"
-            )
-    return problems
-
-
 def output_dtype(recipe: Recipe, a: TensorInfo) -> str:
     if not a.is_float:
         return a.dtype
@@ -517,9 +454,3 @@ def input_dtype(recipe: Recipe, a: TensorInfo) -> str | None:
     if not a.is_float or recipe.input_dtype is None:
         return None
     return CODES_BY_TORCH_NAME[recipe.input_dtype]
-
-
-def cap_problems(problems: list[str]) -> list[str]:
-    if len(problems) <= _MAX_LISTED:
-        return problems
-    return problems[:_MAX_LISTED] + [f"... and {len(problems) - _MAX_LISTED} more problems"]

@@ -15,19 +15,16 @@ from collections.abc import Sequence
 
 from shardmerge.errors import CheckpointError
 from shardmerge.inventory import ModelInventory, TensorInfo
+from shardmerge.matching import EMBED_SUFFIXES, cap_problems, tensor_sources, ties_embeddings
 from shardmerge.methods import get_method
 from shardmerge.plan import (
-    EMBED_SUFFIXES,
     MergePlan,
     TensorTask,
-    cap_problems,
     input_dtype,
     layout_shards,
-    model_sources,
     output_dtype,
     plan_merge,
     resolve_params,
-    ties_embeddings,
 )
 from shardmerge.recipe import Recipe
 from shardmerge.schedule import LayerPos, ScheduleError, find_layer, layer_positions, resolve_t
@@ -107,7 +104,7 @@ def plan_stack(
     # The output's config and tie_word_embeddings are the first model's (the base, else the
     # first source named), as mergekit takes its config from the base model.
     tied = ties_embeddings(models[0])
-    sources = [model_sources(model, tied, warnings) for model in models]
+    sources = [tensor_sources(model, tied, warnings) for model in models]
     labels = [m.label for m in models]
     problems: list[str] = []
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardmerge.errors import InputError
 from shardmerge.inventory import ModelInventory
-from shardmerge.plan import EMBED_SUFFIXES
+from shardmerge.matching import EMBED_SUFFIXES
 from shardmerge.vocab import AddedToken, TokenizerVocab, VocabPlan, plan_vocab
 
 if TYPE_CHECKING:

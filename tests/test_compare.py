@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,43 @@ def test_compare_streams_every_tensor_in_small_chunks(
         result.by_type["embeddings"], _dense(group(["model.embed_tokens.weight", "lm_head.weight"]))
     )
     _close(result.total, _dense(group(list(SHAPES))))
+
+
+def test_compute_threads_give_one_threads_sums_whatever_order_chunks_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks summed by two threads, every other one slowed so that they finish out of order:
+    each tensor's sums are those of one thread, bit for bit (added in chunk order)."""
+    monkeypatch.setattr(compare, "CHUNK_NUMEL", 48)
+    monkeypatch.setattr(similarity, "BLOCK", 16)
+    monkeypatch.setattr(similarity, "SUB_NUMEL", 32)
+    g = torch.Generator().manual_seed(5)
+    # Chunks of very different magnitudes: their float64 sums depend on the order they are added.
+    scale = torch.exp(4 * torch.randn(40, 1, generator=g)).expand(40, 48).reshape(-1)
+    models = tuple(
+        {n: torch.randn(48 * 40, generator=g) * scale for n in ("x.weight", "y.weight")}
+        for _ in range(3)
+    )
+    paths = []
+    for key, tensors in zip(("a", "b", "base"), models, strict=True):
+        write_checkpoint(tmp_path / key, tensors, None, CONFIG)
+        paths.append(str(tmp_path / key))
+    monkeypatch.setattr(compare, "CPU_WORKERS", 1)
+    one, _ = compare.compare_models(paths, device="cpu")
+
+    real = similarity.accumulate
+    calls = iter(range(1 << 30))
+
+    def uneven(*args: object, **kwargs: object) -> None:
+        if next(calls) % 2 == 0:
+            time.sleep(0.002)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(similarity, "accumulate", uneven)
+    monkeypatch.setattr(compare, "CPU_WORKERS", 2)
+    two, _ = compare.compare_models(paths, device="cpu")
+    assert [(t.name, t.sums) for t in two.tensors] == [(t.name, t.sums) for t in one.tensors]
+    assert two.total == one.total
 
 
 def test_cli_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,13 +120,13 @@ def test_spans_are_exactly_what_the_reader_reads(tmp_path, monkeypatch):
     plan, path_a, path_b = _plan(tmp_path, monkeypatch)
     sources = LocalSource(path_a, "model A"), LocalSource(path_b, "model B")
     reads: list[tuple[str, int, int]] = []
-    real_read = engine.Reader.read_into
+    real_read = engine.ShardReader.read_into
 
     def spy(self, info, byte_start, buf, *, last=True):
         reads.append((info.file, info.begin + byte_start, len(buf)))
         real_read(self, info, byte_start, buf, last=last)
 
-    monkeypatch.setattr(engine.Reader, "read_into", spy)
+    monkeypatch.setattr(engine.ShardReader, "read_into", spy)
     out = tmp_path / "out"
     out.mkdir()
     result = execute_plan(plan, *sources, out)
@@ -174,13 +174,13 @@ def test_consumed_input_is_dropped_after_its_last_read_only(tmp_path, monkeypatc
         readahead, "drop", lambda fd, offset, length: dropped.append((offset, length))
     )
     reads: list[tuple[bool, int]] = []
-    real_read = engine.Reader.read_into
+    real_read = engine.ShardReader.read_into
 
     def spy(self, info, byte_start, buf, *, last=True):
         reads.append((last, len(buf)))
         real_read(self, info, byte_start, buf, last=last)
 
-    monkeypatch.setattr(engine.Reader, "read_into", spy)
+    monkeypatch.setattr(engine.ShardReader, "read_into", spy)
     out = tmp_path / "out"
     out.mkdir()
     result = execute_plan(plan, *sources, out)
