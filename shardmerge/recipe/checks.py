@@ -421,26 +421,29 @@ def model_count_problem(spec: Any, count: int, has_base: bool) -> str | None:
     return f"{spec.name} needs {wanted} {noun}{besides}, got {count}"
 
 
+def mergekit_recipe(check: Check, text: str, source: str, **fields: Any) -> Recipe:
+    """A :class:`Recipe` of mergekit's format: ``fields`` over the defaults of what a mergekit
+    config does not set (the output and the device come from the command line, no Hub push)."""
+    defaults: dict[str, Any] = {
+        "schedule": NO_SCHEDULE,
+        "input_dtype": None,
+        "out_dtype": None,
+        "output_dir": None,
+        "shard_size_bytes": DEFAULT_SHARD_SIZE_BYTES,
+        "device": "auto",
+        "tokenizer_source": "a",
+        "layer_range": None,
+        "push_to_hub": None,
+        "private": False,
+        "stream": False,
+        "format": "mergekit",
+    }
+    return Recipe(text=text, source=source, warnings=tuple(check.warnings), **defaults | fields)
+
+
 def placeholder(text: str, source: str, check: Check) -> Recipe:
     """Stands in for a recipe whose problems are being reported (never returned to callers)."""
-    return Recipe(
-        models=(PLACEHOLDER, PLACEHOLDER),
-        schedule=NO_SCHEDULE,
-        input_dtype=None,
-        out_dtype=None,
-        output_dir=None,
-        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
-        device="auto",
-        tokenizer_source="a",
-        layer_range=None,
-        push_to_hub=None,
-        private=False,
-        stream=False,
-        format="mergekit",
-        text=text,
-        source=source,
-        warnings=tuple(check.warnings),
-    )
+    return mergekit_recipe(check, text, source, models=(PLACEHOLDER, PLACEHOLDER))
 
 
 def with_fallback(own: dict[str, Schedule], top: dict[str, Schedule]) -> dict[str, Schedule]:

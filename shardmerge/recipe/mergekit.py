@@ -12,17 +12,17 @@ from typing import Any, Literal
 
 from shardmerge.methods import METHODS, MethodSpec, unknown_method_message
 from shardmerge.recipe.checks import (
-    NO_SCHEDULE,
     Check,
     at,
     describe,
+    mergekit_recipe,
     model_count_problem,
     model_index,
     placeholder,
     with_fallback,
 )
 from shardmerge.recipe.mergekit_values import mk_method_params, mk_model_parameters, mk_ref, mk_t
-from shardmerge.recipe.model import DEFAULT_SHARD_SIZE_BYTES, PLACEHOLDER, ModelRef, Recipe
+from shardmerge.recipe.model import PLACEHOLDER, ModelRef, Recipe
 from shardmerge.recipe.stack import mk_slices
 from shardmerge.schedule import Rule, Schedule, TValue
 from shardmerge.slices import Slice
@@ -104,24 +104,17 @@ def parse_mergekit(data: dict[Any, Any], check: Check, text: str, source: str) -
     out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
     tokenizer, vocab = _mk_tokenizer(data, base, base_text, other, check)
 
-    return Recipe(
+    return mergekit_recipe(
+        check,
+        text,
+        source,
         models=(base or PLACEHOLDER, other[0] if other is not None else PLACEHOLDER),
         schedule=Schedule(rules=tuple(rules), default=default, non_layer=None, style="mergekit"),
         input_dtype=input_dtype,
         out_dtype=out_dtype,
-        output_dir=None,
-        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
-        device="auto",
         tokenizer_source=tokenizer,
         vocab=vocab,
         layer_range=layer_range,
-        push_to_hub=None,
-        private=False,
-        stream=False,
-        format="mergekit",
-        text=text,
-        source=source,
-        warnings=tuple(check.warnings),
         slices=slices,
     )
 
@@ -420,23 +413,13 @@ def _parse_mergekit_method(
     vocab = _mk_vocab(data, refs, check, known=all(r != PLACEHOLDER for r in refs))
     input_dtype = check.dtype(data["dtype"], "dtype") if "dtype" in data else None
     out_dtype = check.dtype(data["out_dtype"], "out_dtype") if "out_dtype" in data else None
-    return Recipe(
+    return mergekit_recipe(
+        check,
+        text,
+        source,
         models=refs,
-        schedule=NO_SCHEDULE,
         input_dtype=input_dtype,
         out_dtype=out_dtype,
-        output_dir=None,
-        shard_size_bytes=DEFAULT_SHARD_SIZE_BYTES,
-        device="auto",
-        tokenizer_source="a",
-        layer_range=None,
-        push_to_hub=None,
-        private=False,
-        stream=False,
-        format="mergekit",
-        text=text,
-        source=source,
-        warnings=tuple(check.warnings),
         vocab=vocab,
         method=name,
         model_keys=keys,
