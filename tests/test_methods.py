@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from shardmerge import cli, passes
-from shardmerge.methods import TensorJob, rng
+from shardmerge.methods import TensorJob, bits, rng
 from shardmerge.methods.select import magnitude_keys
 from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
@@ -227,6 +227,16 @@ def test_dare_masks_are_a_pure_function_of_seed_name_and_position():
     other_name = rng.keep_mask(rng.stream_key(1, "y", 0), 0, 100_000, 0.3, torch.device("cpu"))
     other_seed = rng.keep_mask(rng.stream_key(2, "x", 0), 0, 100_000, 0.3, torch.device("cpu"))
     assert (a != other_name).float().mean() > 0.3 and (a != other_seed).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.3, 0.5, 0.999, 1.0])
+def test_int16_dare_masks_equal_the_bool_masks(p):
+    key = rng.stream_key(3, "x", 1)
+    cpu = torch.device("cpu")
+    for start, count in ((0, 100_000), (12_345, 777), (2**32 - 1000, 1000)):
+        want = rng.keep_mask(key, start, count, p, cpu)
+        got = rng.keep_bits(key, start, count, p, cpu)
+        assert got.dtype == torch.int16 and torch.equal(got, bits.from_bool(want)), (p, start)
 
 
 # --------------------------------------------------------------------------- through the CLI

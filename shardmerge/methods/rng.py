@@ -19,7 +19,7 @@ import hashlib
 
 import torch
 
-__all__ = ["MAX_NUMEL", "UNIT_BITS", "stream_key", "uniform_bits", "keep_mask"]
+__all__ = ["MAX_NUMEL", "UNIT_BITS", "keep_bits", "keep_mask", "stream_key", "uniform_bits"]
 
 MAX_NUMEL = 1 << 32
 UNIT_BITS = 24  # bits of each draw compared against the keep probability
@@ -78,3 +78,12 @@ def keep_mask(key: int, start: int, count: int, p: float, device: torch.device) 
     draw is below ``round(p * 2**UNIT_BITS)``."""
     threshold = round(p * (1 << UNIT_BITS))
     return uniform_bits(key, start, count, device) < threshold
+
+
+def keep_bits(key: int, start: int, count: int, p: float, device: torch.device) -> torch.Tensor:
+    """:func:`keep_mask` as an int16 mask (-1 kept, 0 dropped; :mod:`~.bits`), without the bool
+    tensor: ``draw - threshold`` is negative exactly where the draw is below it (both fit in
+    24 bits), and an arithmetic shift spreads its sign."""
+    threshold = round(p * (1 << UNIT_BITS))
+    draws = uniform_bits(key, start, count, device)
+    return draws.sub_(threshold).bitwise_right_shift_(31).to(torch.int16)

@@ -110,6 +110,8 @@ class _Model:
 
     def mask_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         """:meth:`mask` as an int16 mask, for a 16-bit ``delta`` (:mod:`~.bits`)."""
+        if self.kind == "random":
+            return rng.keep_bits(self.key, start, delta.numel(), self.density, delta.device)
         if self.kind != "select":
             return bits.from_bool(self.mask(delta, start))
         assert self.selector is not None
@@ -192,7 +194,10 @@ class TaskVectorMerge:
             if not model.sparsified:
                 continue
             work = self._work(model, delta)
-            masked = work * model.mask(delta, start).to(work.dtype)
+            if self.bits and work.dtype == delta.dtype:
+                masked = work * bits.ones_where(model.mask_bits(delta, start), work.dtype)
+            else:
+                masked = work * model.mask(delta, start).to(work.dtype)
             block = model.row if model.kind == "della" else L1_BLOCK  # whole rows per chunk
             before.extend(_block_l1(work, block))
             after.extend(_block_l1(masked, block))
