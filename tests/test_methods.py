@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from shardmerge import cli, passes
-from shardmerge.methods import TensorJob, bits, rng
+from shardmerge.methods import TensorJob, bits, rng, task_vectors
 from shardmerge.methods.select import magnitude_keys
 from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
@@ -237,6 +237,24 @@ def test_int16_dare_masks_equal_the_bool_masks(p):
         want = rng.keep_mask(key, start, count, p, cpu)
         got = rng.keep_bits(key, start, count, p, cpu)
         assert got.dtype == torch.int16 and torch.equal(got, bits.from_bool(want)), (p, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_part_sums_are_float32_sums_rounded_once(dtype):
+    """_sum_rounded's shortcut for two 16-bit parts (torch's own add) against the float32
+    accumulation it stands for: every bit pattern against shuffled ones, and near-cancellation."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1 << 16, generator=g)
+    pairs = [(every, every[torch.randperm(every.numel(), generator=g)]) for _ in range(8)]
+    pairs.append((x.to(dtype), (-x + 1e-3 * torch.randn(x.shape, generator=g)).to(dtype)))
+    for a, b in pairs:
+        want = (a.float() + b.float()).to(dtype)
+        got = task_vectors._sum_rounded([a, b], dtype)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    one = x.to(dtype)
+    alone = task_vectors._sum_rounded([one], dtype)
+    assert torch.equal(alone, one) and alone.data_ptr() != one.data_ptr()  # a copy: callers edit it
 
 
 # --------------------------------------------------------------------------- through the CLI
