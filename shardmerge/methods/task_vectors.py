@@ -305,7 +305,13 @@ class TaskVectorMerge:
         self._count_election(nonzero, agreeing, bits.count)
         takes = [bits.ones_where(a, dtype) for a in agreeing]
         mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
-        divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
+        # The weights taking part: w & mask instead of take * w. Only a zero's sign differs (+0
+        # for a negative weight left out), and every zero divisor becomes 1 below.
+        taking = [
+            a.bitwise_and(w.view(torch.int16)).view(dtype)
+            for a, w in zip(agreeing, weights, strict=True)
+        ]
+        divisor = _sum_rounded(taking, dtype)
         return mixed, bits.where_zero_one(divisor)
 
     def _count_election(
