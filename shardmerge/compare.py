@@ -7,9 +7,9 @@ of every input (the engine's reader: ``preadv``, no mapping) while the calling t
 chunk to its tensor's sums, on the CPU or a CUDA device. Memory stays at a few chunks whatever
 the model size.
 
-On the CPU two compute threads add up chunks side by side (one torch thread each: OpenMP's
-spinning workers fought the reader); each chunk's sums are kept apart and added to its tensor's in
-chunk order, so the result never depends on which thread did what.
+With cores to spare (one is the reader's), two compute threads add up chunks side by side on the
+CPU; each chunk's sums are kept apart and added to its tensor's in chunk order, so the result
+never depends on which thread did what.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ if TYPE_CHECKING:
     from shardmerge.engine import ShardSource
     from shardmerge.similarity import Comparison, Sums
 
-# Compute threads on the CPU (a CUDA device: one, its stream does the work).
-CPU_WORKERS = 2
+# Compute threads on the CPU: None, one per core beyond the reader's, at most MAX_CPU_WORKERS (a
+# CUDA device: one, its stream does the work). On 2 shared cores a second one cost 10-25% more
+# CPU time and gained no wall time (medium pair, load 3-5).
+CPU_WORKERS: int | None = None
+MAX_CPU_WORKERS = 2
 # Chunk slots in flight: one per compute thread being added up, the others read ahead.
 READ_AHEAD_SLOTS = 3
 _STOP = object()
@@ -134,7 +137,7 @@ def _stream_sums(
     readers = [ShardReader(s, m.label) for s, m in zip(sources, models, strict=True)]
     itemsize = max((DTYPE_SIZES[i.dtype] for t in tasks for i in t.infos), default=4)
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
-    workers = CPU_WORKERS if dev.type == "cpu" else 1
+    workers = _cpu_workers() if dev.type == "cpu" else 1
     for _ in range(workers + READ_AHEAD_SLOTS):
         free.put([torch.empty(CHUNK_NUMEL * itemsize, dtype=torch.uint8) for _ in models])
     ready: queue.Queue[object] = queue.Queue()
@@ -212,8 +215,9 @@ def _stream_sums(
 
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        # One torch thread per compute thread: with every core in torch's pool, OpenMP's
-        # spinning workers fought the reader (medium pair, 2 cores: 3.5-22 s per run).
+        # A core for the reader, the others shared by the compute threads: with every core in
+        # torch's pool, OpenMP's spinning workers fought the reader (medium pair, 2 cores:
+        # 3.5-22 s per run; one thread: 3.6-4.2 s).
         torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // workers))
     try:
         while (item := ready.get()) is not _STOP:
@@ -237,6 +241,12 @@ def _stream_sums(
     if errors:
         raise errors[0]
     return [(task.name, s) for task, s in zip(tasks, sums, strict=True)]
+
+
+def _cpu_workers() -> int:
+    if CPU_WORKERS is not None:
+        return CPU_WORKERS
+    return max(1, min(MAX_CPU_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 def _first_reads(tasks: list[_Task], models: list[ResolvedModel]) -> Iterator[readahead.Span]:
