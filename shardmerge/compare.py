@@ -7,9 +7,9 @@ of every input (the engine's reader: ``preadv``, no mapping) while the calling t
 chunk to its tensor's sums, on the CPU or a CUDA device. Memory stays at a few chunks whatever
 the model size.
 
-With cores to spare (one is the reader's), two compute threads add up chunks side by side on the
-CPU; each chunk's sums are kept apart and added to its tensor's in chunk order, so the result
-never depends on which thread did what.
+With ``CPU_WORKERS`` above one, compute threads add up chunks side by side on the CPU; each
+chunk's sums are kept apart and added to its tensor's in chunk order, so the result never
+depends on which thread did what.
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ if TYPE_CHECKING:
     from shardmerge.engine import ShardSource
     from shardmerge.similarity import Comparison, Sums
 
-# Compute threads on the CPU: None, one per core beyond the reader's, at most MAX_CPU_WORKERS (a
-# CUDA device: one, its stream does the work). On 2 shared cores a second one cost 10-25% more
-# CPU time and gained no wall time (medium pair, load 3-5).
-CPU_WORKERS: int | None = None
-MAX_CPU_WORKERS = 2
+# Compute threads on the CPU (a CUDA device: one, its stream does the work). The sums are bound
+# by memory bandwidth: on 2 shared cores a second thread cost 10-30% more CPU time and no less
+# wall time (medium pair, benchmarks/compare_cost.py), so one, with the cores but the reader's.
+CPU_WORKERS = 1
 # Chunk slots in flight: one per compute thread being added up, the others read ahead.
 READ_AHEAD_SLOTS = 3
 _STOP = object()
@@ -137,7 +136,7 @@ def _stream_sums(
     readers = [ShardReader(s, m.label) for s, m in zip(sources, models, strict=True)]
     itemsize = max((DTYPE_SIZES[i.dtype] for t in tasks for i in t.infos), default=4)
     free: queue.Queue[list[torch.Tensor]] = queue.Queue()
-    workers = _cpu_workers() if dev.type == "cpu" else 1
+    workers = CPU_WORKERS if dev.type == "cpu" else 1
     for _ in range(workers + READ_AHEAD_SLOTS):
         free.put([torch.empty(CHUNK_NUMEL * itemsize, dtype=torch.uint8) for _ in models])
     ready: queue.Queue[object] = queue.Queue()
@@ -241,12 +240,6 @@ def _stream_sums(
     if errors:
         raise errors[0]
     return [(task.name, s) for task, s in zip(tasks, sums, strict=True)]
-
-
-def _cpu_workers() -> int:
-    if CPU_WORKERS is not None:
-        return CPU_WORKERS
-    return max(1, min(MAX_CPU_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 def _first_reads(tasks: list[_Task], models: list[ResolvedModel]) -> Iterator[readahead.Span]:
