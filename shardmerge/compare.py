@@ -200,7 +200,8 @@ def _stream_sums(
 
     reader = threading.Thread(target=read_loop, name="shardmerge-compare-read", daemon=True)
     reader.start()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="shardmerge-compare-sums")
+    # One compute thread: the calling thread itself (no thread, no malloc arena of its own).
+    pool = ThreadPoolExecutor(workers, "shardmerge-compare-sums") if workers > 1 else None
     pending: deque[tuple[int, int, int, Future[similarity.Sums]]] = deque()
 
     def finish() -> None:
@@ -222,13 +223,19 @@ def _stream_sums(
         while (item := ready.get()) is not _STOP:
             assert isinstance(item, tuple)
             index, start, count, _ = item
-            pending.append((index, start, count, pool.submit(add_up, item)))
+            if pool is None:
+                future: Future[similarity.Sums] = Future()
+                future.set_result(add_up(item))
+            else:
+                future = pool.submit(add_up, item)
+            pending.append((index, start, count, future))
             if len(pending) >= workers:
                 finish()
         while pending:
             finish()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
         stop.set()
         while reader.is_alive():
