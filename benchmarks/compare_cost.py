@@ -7,7 +7,7 @@ process (torch imported once), with one or two compute threads, side by side.
 Arithmetic: ``similarity.accumulate`` on one bf16 chunk of compare's size (B 0.002 from A, the
 base 0.001 from A), one torch thread, best and median CPU milliseconds of ``--repeats``. Runs:
 ``compare_models`` on the given folders, alternating 1 and 2 compute threads (``CPU_WORKERS``)
-``--rounds`` times, wall and CPU (user + sys, every thread) seconds of each.
+``--rounds`` times after an untimed run, wall and CPU (user + sys, every thread) seconds of each.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     if len(args.models) != 2:
         parser.error("two model folders, or none")
     refs = [*args.models, *([args.base] if args.base else [])]
+    compare.compare_models(refs, device="cpu")  # warm-up: the first run imports and allocates
     for _ in range(args.rounds):
         for workers in (1, 2):
             compare.CPU_WORKERS = workers
