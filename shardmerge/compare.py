@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from shardmerge.similarity import Comparison, Sums
 
 # Compute threads on the CPU (a CUDA device: one, its stream does the work). The sums are bound
-# by memory bandwidth: on 2 shared cores a second thread cost 10-30% more CPU time and no less
-# wall time (medium pair, benchmarks/compare_cost.py), so one, with the cores but the reader's.
+# by memory bandwidth: on 2 shared cores a second thread took more CPU time and no less wall time
+# (medium pair; README, "Cost"), so one, with every core but the reader's in torch's pool.
 CPU_WORKERS = 1
 # Chunk slots in flight: one per compute thread being added up, the others read ahead.
 READ_AHEAD_SLOTS = 3
