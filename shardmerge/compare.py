@@ -7,9 +7,9 @@ of every input (the engine's reader: ``preadv``, no mapping) while the calling t
 chunk to its tensor's sums, on the CPU or a CUDA device. Memory stays at a few chunks whatever
 the model size.
 
-On the CPU two compute threads add up chunks side by side (one torch thread each: OpenMP's
-spinning workers fought the reader); each chunk's sums are kept apart and added to its tensor's in
-chunk order, so the result never depends on which thread did what.
+With ``CPU_WORKERS`` above one, compute threads add up chunks side by side on the CPU; each
+chunk's sums are kept apart and added to its tensor's in chunk order, so the result never
+depends on which thread did what.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ if TYPE_CHECKING:
     from shardmerge.engine import ShardSource
     from shardmerge.similarity import Comparison, Sums
 
-# Compute threads on the CPU (a CUDA device: one, its stream does the work).
-CPU_WORKERS = 2
+# Compute threads on the CPU (a CUDA device: one, its stream does the work). The sums are bound
+# by memory bandwidth: on 2 shared cores a second thread took more CPU time and no less wall time
+# (medium pair; README, "Cost"), so one, with every core but the reader's in torch's pool.
+CPU_WORKERS = 1
 # Chunk slots in flight: one per compute thread being added up, the others read ahead.
 READ_AHEAD_SLOTS = 3
 _STOP = object()
@@ -198,7 +200,8 @@ def _stream_sums(
 
     reader = threading.Thread(target=read_loop, name="shardmerge-compare-read", daemon=True)
     reader.start()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="shardmerge-compare-sums")
+    # One compute thread: the calling thread itself (no thread, no malloc arena of its own).
+    pool = ThreadPoolExecutor(workers, "shardmerge-compare-sums") if workers > 1 else None
     pending: deque[tuple[int, int, int, Future[similarity.Sums]]] = deque()
 
     def finish() -> None:
@@ -212,20 +215,27 @@ def _stream_sums(
 
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        # One torch thread per compute thread: with every core in torch's pool, OpenMP's
-        # spinning workers fought the reader (medium pair, 2 cores: 3.5-22 s per run).
+        # A core for the reader, the others shared by the compute threads: with every core in
+        # torch's pool, OpenMP's spinning workers fought the reader (medium pair, 2 cores:
+        # 3.5-22 s per run; one thread: 3.6-4.2 s).
         torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // workers))
     try:
         while (item := ready.get()) is not _STOP:
             assert isinstance(item, tuple)
             index, start, count, _ = item
-            pending.append((index, start, count, pool.submit(add_up, item)))
+            if pool is None:
+                future: Future[similarity.Sums] = Future()
+                future.set_result(add_up(item))
+            else:
+                future = pool.submit(add_up, item)
+            pending.append((index, start, count, future))
             if len(pending) >= workers:
                 finish()
         while pending:
             finish()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
         stop.set()
         while reader.is_alive():
