@@ -8,8 +8,9 @@ The base and the first fine-tune are make_pair.py's A and B; the second fine-tun
 second pair (another seed), sharded differently again; with ``--fine-tunes N`` the k-th (k > 2)
 is the B of a k-th pair (DATA_DIR/SIZE-ftK). Each repeat runs every tool once per
 method, alternating, under `/usr/bin/time -v` from a warm page cache (run.py's machinery). The
-floor reads the three inputs once and writes one model's bytes with dd. Results: a markdown
-table on stdout, JSON in DATA_DIR/family-SIZE.json.
+floor reads the three inputs once and writes one model's bytes with `dd oflag=direct bs=8M`
+(O_DIRECT, as shardmerge writes: a buffered write sometimes stays in the page cache and sometimes
+waits for writeback). Results: a markdown table on stdout, JSON in DATA_DIR/family-SIZE.json.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
 
     runs: list[ToolRuns] = []
-    floor = ToolRuns("floor", floor_command(inputs, fam / "out-floor", out_bytes))
+    floor = ToolRuns("floor", floor_command(inputs, fam / "out-floor", out_bytes, direct=True))
     if "floor" in tools:
         runs.append(floor)
     for method in methods:
@@ -135,17 +136,20 @@ def main(argv: list[str] | None = None) -> int:
             tool.peak_rss_bytes.append(run.peak_rss_bytes)
             tool.cpu_busy_before.append(run.cpu_busy_before)
             tool.others_cpu_s.append(run.others_cpu_s)
+            tool.own_cpu_s.append(run.own_cpu_s)
             print(
-                f"repeat {repeat + 1} {tool.name}: {run.wall_s:.2f} s, peak RSS "
-                f"{run.peak_rss_bytes / 1e9:.2f} GB (others' CPU {run.others_cpu_s:.1f} s)",
+                f"repeat {repeat + 1} {tool.name}: {run.wall_s:.2f} s, user+sys "
+                f"{run.own_cpu_s:.2f} s, peak RSS {run.peak_rss_bytes / 1e9:.2f} GB "
+                f"(others' CPU {run.others_cpu_s:.1f} s)",
                 file=sys.stderr,
             )
             shutil.rmtree(out_dir, ignore_errors=True)
 
     floor_s = statistics.median(floor.walls_s) if floor.walls_s else None
     rows = [
-        "| run | median wall (s) | runs (s) | peak RSS (GB) | wall / floor | mergekit / shardmerge |",
-        "|---|---:|---|---:|---:|---:|",
+        "| run | median wall (s) | runs (s) | user+sys (s) | peak RSS (GB) | wall / floor "
+        "| mergekit / shardmerge |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     medians = {t.name: statistics.median(t.walls_s) for t in runs if t.walls_s}
     for t in runs:
@@ -158,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             other = medians.get(t.name.replace("shardmerge", "mergekit"))
             speedup = f"{other / wall:.1f}x" if other else "-"
         walls = ", ".join(f"{w:.2f}" for w in t.walls_s)
+        cpu = ", ".join(f"{c:.2f}" for c in t.own_cpu_s)
         rows.append(
-            f"| {t.name} | {wall:.2f} | {walls} | {max(t.peak_rss_bytes) / 1e9:.2f} | {ratio} "
-            f"| {speedup} |"
+            f"| {t.name} | {wall:.2f} | {walls} | {cpu} | {max(t.peak_rss_bytes) / 1e9:.2f} "
+            f"| {ratio} | {speedup} |"
         )
     table = "\n".join(rows)
     print(

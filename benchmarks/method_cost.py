@@ -33,7 +33,7 @@ def time_method(
         numel=numel,
         dtype=inputs[0].dtype,
         model_params=(params,) * (len(inputs) - 1),
-        shared={**shared, "int8_mask": False},
+        shared={**shared, "int8_mask": False, "filter_wise": False},
         seed=0,
         row_len=2048,
     )

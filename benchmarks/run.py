@@ -63,6 +63,8 @@ class ToolRuns:
     cpu_busy_before: list[float] = field(default_factory=list)
     # CPU seconds spent on anything else during each run (others' work, kernel writeback).
     others_cpu_s: list[float] = field(default_factory=list)
+    # The command's own user + sys seconds in each run.
+    own_cpu_s: list[float] = field(default_factory=list)
     # --cold: the disk during each run (DiskSampler.summary)
     disk: list[dict[str, float] | None] = field(default_factory=list)
     failed: str | None = None
@@ -129,18 +131,36 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def floor_command(inputs: list[Path], out_dir: Path, out_bytes: int) -> list[str]:
-    """Read every input once and write out_bytes, with dd and 16 MiB buffers, nothing else."""
+def floor_command(
+    inputs: list[Path], out_dir: Path, out_bytes: int, direct: bool = False
+) -> list[str]:
+    """Read every input once and write out_bytes, with dd and 16 MiB buffers, nothing else.
+
+    ``direct``: write as the `write` tool does (O_DIRECT, 8 MiB blocks, as shardmerge writes),
+    so the write always reaches the disk instead of sometimes staying in the page cache."""
     reads = "\n".join(
         f"dd if={shlex.quote(str(p))} of=/dev/null bs=16M status=none" for p in inputs
     )
+    out = out_dir / "floor.bin"
+    if direct:
+        write = _direct_write_dd(out, out_bytes)
+    else:
+        write = f"dd if=/dev/zero of={shlex.quote(str(out))} bs=16M count={out_bytes} \\\n"
+        write += "iflag=count_bytes status=none"
     script = f"""set -e
 {reads}
 mkdir -p {shlex.quote(str(out_dir))}
-dd if=/dev/zero of={shlex.quote(str(out_dir / "floor.bin"))} bs=16M count={out_bytes} \
-iflag=count_bytes status=none
+{write}
 """
     return ["bash", "-c", script]
+
+
+def _direct_write_dd(out: Path, out_bytes: int) -> str:
+    """The `dd` writing out_bytes of zeros to ``out`` with O_DIRECT in 8 MiB blocks."""
+    return (
+        f"dd if=/dev/zero of={shlex.quote(str(out))} bs=8M count={out_bytes} "
+        "iflag=count_bytes oflag=direct status=none"
+    )
 
 
 def _cat_jobs(models: list[list[Path]]) -> str:
@@ -161,10 +181,9 @@ def concurrent_read_command(models: list[list[Path]]) -> list[str]:
 
 def direct_write_command(out_dir: Path, out_bytes: int) -> list[str]:
     """Write as many bytes as the merged model, with O_DIRECT (as shardmerge writes)."""
-    out = shlex.quote(str(out_dir / "write.bin"))
     script = f"""set -e
 mkdir -p {shlex.quote(str(out_dir))}
-dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct status=none
+{_direct_write_dd(out_dir / "write.bin", out_bytes)}
 """
     return ["bash", "-c", script]
 
@@ -175,11 +194,7 @@ def mixed_io_command(models: list[list[Path]], out_dir: Path, out_bytes: int) ->
     On a disk that shares one bandwidth between reads and writes this takes about read + write;
     on one that overlaps them, less."""
     jobs = _cat_jobs(models)
-    out = shlex.quote(str(out_dir / "mixed.bin"))
-    write = (
-        f"dd if=/dev/zero of={out} bs=8M count={out_bytes} iflag=count_bytes oflag=direct "
-        "status=none & pids+=($!)"
-    )
+    write = _direct_write_dd(out_dir / "mixed.bin", out_bytes) + " & pids+=($!)"
     script = f"""set -e
 mkdir -p {shlex.quote(str(out_dir))}
 pids=()
@@ -404,6 +419,7 @@ class RunResult:
     cpu_busy_before: float
     others_cpu_s: float
     disk: dict[str, float] | None = None
+    own_cpu_s: float = 0.0  # the command's user + sys seconds (/usr/bin/time -v)
 
 
 def time_once(
@@ -451,6 +467,7 @@ def time_once(
         cpu_busy_before=cpu_busy_before,
         others_cpu_s=round(others_cpu_s, 2),
         disk=disk.summary(),
+        own_cpu_s=round(own_cpu_s, 2),
     )
 
 

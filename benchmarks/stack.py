@@ -5,8 +5,10 @@
 
 The input is make_pair.py's model A of L layers; the stack is its layers [0, 3L/4) then
 [L/4, L) (SOLAR style: 3L/2 layers, the middle half used twice). The floor reads A's files
-once and writes the output's size with dd. Results: a markdown table on stdout, JSON in
-DATA_DIR/stack-SIZE.json.
+once and writes the output's size with `dd oflag=direct bs=8M` (run.py's floor_command with
+direct=True: O_DIRECT as shardmerge writes, so the write always reaches the disk; a buffered
+write was bimodal, 0.6 s when it stayed in the page cache and ~4 s when flushed). Results: a
+markdown table on stdout, JSON in DATA_DIR/stack-SIZE.json.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out_bytes = 0
     for repeat in range(args.repeats):
         for tool in runs:
-            if tool.failed:
+            if tool.failed or tool.name == "floor":  # the floor is timed below, once a repeat
                 continue
             out_dir = stack / ("out-" + tool.name.replace(" ", "-"))
             log = stack / (tool.name.replace(" ", "-") + f"-{repeat + 1}.log")
@@ -88,36 +90,56 @@ def main(argv: list[str] | None = None) -> int:
             tool.walls_s.append(run.wall_s)
             tool.peak_rss_bytes.append(run.peak_rss_bytes)
             tool.others_cpu_s.append(run.others_cpu_s)
+            tool.own_cpu_s.append(run.own_cpu_s)
             out_bytes = sum(p.stat().st_size for p in safetensors_files(out_dir)) or out_bytes
-            print(f"repeat {repeat + 1} {tool.name}: {run.wall_s:.2f} s", file=sys.stderr)
+            print(
+                f"repeat {repeat + 1} {tool.name}: {run.wall_s:.2f} s, user+sys "
+                f"{run.own_cpu_s:.2f} s, others' CPU {run.others_cpu_s:.1f} s",
+                file=sys.stderr,
+            )
             shutil.rmtree(out_dir, ignore_errors=True)
         if "floor" in tools and out_bytes:
             floor = next((t for t in runs if t.name == "floor"), None)
             if floor is None:
-                floor = ToolRuns("floor", floor_command(inputs, stack / "out-floor", out_bytes))
+                cmd = floor_command(inputs, stack / "out-floor", out_bytes, direct=True)
+                floor = ToolRuns("floor", cmd)
                 runs.append(floor)
             run = time_once(floor, stack / "out-floor", stack / "floor.log", inputs, 0)
             floor.walls_s.append(run.wall_s)
             floor.peak_rss_bytes.append(run.peak_rss_bytes)
+            floor.own_cpu_s.append(run.own_cpu_s)
+            floor.others_cpu_s.append(run.others_cpu_s)
+            print(
+                f"repeat {repeat + 1} floor: {run.wall_s:.2f} s, user+sys {run.own_cpu_s:.2f} s, "
+                f"others' CPU {run.others_cpu_s:.1f} s",
+                file=sys.stderr,
+            )
             shutil.rmtree(stack / "out-floor", ignore_errors=True)
     medians = {t.name: statistics.median(t.walls_s) for t in runs if t.walls_s}
     floor_s = medians.get("floor")
     rows = [
-        "| run | median wall (s) | runs (s) | peak RSS (GB) | wall / floor |",
-        "|---|---:|---|---:|---:|",
+        "| run | median wall (s) | runs (s) | user+sys (s) | others' CPU (s) | peak RSS (GB) "
+        "| wall / floor |",
+        "|---|---:|---|---|---|---:|---:|",
     ]
     for t in runs:
         if t.walls_s:
             ratio = f"{medians[t.name] / floor_s:.2f}" if floor_s else "-"
             walls = ", ".join(f"{w:.2f}" for w in t.walls_s)
+            cpu = ", ".join(f"{c:.2f}" for c in t.own_cpu_s)
+            others = ", ".join(f"{c:.1f}" for c in t.others_cpu_s)
             rss = max(t.peak_rss_bytes) / 1e9
-            rows.append(f"| {t.name} | {medians[t.name]:.2f} | {walls} | {rss:.2f} | {ratio} |")
+            rows.append(
+                f"| {t.name} | {medians[t.name]:.2f} | {walls} | {cpu} | {others} | {rss:.2f} "
+                f"| {ratio} |"
+            )
     table = "\n".join(rows)
     machine = machine_info()
     print(
         f"## {args.size} stack: {num_layers} -> {num_layers * 3 // 2} layers, "
         f"{input_bytes / 1e9:.3f} GB of inputs, {out_bytes / 1e9:.3f} GB written\n\n"
-        f"Machine: {machine['nproc']} CPUs; warm page cache.\n\n{table}"
+        f"Machine: {machine['nproc']} CPUs; warm page cache; floor: dd reads, "
+        f"dd oflag=direct bs=8M write.\n\n{table}"
     )
     result = {"size": args.size, "machine": machine, "markdown": table, "walls": medians}
     (DATA_DIR / f"stack-{args.size}.json").write_text(json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardmerge import cli, passes
-from shardmerge.methods import TensorJob
+from shardmerge.methods import TensorJob, sums
 from tests.conftest import needs_mergekit, run_mergekit
 from tests.test_methods import _family, _max_steps, _read, _shard_bytes
 
@@ -162,6 +162,21 @@ def test_model_stock_matches_the_dense_reference_at_any_chunk_size(dtype, filter
         assert torch.allclose(got[5].float(), models[0][5].float(), rtol=0.01, atol=0.01)
     else:
         assert not torch.allclose(got[5].float(), models[0][5].float(), rtol=0.01, atol=0.01)
+
+
+@pytest.mark.parametrize("row", [7, 2048, sums.F32_BLOCK, 3 * sums.F32_BLOCK + 100])
+def test_float32_row_sums_are_close_to_float64_and_ignore_the_rows_around(row):
+    g = torch.Generator().manual_seed(row)
+    x = torch.randn(5 * row, generator=g).bfloat16()
+    squares = x.float().square()
+    got = sums.row_sums_f32(squares, row)
+    exact = squares.double().view(-1, row).sum(1)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, exact, rtol=1e-6, atol=0)
+    # Each row's sum is the same whichever rows share its call (any chunking of whole rows).
+    alone = torch.cat([sums.row_sums_f32(squares[i * row : (i + 1) * row], row) for i in range(5)])
+    assert torch.equal(got, alone)
+    assert torch.equal(got[2:], sums.row_sums_f32(squares[2 * row :], row))
 
 
 def test_model_stock_singular_and_opposite_updates_keep_the_base():

@@ -7,7 +7,8 @@ mean over pairs of ``cos(d_i, d_j)`` over the whole tensor (per row, the last di
 the base, as mergekit), and the result ``t * mean(x_i) + (1 - t) * b``.
 
 One statistics pass (each task vector's squared norm and each pair's dot product, per row,
-float64), then the combine. The scalar arithmetic after the sums, and the combine, are mergekit
+summed in float64; for 16-bit merges from float32 sums of blocks of at most 16 Ki elements, whose
+terms are exact in float32), then the combine. The scalar arithmetic after the sums, and the combine, are mergekit
 0.1.5's op for op in the merge dtype, so results agree with it bit for bit unless a norm or dot
 product lands within float rounding of a bf16 boundary.
 """
@@ -42,22 +43,33 @@ class ModelStockMerge:
         self.pairs = [(a, b) for a in range(self.count) for b in range(a + 1, self.count)]
         self.sums = BlockSums(self.count + len(self.pairs), keep_blocks=self.filter_wise)
         self.passes = 1 if job.numel else 0
+        # 16-bit merges: squares and rounded products are exact in float32 (see reduce).
+        self.blocks_f32 = self.dtype in (torch.bfloat16, torch.float16)
         self.t: torch.Tensor | None = None
 
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
         import torch
 
-        from shardmerge.methods.sums import pieces
+        from shardmerge.methods.sums import pieces, row_sums_f32
 
         for s, e in pieces(inputs[0].numel(), self.row):
             base = inputs[0][s:e]
             offsets = [x[s:e] - base for x in inputs[1:]]  # in the merge dtype, as mergekit
-            columns = [d.to(torch.float64).square().view(-1, self.row).sum(1) for d in offsets]
-            # mergekit rounds each product to the merge dtype before summing.
-            columns += [
-                (offsets[a] * offsets[b]).to(torch.float64).view(-1, self.row).sum(1)
-                for a, b in self.pairs
-            ]
+            if self.blocks_f32:
+                # Squares of 16-bit values and products rounded to them are exact in float32:
+                # float32 sums of small blocks, added in float64 (sums.row_sums_f32).
+                columns = []
+                for d in offsets:
+                    f = d.float()
+                    columns.append(row_sums_f32(f.mul_(f), self.row))
+                # mergekit rounds each product to the merge dtype before summing.
+                columns += [row_sums_f32(offsets[a] * offsets[b], self.row) for a, b in self.pairs]
+            else:  # float32/float64 merges: float64 throughout
+                columns = [d.to(torch.float64).square().view(-1, self.row).sum(1) for d in offsets]
+                columns += [
+                    (offsets[a] * offsets[b]).to(torch.float64).view(-1, self.row).sum(1)
+                    for a, b in self.pairs
+                ]
             self.sums.add(torch.stack(columns, dim=1))
 
     def end_pass(self, pass_index: int) -> None:

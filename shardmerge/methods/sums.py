@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PIECE_NUMEL", "BlockSums", "block_gram", "pieces"]
+__all__ = ["F32_BLOCK", "PIECE_NUMEL", "BlockSums", "block_gram", "pieces", "row_sums_f32"]
 
 # Elements per piece a reduction converts to float64 at a time: its temporaries stay in the CPU's
 # cache instead of being fresh multi-MiB allocations per chunk (measured: a 1 Mi-element chunk's
@@ -20,11 +20,35 @@ __all__ = ["PIECE_NUMEL", "BlockSums", "block_gram", "pieces"]
 PIECE_NUMEL = 1 << 16
 
 
+# Elements per float32 partial sum (:func:`row_sums_f32`): under torch's parallel grain (32 Ki
+# elements), so each partial is summed serially by one kernel whatever surrounds it.
+F32_BLOCK = 1 << 14
+
+
 def pieces(n: int, unit: int) -> list[tuple[int, int]]:
     """``[start, end)`` spans of about :data:`PIECE_NUMEL` elements covering ``n``, each a whole
     number of ``unit``-element blocks (at least one)."""
     step = max(1, PIECE_NUMEL // unit) * unit
     return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def row_sums_f32(x: torch.Tensor, row: int) -> torch.Tensor:
+    """Each ``row``-element row's sum of flat ``x`` (whole rows), as float64: float32 sums of
+    blocks of at most :data:`F32_BLOCK` elements (each row cut the same way, whatever the rows
+    around it), added in float64.
+
+    For 16-bit inputs whose terms are exact in float32 (squares of bf16/fp16 values, products
+    rounded to them), each float32 block sum is within a few float32 roundings of the float64
+    one (relative ~1e-7, far below a bf16 step) at a fraction of the cost of float64 copies."""
+    rows = x.view(-1, row)
+    if row <= F32_BLOCK:
+        return rows.sum(1, dtype=torch.float32).to(torch.float64)
+    full = row - row % F32_BLOCK
+    blocks = rows[:, :full].reshape(rows.shape[0], -1, F32_BLOCK).sum(2, dtype=torch.float32)
+    parts = [blocks]
+    if full < row:
+        parts.append(rows[:, full:].sum(1, dtype=torch.float32, keepdim=True))
+    return torch.cat(parts, 1).to(torch.float64).sum(1)
 
 
 class BlockSums:
