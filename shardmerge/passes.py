@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from shardmerge import faults
+from shardmerge import faults, heap
 from shardmerge.engine import (
     TORCH_DTYPES,
     ExecuteResult,
@@ -168,6 +168,7 @@ def execute_passes(
     ``recorder`` gets each float tensor's statistics once its last chunk is combined."""
     method = get_method(plan.method)
     dev = torch.device(device)
+    heap.keep_temporaries()  # chunk temporaries reuse freed memory, not fresh page faults
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [ShardReader(src, label) for src, label in zip(sources, names, strict=True)]
     for model_reader in readers:
