@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from shardmerge import cli, passes
-from shardmerge.methods import TensorJob, bits, rng, task_vectors
+from shardmerge.methods import TensorJob, bits, rng, select, task_vectors
 from shardmerge.methods.select import magnitude_keys
 from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
@@ -255,6 +255,24 @@ def test_two_part_sums_are_float32_sums_rounded_once(dtype):
     one = x.to(dtype)
     alone = task_vectors._sum_rounded([one], dtype)
     assert torch.equal(alone, one) and alone.data_ptr() != one.data_ptr()  # a copy: callers edit it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("row", [1, 7, 2048])
+def test_row_ranks_are_a_stable_argsort_of_magnitudes(dtype, row):
+    g = torch.Generator().manual_seed(row)
+    x = torch.randn(row * 64, generator=g).to(dtype)
+    if dtype in (torch.bfloat16, torch.float16):  # every bit pattern: NaNs, infinities, +-0
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        x = torch.cat([x, every[torch.randperm(every.numel(), generator=g)][: row * 32]])
+    else:
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0])
+        x[: specials.numel() * 2] = specials.repeat(2).to(dtype)
+    x = torch.cat([x, torch.full((row,), 0.5, dtype=dtype)])  # a row of ties
+    rows = x.view(-1, row)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    want = torch.empty_like(order).scatter_(1, order, torch.arange(row).expand_as(order))
+    assert torch.equal(select.row_ranks(x, row), want)
 
 
 # --------------------------------------------------------------------------- through the CLI

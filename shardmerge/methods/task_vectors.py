@@ -29,7 +29,7 @@ import torch
 
 from shardmerge.methods import bits, rng
 from shardmerge.methods.family import Family
-from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
+from shardmerge.methods.select import RankSelector, key_space, magnitude_keys, row_ranks
 from shardmerge.methods.spec import TensorJob
 
 __all__ = ["L1_BLOCK", "TaskVectorMerge"]
@@ -126,14 +126,13 @@ class _Model:
         grows linearly with the rank of |delta| from density - epsilon to density + epsilon;
         mergekit's arithmetic (ranks and probabilities in the working dtype). Ties in |delta|
         rank by index (stable sort; mergekit's argsort orders them arbitrarily)."""
-        rows = delta.view(-1, self.row)
-        order = torch.argsort(rows.abs(), dim=1, stable=True)
-        positions = torch.arange(self.row, device=delta.device).expand_as(order)
-        ranks = torch.empty_like(order).scatter_(1, order, positions)
-        ranked = ranks.to(self.work_dtype) + 1
+        ranked = row_ranks(delta, self.row).to(self.work_dtype) + 1
         if self.row > 1:
-            low = ranked.min(dim=1, keepdim=True).values
-            high = ranked.max(dim=1, keepdim=True).values
+            # Every row holds the ranks 0..row-1, so its min and max after the same conversion
+            # and + 1 (mergekit's per-row reductions) are those of 0 and row - 1: rounding to
+            # the working dtype keeps the order.
+            ends = torch.tensor([0.0, self.row - 1.0], dtype=self.work_dtype) + 1
+            low, high = ends[0], ends[1]
             rank_norm = ((ranked - low) / (high - low)).clamp(0, 1)
         else:  # one element per row: mergekit divides 0 by 0 here; the middle probability
             rank_norm = torch.full_like(ranked, 0.5)
