@@ -2,11 +2,14 @@
 method's passes in fixed pools.
 
 Per tensor the method (:mod:`shardmerge.methods`) declares how many reduction passes it needs
-before its combine; this module knows passes, not methods. Three threads overlap: a reader fills
-slots (one chunk of every input) from a fixed pool in the plan's order, the calling thread runs
-each chunk through ``reduce`` (pass by pass, ``end_pass`` after each) and then ``combine``, and
-a writer puts the merged chunks at their planned offsets in file order (the shard files, digests
-and resume records are :mod:`shardmerge.engine`'s). A tensor whose chunks fit in the pool at once
+before its combine; this module knows passes, not methods. Threads overlap: a reader fills
+slots (one chunk of every input) from a fixed pool in the plan's order, compute threads run each
+chunk through ``reduce`` (pass by pass, ``end_pass`` after each) and then ``combine``, and a
+writer puts the merged chunks at their planned offsets in file order (the shard files, digests
+and resume records are :mod:`shardmerge.engine`'s). On a CPU two compute threads take chunks
+side by side where the method allows it (``in_any_order``), each phase of a tensor starting once
+the one before it is done; merged chunks reach the writer in output order whatever thread made
+them, so the files are the same bytes as with one thread. A tensor whose chunks fit in the pool at once
 is read once and kept between its passes; a larger one (an embedding) is read once per pass, so
 memory stays a few chunks whatever the tensor's size.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import queue
 import threading
 from collections import Counter
@@ -55,6 +59,8 @@ CHUNK_NUMEL = PASS_CHUNK_NUMEL
 # Chunk slots (each holds one chunk of every input); a tensor of at most SLOTS - 1 chunks is
 # read once for all its passes.
 SLOTS = PASS_SLOTS
+# Compute threads on a CPU (each with its share of torch's pool).
+CPU_WORKERS = 2
 
 
 def _chunk_numel() -> int:
@@ -135,6 +141,17 @@ def execute(
 Kind = Literal["reduce", "combine", "copy"]
 
 
+class _Progress:
+    """Where one tensor's merge stands: its current phase (a pass, then ``passes`` for the
+    combine) and how many chunks of that phase are done. Guarded by the engine's condition."""
+
+    __slots__ = ("done", "phase")
+
+    def __init__(self) -> None:
+        self.phase = 0
+        self.done = 0
+
+
 @dataclass
 class _Item:
     task: TensorTask
@@ -145,8 +162,11 @@ class _Item:
     end: int
     merge: TensorMerge | None
     slot: list[torch.Tensor]
-    end_of_pass: bool
+    index: int  # the chunk's place in its phase
+    chunks: int  # chunks in the phase
     release: bool  # the slot goes back to the pool after this item
+    progress: _Progress | None = None
+    out_seq: int = -1  # copy and combine items: their place in the output order
 
 
 _STOP = object()
@@ -169,6 +189,7 @@ def execute_passes(
     method = get_method(plan.method)
     dev = torch.device(device)
     heap.keep_temporaries()  # chunk temporaries reuse freed memory, not fresh page faults
+    workers = min(CPU_WORKERS, os.cpu_count() or 1) if dev.type == "cpu" else 1
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [ShardReader(src, label) for src, label in zip(sources, names, strict=True)]
     for model_reader in readers:
@@ -239,9 +260,18 @@ def execute_passes(
         if not task.is_float or _copies(task, method):
             # Integer/bool tensors come from the first input, as stored; so does a plain copy.
             for s, e in spans:
-                yield _Item(task, shard, "copy", 0, s, e, None, read(task, s, e, [0]), False, True)
+                slot = read(task, s, e, [0])
+                yield _Item(task, shard, "copy", 0, s, e, None, slot, 0, len(spans), release=True)
             return
         merge = method.start(_job(plan, task, dev))
+        progress = _Progress()
+
+        def at(kind: Kind, phase: int, i: int, slot: list[torch.Tensor], release: bool) -> _Item:
+            s, e = spans[i]
+            return _Item(
+                task, shard, kind, phase, s, e, merge, slot, i, len(spans), release, progress
+            )
+
         everything = range(len(task.inputs))
         resident = merge.passes > 0 and len(spans) <= SLOTS - 1
         held: list[list[torch.Tensor]] = []
@@ -253,18 +283,19 @@ def execute_passes(
                     slot = read(task, s, e, everything)
                     if resident:
                         held.append(slot)
-                yield _Item(
-                    task, shard, "reduce", p, s, e, merge, slot, i == len(spans) - 1, not resident
-                )
+                yield at("reduce", p, i, slot, release=not resident)
         for i, (s, e) in enumerate(spans):
             slot = held[i] if resident else read(task, s, e, everything)
-            yield _Item(task, shard, "combine", 0, s, e, merge, slot, False, True)
+            yield at("combine", merge.passes, i, slot, release=True)
 
     def read_loop() -> None:
+        out_seq = 0
         try:
             for item in items():
                 if stop.is_set():
                     return
+                if item.kind != "reduce":
+                    item.out_seq, out_seq = out_seq, out_seq + 1
                 ready.put(item)
         except _Stopped:
             pass
@@ -308,39 +339,89 @@ def execute_passes(
             while to_write.get() is not _STOP:  # keep draining: never block the computer
                 pass
 
-    def compute_loop() -> None:
-        while (entry := ready.get()) is not _STOP and not stop.is_set():
-            assert isinstance(entry, _Item)
-            item = entry
-            task = item.task
-            count = item.end - item.start
-            if item.kind == "copy":
-                info = task.inputs[0]
-                raw = item.slot[0][: count * DTYPE_SIZES[info.dtype]]
-                if info.dtype != task.out_dtype:
-                    typed = raw.view(TORCH_DTYPES[info.dtype]).to(TORCH_DTYPES[task.out_dtype])
-                    to_write.put((item.shard, typed.view(torch.uint8), None))
-                    release(item.slot)
-                else:
-                    to_write.put((item.shard, raw, item.slot))  # freed once written
-                continue
-            assert item.merge is not None
-            inputs = _typed_inputs(item, dev)
-            if item.kind == "reduce":
-                item.merge.reduce(item.pass_index, inputs, item.start)
-                if item.end_of_pass:
-                    item.merge.end_pass(item.pass_index)
-                if item.release:
-                    release(item.slot)
-                continue
-            merged = item.merge.combine(inputs, item.start)
-            del inputs
-            if recorder is not None and item.end == task.inputs[0].numel:
-                recorder.put(task.name, _record(task, item.merge))
+    # Compute workers: on a CPU, two threads take chunks side by side (each torch op releases
+    # the GIL). A phase a method does not declare order-free (see TensorMerge.in_any_order) runs
+    # its chunks one after another in flat order; a pass ends (end_pass) once all its chunks are
+    # in, before the next phase starts; merged chunks reach the writer in output order.
+    turn = threading.Condition()
+    emitted = [0]  # copy and combine items handed to the writer so far
+
+    def wait(ready_now: Callable[[], bool]) -> None:
+        with turn:
+            while not ready_now():
+                if stop.is_set():
+                    raise _Stopped
+                turn.wait(0.1)
+
+    def emit(item: _Item, entry: tuple[object, ...]) -> None:
+        wait(lambda: emitted[0] == item.out_seq)
+        to_write.put(entry)
+        with turn:
+            emitted[0] += 1
+            turn.notify_all()
+
+    def run_item(item: _Item) -> None:
+        task = item.task
+        count = item.end - item.start
+        if item.kind == "copy":
+            info = task.inputs[0]
+            raw = item.slot[0][: count * DTYPE_SIZES[info.dtype]]
+            if info.dtype != task.out_dtype:
+                typed = raw.view(TORCH_DTYPES[info.dtype]).to(TORCH_DTYPES[task.out_dtype])
+                release(item.slot)
+                emit(item, (item.shard, typed.view(torch.uint8), None))
+            else:
+                emit(item, (item.shard, raw, item.slot))  # freed once written
+            return
+        merge, progress, phase = item.merge, item.progress, item.pass_index
+        assert merge is not None and progress is not None
+        in_any_order = getattr(merge, "in_any_order", None)
+        ordered = workers > 1 and not (callable(in_any_order) and in_any_order(phase))
+        wait(lambda: progress.phase == phase and (not ordered or progress.done == item.index))
+        inputs = _typed_inputs(item, dev)
+        data = None
+        if item.kind == "reduce":
+            merge.reduce(phase, inputs, item.start)
+        else:
+            merged = merge.combine(inputs, item.start)
             out = merged.to(TORCH_DTYPES[task.out_dtype]).reshape(-1)
             data = out.cpu().contiguous().view(torch.uint8)
+            del merged, out
+        del inputs
+        if item.kind == "combine" or item.release:
             release(item.slot)
-            to_write.put((item.shard, data, None))
+        with turn:
+            progress.done += 1
+            last = progress.done == item.chunks
+            turn.notify_all()
+        if last:
+            if item.kind == "reduce":
+                merge.end_pass(phase)
+            elif recorder is not None:
+                recorder.put(task.name, _record(task, merge))
+            with turn:
+                progress.phase, progress.done = phase + 1, 0
+                turn.notify_all()
+        if data is not None:
+            emit(item, (item.shard, data, None))
+
+    def compute_loop() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    entry = ready.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if entry is _STOP:
+                    ready.put(_STOP)  # for the other workers
+                    return
+                assert isinstance(entry, _Item)
+                run_item(entry)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            errors.append(exc)
+            stop.set()
 
     # torch's pool leaves two cores to the reader and the writer (their copies out of the page
     # cache and digests are CPU work too): OpenMP's idle workers spin after every parallel op,
@@ -348,17 +429,27 @@ def execute_passes(
     # CPU time, taken from the reader and writer.
     threads = torch.get_num_threads()
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, threads - 2))
+        torch.set_num_threads(max(1, (threads - 2) // workers))
     reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
     writer = threading.Thread(target=write_loop, name="shardmerge-write", daemon=True)
+    helpers = [
+        threading.Thread(target=compute_loop, name=f"shardmerge-compute-{i}", daemon=True)
+        for i in range(1, workers)
+    ]
     reader.start()
     writer.start()
+    for helper in helpers:
+        helper.start()
     try:
         compute_loop()
+        for helper in helpers:
+            helper.join()
     except BaseException as exc:  # noqa: BLE001 - raised below, after the threads stop
         errors.append(exc)
     finally:
         stop.set()
+        for helper in helpers:
+            helper.join()
         while reader.is_alive():  # unblock a reader waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.05)

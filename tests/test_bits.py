@@ -87,3 +87,19 @@ def test_rank_selector_int16_masks_equal_the_bool_masks_for_any_chunking():
                 assert int(want.sum()) == counts[i]
                 ref.restart()
                 fast.restart()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1024, 1021, 5 * 16 + 3, 65536 + 7])
+def test_pack_then_unpack_gives_the_mask_back(n):
+    g = torch.Generator().manual_seed(n)
+    mask = bits.from_bool(torch.rand(n, generator=g) < 0.5)
+    mask[-1] = -1  # the last element's bit is set: padding must not hide or add one
+    words = bits.pack(mask)
+    assert words.dtype == torch.int16 and words.numel() == -(-n // 16)
+    assert torch.equal(bits.unpack(words, n), mask)
+
+
+def test_count_is_the_number_of_set_elements():
+    for mask in (torch.zeros(0, dtype=torch.int16), torch.full((70_000,), -1, dtype=torch.int16)):
+        assert bits.count(mask).dtype == torch.int64
+        assert int(bits.count(mask)) == mask.numel() * int(mask.numel() > 0 and mask[0] != 0)

@@ -3,10 +3,13 @@ streamed result, and (where benchmarks/.venv-mergekit exists) agreement with mer
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -837,3 +840,143 @@ def test_only_slerp_faults_in_slerps_chunk_slots(tmp_path, monkeypatch):
     }
     shardmerge.merge(slerp, out=tmp_path / "slerp", quiet=True)
     assert faulted == [1]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs"])
+@pytest.mark.parametrize("cache_bytes", [task_vectors.MASK_CACHE_BYTES, 0])
+def test_masks_kept_from_the_l1_pass_are_the_masks_drawn_again(monkeypatch, method, cache_bytes):
+    """With rescaling, the L1 pass keeps each chunk's mask (packed) for the combine, which then
+    draws none; with no room for them the combine draws them again. Same bytes either way, and
+    with rows of 7 elements (DELLA's chunks then start off a 16-element boundary) too."""
+    monkeypatch.setattr(task_vectors, "MASK_CACHE_BYTES", cache_bytes)
+    base, models = _inputs(torch.bfloat16, n=7 * 1500, k=2)
+    weights, densities, gammas = [0.6, 0.4], [0.35, 0.7], [0.02, 0.05]
+    shared = {"normalize": True, "rescale": True, "lambda": 1.0}
+    job = _job("layers.0.w", base.numel(), torch.bfloat16, weights, densities, gammas, shared)
+    job = TensorJob(**{**job.__dict__, "row_len": 7})
+    shaped = [t.view(1500, 7) for t in (base, *models)]
+    expected = dense_task_vectors(
+        method, shaped[0], shaped[1:], weights, densities, gammas, shared, "layers.0.w", 0
+    ).reshape(-1)
+    drawn = []
+    original = task_vectors._Model.mask_bits
+
+    def counting(self, delta, start):
+        drawn.append(start)
+        return original(self, delta, start)
+
+    monkeypatch.setattr(task_vectors._Model, "mask_bits", counting)
+    got = passes.merge_tensor(job, method, [base, *models], 1024)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    chunks = len(passes._spans(base.numel(), passes._method_chunk(1024, method == "della", 7)))
+    assert len(drawn) == 2 * chunks * (1 if cache_bytes else 2)
+
+
+def test_an_infinite_delta_gives_mergekits_nan_norm():
+    """The L1 pass's masked norm takes |delta|'s bits under the mask, which equals mergekit's
+    |delta * mask| only for finite deltas: with an infinity (times 0.0: a NaN), the old way."""
+    base, models = _inputs(torch.bfloat16, n=4096, k=2)
+    models[0][5] = float("inf")
+    shared = {"normalize": False, "rescale": True, "lambda": 1.0}
+    job = _job("x", base.numel(), torch.bfloat16, [0.5, 0.5], [0.5, 0.5], None, shared)
+    expected = dense_task_vectors(
+        "dare_ties", base, models, [0.5, 0.5], [0.5, 0.5], [0.0, 0.0], shared, "x", 0
+    )
+    got = passes.merge_tensor(job, "dare_ties", [base, *models], 1024)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+_WATCHED = itertools.count()
+
+
+class _Watched:
+    """A method's tensor merge that logs each call (merge, phase, start, in order?, entry, exit)
+    and takes a little longer in each, so that calls made side by side overlap."""
+
+    def __init__(self, merge, log):
+        self._merge, self._log = merge, log
+        self.passes = merge.passes
+        self._number = next(_WATCHED)
+
+    def __getattr__(self, name):
+        return getattr(self._merge, name)
+
+    def _call(self, phase, start, fn):
+        any_order = getattr(self._merge, "in_any_order", lambda phase: False)(phase)
+        entry = time.perf_counter()
+        time.sleep(0.002)
+        out = fn()
+        self._log.append((self._number, phase, start, not any_order, entry, time.perf_counter()))
+        return out
+
+    def reduce(self, pass_index, inputs, start):
+        return self._call(pass_index, start, lambda: self._merge.reduce(pass_index, inputs, start))
+
+    def combine(self, inputs, start):
+        return self._call(self.passes, start, lambda: self._merge.combine(inputs, start))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "della", "breadcrumbs_ties"])
+def test_compute_workers_give_one_workers_bytes_and_keep_ordered_phases_in_turn(
+    tmp_path, capsys, monkeypatch, method
+):
+    """Several compute threads take chunks side by side: the files are those of one thread,
+    a phase that its method does not declare order-free (in_any_order) runs its chunks in flat
+    order one at a time, every phase starts once the one before it is done, and order-free
+    phases did run side by side."""
+    folders, _ = _family(tmp_path)
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
+    monkeypatch.setattr(passes, "CHUNK_NUMEL", 1024)  # the embedding: 5 chunks
+    monkeypatch.setattr(passes, "CPU_WORKERS", 1)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    log: list[tuple] = []
+    spec = passes.get_method(method)
+    watched = dataclasses.replace(spec, start=lambda job: _Watched(spec.start(job), log))
+    monkeypatch.setattr(passes, "get_method", lambda name: watched)
+    monkeypatch.setattr(passes, "CPU_WORKERS", 3)
+    monkeypatch.setattr(passes.os, "cpu_count", lambda: 4)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "three"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert _shard_bytes(tmp_path / "three") == _shard_bytes(tmp_path / "one")
+    side_by_side = ordered_phases = 0
+    for merge in {entry[0] for entry in log}:
+        calls = sorted((e for e in log if e[0] == merge), key=lambda e: e[4])
+        for phase in sorted({c[1] for c in calls}):
+            mine = [c for c in calls if c[1] == phase]
+            later = [c for c in calls if c[1] > phase]
+            assert all(c[4] >= max(m[5] for m in mine) for c in later), (merge, phase)
+            overlaps = sum(b[4] < max(c[5] for c in mine[: i + 1]) for i, b in enumerate(mine[1:]))
+            if mine[0][3]:  # in order
+                ordered_phases += 1
+                assert overlaps == 0, (merge, phase)
+                assert [c[2] for c in mine] == sorted(c[2] for c in mine)
+            side_by_side += overlaps
+    assert side_by_side > 0
+    if method in ("ties", "breadcrumbs_ties"):  # magnitude masks: their combine goes in turn
+        assert ordered_phases > 0
+
+
+def test_a_failing_chunk_stops_every_compute_worker(tmp_path, capsys, monkeypatch):
+    """One worker's error ends the run (the others stop waiting for their turn): a one-line
+    error, no output, no hang."""
+    folders, _ = _family(tmp_path)
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(CONFIGS["ties"].format(**{f"m{j}": f for j, f in enumerate(folders)}))
+    monkeypatch.setattr(passes, "CHUNK_NUMEL", 1024)
+    monkeypatch.setattr(passes, "CPU_WORKERS", 3)
+    monkeypatch.setattr(passes.os, "cpu_count", lambda: 4)
+    spec = passes.get_method("ties")
+    calls = itertools.count()
+
+    class Failing(_Watched):
+        def combine(self, inputs, start):
+            if next(calls) == 2:
+                raise ValueError("chunk went wrong")
+            return super().combine(inputs, start)
+
+    failing = dataclasses.replace(spec, start=lambda job: Failing(spec.start(job), []))
+    monkeypatch.setattr(passes, "get_method", lambda name: failing)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == "error: chunk went wrong"
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,8 @@ __all__ = [
     "magnitudes",
     "nonzero",
     "ones_where",
+    "pack",
+    "unpack",
     "where_zero_one",
 ]
 
@@ -92,6 +94,42 @@ def where_zero_one(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """A mask in one bit per element (int16 words; :func:`unpack` restores it): element
+    ``j * L + i`` of a mask padded to ``16 * L`` elements is bit ``j`` of word ``i``, so packing
+    and unpacking are two whole-tensor ops each (about 0.1 ns per element here, against 1.4 ns
+    for drawing a DARE mask again)."""
+    n = mask.numel()
+    if n % 16:
+        mask = torch.cat([mask, mask.new_zeros(16 - n % 16)])
+    weights = _bit_weights(mask.device).view(16, 1)
+    # Each word gets distinct bits, so their int16 sum (wrapping at bit 15) is their OR.
+    return (mask.view(16, -1) & weights).sum(dim=0, dtype=torch.int16)
+
+
+def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` elements of the mask that :func:`pack` packed into ``words``: each bit
+    shifted up to the sign, then an arithmetic shift spreads it."""
+    shifts = (15 - torch.arange(16, dtype=torch.int16, device=words.device)).view(16, 1)
+    mask = (words.unsqueeze(0) << shifts).bitwise_right_shift_(15).view(-1)
+    return mask[:n] if mask.numel() != n else mask
+
+
+_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    table = _weights.get(device)
+    if table is None:
+        ones = torch.ones(16, dtype=torch.int32, device=device)
+        table = (ones << torch.arange(16, dtype=torch.int32, device=device)).to(torch.int16)
+        _weights[device] = table
+    return table
+
+
 def count(mask: torch.Tensor) -> torch.Tensor:
-    """How many elements a mask holds (a 0-dim int64 tensor, on the mask's device)."""
-    return torch.count_nonzero(mask)
+    """How many elements a mask holds (a 0-dim int64 tensor, on the mask's device): minus the
+    sum of its -1s, in int32 where that cannot overflow (half count_nonzero's time here)."""
+    if mask.numel() < 1 << 31:
+        return mask.sum(dtype=torch.int32).neg_().to(torch.int64)
+    return mask.sum(dtype=torch.int64).neg_()

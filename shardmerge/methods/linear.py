@@ -38,6 +38,10 @@ class LinearMerge:
     def end_pass(self, pass_index: int) -> None:
         raise AssertionError("linear has no reduction pass")
 
+    def in_any_order(self, pass_index: int) -> bool:
+        """Chunks are independent: the engine may combine several at once."""
+        return True
+
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
         import torch
 

@@ -82,6 +82,11 @@ class ModelStockMerge:
         self.t = interpolation_ratio(stats, self.count, self.pairs, self.dtype).to(self.device)
         del self.sums  # its per-row sums are no longer needed
 
+    def in_any_order(self, pass_index: int) -> bool:
+        """The combine's chunks are independent (the ratio is known by then); the statistics
+        pass adds float64 block sums in flat order, so its chunks go in turn."""
+        return pass_index == self.passes
+
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
         base, models = inputs[0], inputs[1:]
         if self.t is None:  # an empty tensor

@@ -14,6 +14,7 @@ count or resume. (mergekit's unstable argsort keeps an arbitrary subset of the t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,7 @@ class RankSelector:
         self._hist: dict[int, torch.Tensor] = {}  # prefix -> counters of the next digit
         self.thresholds: list[Threshold] = []
         self._seen_at_key = [0] * len(counts)
+        self._lock = threading.Lock()
 
     @property
     def passes(self) -> int:
@@ -111,10 +113,11 @@ class RankSelector:
             # int16/int32 keys straight into bincount: converting them to int64 first cost
             # three times the count itself.
             counts = torch.bincount(digits, minlength=bins).cpu()
-            if prefix in self._hist:
-                self._hist[prefix] += counts
-            else:
-                self._hist[prefix] = counts
+            with self._lock:  # the engine may count two chunks at once
+                if prefix in self._hist:
+                    self._hist[prefix] += counts
+                else:
+                    self._hist[prefix] = counts
 
     def end_pass(self) -> None:
         p = self._pass

@@ -82,7 +82,13 @@ class TensorMerge(Protocol):
         """Every chunk of the pass is in."""
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
-        """The merged chunk (flat), in the merge dtype; chunks arrive in flat order."""
+        """The merged chunk (flat), in the merge dtype; chunks arrive in flat order, unless
+        the merge says they may come in any order (below)."""
+
+    # Optional: ``in_any_order(pass_index) -> bool`` (``pass_index == passes``: the combine).
+    # True lets the engine run that phase's chunks side by side, in any order, from several
+    # threads: the merge then makes its state updates thread-safe and their result independent
+    # of the order. Without it (or False) the phase's chunks come one at a time in flat order.
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ thresholds). The L1 norms are float64 sums of fixed 1024-element blocks added up
 from __future__ import annotations
 
 import math
+import mmap
+import threading
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -36,6 +38,11 @@ __all__ = ["L1_BLOCK", "TaskVectorMerge"]
 
 # Elements per L1 block; the engine's chunks are whole blocks, so a block never straddles two.
 L1_BLOCK = 1024
+# Masks drawn in the L1 pass are kept for the combine, one bit per element (bits.pack), when
+# the tensor's masks take at most this many bytes: drawing a DARE mask costs 1.4 ns per element,
+# unpacking a kept one 0.1 ns (and a DELLA mask, with its per-row sort, far more). A larger
+# tensor (a 1 GB embedding of four models: 250 MB) draws them again, in bounded memory.
+MASK_CACHE_BYTES = 64 << 20
 # mergekit: a norm below this is not rescaled (division by ~0).
 RESCALE_EPS = 1e-7
 # mergekit: without sign election, |sum of weights| below this is treated as 1.
@@ -168,12 +175,29 @@ class TaskVectorMerge:
         self.passes = self.select_passes + (1 if self.l1_pass else 0)
         self._l1: list[tuple[list[float], list[float]]] = [([], []) for _ in self.models]
         self.factors: list[torch.Tensor | None] = [None] * len(self.models)
+        # Per model, the tensor's keep masks packed (see MASK_CACHE_BYTES): word start // 16
+        # on is the chunk at ``start``; a chunk starting elsewhere (row-aligned chunks of odd
+        # rows) is kept apart, by (model, start).
+        self._packed: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        cached = [m for m in self.models if self._bits_path(m)]
+        self._cache_masks = self.l1_pass and job.numel * len(cached) <= 8 * MASK_CACHE_BYTES
         # Statistics counted during combine (on the device: no sync per chunk): per sparsified
         # model its kept elements; with sign election, the non-zero weighted elements and those
         # of the elected sign.
         self._kept: list[torch.Tensor | None] = [None] * len(self.models)
         self._agree: torch.Tensor | None = None
         self._nonzero: torch.Tensor | None = None
+        self._lock = threading.Lock()  # the counters, when the engine combines chunks at once
+
+    def in_any_order(self, pass_index: int) -> bool:
+        """Whether the engine may run this pass's chunks (``passes``: the combine's) side by
+        side: the radix counts add up in any order, and so do the L1 blocks (``math.fsum``) and
+        the random masks (counter-based). A magnitude mask at the threshold keeps tied elements
+        in flat order, so masks of a selecting model need their chunks in turn."""
+        if pass_index < self.select_passes:
+            return True
+        return not any(m.kind == "select" for m in self.models)
 
     def _deltas(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         base = inputs[0]
@@ -193,13 +217,25 @@ class TaskVectorMerge:
             if not model.sparsified:
                 continue
             work = self._work(model, delta)
-            if self.bits and work.dtype == delta.dtype:
-                masked = work * bits.ones_where(model.mask_bits(delta, start), work.dtype)
-            else:
-                masked = work * model.mask(delta, start).to(work.dtype)
             block = model.row if model.kind == "della" else L1_BLOCK  # whole rows per chunk
-            before.extend(_block_l1(work, block))
-            after.extend(_block_l1(masked, block))
+            if not self._bits_path(model):
+                masked = work * model.mask(delta, start).to(work.dtype)
+                before.extend(_block_l1(work, block))
+                after.extend(_block_l1(masked, block))
+                continue
+            keep = model.mask_bits(delta, start)
+            if self._cache_masks:
+                self._keep_mask(model.index, start, bits.pack(keep))
+            magnitude = work.abs()
+            sums = _block_sums(magnitude, block)
+            if math.isfinite(math.fsum(sums)):
+                # |d * 1.0| = |d| and |d * 0.0| = +0 for a finite d: the masked magnitudes are
+                # |d|'s bits and the mask's.
+                kept = magnitude.view(torch.int16).bitwise_and_(keep).view(work.dtype)
+            else:  # an infinity times 0.0 is a NaN (mergekit's norm then is one too)
+                kept = (work * bits.ones_where(keep, work.dtype)).abs_()
+            before.extend(sums)
+            after.extend(_block_sums(kept, block))
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.select_passes:
@@ -226,6 +262,34 @@ class TaskVectorMerge:
     def _work(self, model: _Model, delta: torch.Tensor) -> torch.Tensor:
         return delta.to(self.random_dtype) if model.drawn else delta
 
+    def _keep_mask(self, index: int, start: int, words: torch.Tensor) -> None:
+        if start % 16:
+            self._masks[index, start] = words
+            return
+        with self._lock:
+            store = self._packed.get(index)
+            if store is None:
+                store = self._packed[index] = _outside_heap(-(-self.job.numel // 16), words)
+        store[start // 16 : start // 16 + words.numel()].copy_(words)
+
+    def _kept_mask(self, index: int, start: int, count: int) -> torch.Tensor | None:
+        """The packed mask that the L1 pass kept for the chunk, or None."""
+        if start % 16:
+            return self._masks.pop((index, start), None)
+        store = self._packed.get(index)
+        if store is None:
+            return None
+        words = store[start // 16 : start // 16 + -(-count // 16)]
+        if start + count >= self.job.numel:  # the last chunk: the store goes with it
+            with self._lock:
+                self._packed.pop(index, None)
+        return words
+
+    def _bits_path(self, model: _Model) -> bool:
+        """Whether the model's masks are int16 ones (a 16-bit merge, worked in its own dtype)."""
+        work_dtype = self.random_dtype if model.drawn else self.dtype
+        return model.sparsified and self.bits and work_dtype == self.dtype
+
     def _sparsified(
         self, model: _Model, factor: torch.Tensor | None, delta: torch.Tensor, start: int
     ) -> torch.Tensor:
@@ -234,14 +298,19 @@ class TaskVectorMerge:
         if model.kind == "zero":
             return torch.zeros_like(delta)
         work = self._work(model, delta)
-        if self.bits and work.dtype == delta.dtype:
-            keep_bits = model.mask_bits(delta, start)
+        if self._bits_path(model):
+            packed = self._kept_mask(model.index, start, delta.numel())
+            if packed is not None:
+                keep_bits = bits.unpack(packed, delta.numel())
+            else:
+                keep_bits = model.mask_bits(delta, start)
             kept, ones = bits.count(keep_bits), bits.ones_where(keep_bits, work.dtype)
         else:
             keep = model.mask(delta, start)
             kept, ones = keep.sum(), keep.to(work.dtype)
-        before = self._kept[model.index]
-        self._kept[model.index] = kept if before is None else before + kept
+        with self._lock:
+            before = self._kept[model.index]
+            self._kept[model.index] = kept if before is None else before + kept
         masked = work * ones
         if factor is not None:
             masked = masked * factor
@@ -321,8 +390,9 @@ class TaskVectorMerge:
     ) -> None:
         total = torch.stack([count(nz) for nz in nonzero]).sum()
         agree = torch.stack([count(a) for a in agreeing]).sum()
-        self._nonzero = total if self._nonzero is None else self._nonzero + total
-        self._agree = agree if self._agree is None else self._agree + agree
+        with self._lock:
+            self._nonzero = total if self._nonzero is None else self._nonzero + total
+            self._agree = agree if self._agree is None else self._agree + agree
 
     def statistics(self) -> dict[str, object]:
         """What combine counted (see :mod:`shardmerge.mergestats`): per model its kept elements
@@ -354,14 +424,28 @@ def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return acc.to(dtype)
 
 
+def _outside_heap(words: int, like: torch.Tensor) -> torch.Tensor:
+    """``words`` int16 in memory of their own on a CPU (an anonymous mapping, given back whole
+    when freed): a tensor's kept masks outlive the chunk temporaries made between them, and
+    kept one by one on malloc's heap they pinned its freed memory (a medium dare_ties merge
+    peaked 190 MB higher)."""
+    if like.device.type != "cpu":
+        return torch.empty(words, dtype=torch.int16, device=like.device)
+    return torch.frombuffer(mmap.mmap(-1, max(2 * words, 1)), dtype=torch.int16)
+
+
 def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
     """float64 sums of |x| over consecutive ``block``-element blocks (the last may be short)."""
+    return _block_sums(x.abs(), block)
+
+
+def _block_sums(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
+    """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short)."""
     n = x.numel()
     full = n - n % block
     sums: list[float] = []
     if full:
-        blocks = x[:full].abs().view(-1, block)
-        sums = blocks.sum(dim=1, dtype=torch.float64).tolist()
+        sums = x[:full].view(-1, block).sum(dim=1, dtype=torch.float64).tolist()
     if n > full:
-        sums.append(float(x[full:].abs().sum(dtype=torch.float64)))
+        sums.append(float(x[full:].sum(dtype=torch.float64)))
     return sums
