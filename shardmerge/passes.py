@@ -375,9 +375,11 @@ def execute_passes(
             return
         merge, progress, phase = item.merge, item.progress, item.pass_index
         assert merge is not None and progress is not None
+        wait(lambda: progress.phase == phase)
+        # Asked once the phases before are done (what they found may decide it).
         in_any_order = getattr(merge, "in_any_order", None)
-        ordered = workers > 1 and not (callable(in_any_order) and in_any_order(phase))
-        wait(lambda: progress.phase == phase and (not ordered or progress.done == item.index))
+        if workers > 1 and not (callable(in_any_order) and in_any_order(phase)):
+            wait(lambda: progress.done == item.index)
         inputs = _typed_inputs(item, dev)
         data = None
         if item.kind == "reduce":

@@ -103,3 +103,40 @@ def test_count_is_the_number_of_set_elements():
     for mask in (torch.zeros(0, dtype=torch.int16), torch.full((70_000,), -1, dtype=torch.int16)):
         assert bits.count(mask).dtype == torch.int64
         assert int(bits.count(mask)) == mask.numel() * int(mask.numel() > 0 and mask[0] != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rank_selector_with_chunk_tie_counts_makes_masks_in_any_order(dtype):
+    """With room for the last pass's counts per chunk, counted in any order, the masks of
+    chunks taken in reverse order are those of a walk in flat order; with too little room it
+    says so (any_order False) and masks go in flat order."""
+    from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randint(-40, 40, (5000,), generator=g).float() / 8).to(dtype)
+    keys = bits.magnitudes(x) if dtype == torch.bfloat16 else magnitude_keys(x)
+    chunk = 333
+    starts = list(range(0, x.numel(), chunk))
+    for counts in ((2500,), (1, 4999), (4000, 300)):
+        walk = RankSelector(x.numel(), counts, key_space(dtype))
+        free = RankSelector(x.numel(), counts, key_space(dtype), count_budget=1 << 30)
+        for _ in range(walk.passes):
+            for s in starts:
+                walk.add(keys[s : s + chunk])
+            for s in reversed(starts):
+                free.add(keys[s : s + chunk], s)
+            walk.end_pass()
+            free.end_pass()
+        assert free.any_order and not walk.any_order
+        for i in range(len(counts)):
+            want = [walk.mask(keys[s : s + chunk], i) for s in starts]
+            got = {s: free.mask(keys[s : s + chunk], i, s) for s in reversed(starts)}
+            assert torch.equal(torch.cat([got[s] for s in starts]), torch.cat(want)), counts
+            assert int(torch.cat(want).sum()) == counts[i]
+            walk.restart()
+    small = RankSelector(x.numel(), (2500,), key_space(dtype), count_budget=4)
+    for _ in range(small.passes):
+        for s in starts:
+            small.add(keys[s : s + chunk], s)
+        small.end_pass()
+    assert not small.any_order

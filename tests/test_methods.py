@@ -916,14 +916,20 @@ class _Watched:
         return self._call(self.passes, start, lambda: self._merge.combine(inputs, start))
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "ties", "della", "breadcrumbs_ties"])
+@pytest.mark.parametrize(
+    "method", ["dare_ties", "ties", "ties/in turn", "della", "breadcrumbs_ties/in turn"]
+)
 def test_compute_workers_give_one_workers_bytes_and_keep_ordered_phases_in_turn(
     tmp_path, capsys, monkeypatch, method
 ):
     """Several compute threads take chunks side by side: the files are those of one thread,
     a phase that its method does not declare order-free (in_any_order) runs its chunks in flat
     order one at a time, every phase starts once the one before it is done, and order-free
-    phases did run side by side."""
+    phases did run side by side. "/in turn": magnitude selections without room to keep their
+    chunks' tie counts, whose masks then go in flat order."""
+    method, _, in_turn = method.partition("/")
+    if in_turn:
+        monkeypatch.setattr(task_vectors, "TIE_COUNT_BYTES", 0)
     folders, _ = _family(tmp_path)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
@@ -953,8 +959,7 @@ def test_compute_workers_give_one_workers_bytes_and_keep_ordered_phases_in_turn(
                 assert [c[2] for c in mine] == sorted(c[2] for c in mine)
             side_by_side += overlaps
     assert side_by_side > 0
-    if method in ("ties", "breadcrumbs_ties"):  # magnitude masks: their combine goes in turn
-        assert ordered_phases > 0
+    assert (ordered_phases > 0) == bool(in_turn)
 
 
 def test_a_failing_chunk_stops_every_compute_worker(tmp_path, capsys, monkeypatch):

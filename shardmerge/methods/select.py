@@ -68,10 +68,14 @@ class RankSelector:
 
     Call :meth:`add` with every chunk's keys in each pass (any chunking, any order within a
     pass), :meth:`end_pass` after each; after ``space.digit_shifts`` passes, :attr:`thresholds`
-    holds one :class:`Threshold` per count. Then :meth:`mask` per chunk, in flat order.
+    holds one :class:`Threshold` per count. Then :meth:`mask` per chunk, in flat order; or, when
+    :attr:`any_order` (the chunks' counts of the last pass were kept, see ``count_budget``), in
+    any order, naming each chunk by its start.
     """
 
-    def __init__(self, numel: int, counts: tuple[int, ...], space: KeySpace) -> None:
+    def __init__(
+        self, numel: int, counts: tuple[int, ...], space: KeySpace, count_budget: int = 0
+    ) -> None:
         self.space = space
         self.numel = numel
         self.counts = counts
@@ -84,6 +88,14 @@ class RankSelector:
         self.thresholds: list[Threshold] = []
         self._seen_at_key = [0] * len(counts)
         self._lock = threading.Lock()
+        # The last pass's counts per (prefix, chunk start), kept while they take at most
+        # ``count_budget`` bytes: after it, where the tied elements at each threshold lie (per
+        # count: chunk start -> ties in the chunks before it, and in it).
+        self._budget = count_budget
+        self._chunk_counts: dict[tuple[int, int], torch.Tensor] | None = (
+            {} if count_budget else None
+        )
+        self._ties: list[dict[int, tuple[int, int]] | None] = [None] * len(counts)
 
     @property
     def passes(self) -> int:
@@ -97,9 +109,11 @@ class RankSelector:
         top = self.space.bits if p == 0 else shifts[p - 1]
         return top - shifts[p]
 
-    def add(self, keys: torch.Tensor) -> None:
-        """Count one chunk's keys (int32, from :func:`magnitude_keys`) for the current pass."""
+    def add(self, keys: torch.Tensor, start: int | None = None) -> None:
+        """Count one chunk's keys (int32, from :func:`magnitude_keys`) for the current pass;
+        ``start``, the chunk's first element, lets masks be made in any order later."""
         p = self._pass
+        last = p == len(self.space.digit_shifts) - 1
         shift = self.space.digit_shifts[p]
         bins = 1 << self._digit_width(p)
         prefixes = {self._prefix[i] for i, m in enumerate(self.counts) if 0 < m < self.numel}
@@ -118,11 +132,17 @@ class RankSelector:
                     self._hist[prefix] += counts
                 else:
                     self._hist[prefix] = counts
+                if last and self._chunk_counts is not None:
+                    if start is None or 4 * bins * (len(self._chunk_counts) + 1) > self._budget:
+                        self._chunk_counts = None  # no room (or no start): masks in flat order
+                    else:
+                        self._chunk_counts[prefix, start] = counts.to(torch.int32)
 
     def end_pass(self) -> None:
         p = self._pass
         width = self._digit_width(p)
         bins = 1 << width
+        last = p == len(self.space.digit_shifts) - 1
         for i, m in enumerate(self.counts):
             if not 0 < m < self.numel:
                 continue
@@ -133,11 +153,35 @@ class RankSelector:
             digit = bins - 1 - idx
             above = int(from_top[idx]) - int(hist[digit])
             self._need[i] -= above
+            if last and self._chunk_counts is not None:
+                self._ties[i] = self._chunk_ties(self._prefix[i], digit)
             self._prefix[i] = (self._prefix[i] << width) | digit
         self._hist = {}
         self._pass += 1
         if self._pass == len(self.space.digit_shifts):
             self.thresholds = [self._threshold(i) for i in range(len(self.counts))]
+            self._chunk_counts = None
+
+    def _chunk_ties(self, prefix: int, digit: int) -> dict[int, tuple[int, int]]:
+        """Per chunk start: the elements of the threshold's key (``prefix`` then ``digit``) in
+        the chunks before it, in flat order, and in it."""
+        assert self._chunk_counts is not None
+        here = sorted(
+            (start, int(c[digit])) for (p, start), c in self._chunk_counts.items() if p == prefix
+        )
+        ties, seen = {}, 0
+        for start, count in here:
+            ties[start] = (seen, count)
+            seen += count
+        return ties
+
+    @property
+    def any_order(self) -> bool:
+        """Whether masks may be made for chunks in any order (by their start)."""
+        return all(
+            th.at_key == 0 or ties is not None
+            for th, ties in zip(self.thresholds, self._ties, strict=True)
+        )
 
     def _threshold(self, i: int) -> Threshold:
         m = self.counts[i]
@@ -155,26 +199,37 @@ class RankSelector:
         """Rewind the running tie counts, before a new walk over the chunks in flat order."""
         self._seen_at_key = [0] * len(self.counts)
 
-    def mask(self, keys: torch.Tensor, i: int) -> torch.Tensor:
-        """The keep mask (bool) of count ``i`` for the next chunk in flat order."""
-        threshold, left = self._chunk_rule(keys, i)
+    def mask(self, keys: torch.Tensor, i: int, start: int | None = None) -> torch.Tensor:
+        """The keep mask (bool) of count ``i`` for the next chunk in flat order, or for the
+        chunk at ``start`` (any order) when :attr:`any_order`."""
+        threshold, left = self._chunk_rule(keys, i, start)
         if left == 0:
             return keys > threshold
         return _boundary_mask(keys, threshold, left)
 
-    def mask_bits(self, keys: torch.Tensor, i: int) -> torch.Tensor:
+    def mask_bits(self, keys: torch.Tensor, i: int, start: int | None = None) -> torch.Tensor:
         """:meth:`mask` as an int16 mask (:mod:`shardmerge.methods.bits`), for the int16 keys
         of a 16-bit tensor (:func:`shardmerge.methods.bits.magnitudes`)."""
-        threshold, left = self._chunk_rule(keys, i)
+        threshold, left = self._chunk_rule(keys, i, start)
         if left == 0:
             return bits.greater(keys, threshold)
         return bits.from_bool(_boundary_mask(keys, threshold, left))
 
-    def _chunk_rule(self, keys: torch.Tensor, i: int) -> tuple[int, int]:
-        """For count ``i`` and the next chunk: ``(t, 0)``, keep ``key > t``; or, in the chunk
-        where the kept ties at the threshold run out, ``(key_t, left)``: keep ``key > key_t``
-        and the first ``left`` elements equal to it. Advances the running tie count."""
+    def _chunk_rule(self, keys: torch.Tensor, i: int, start: int | None) -> tuple[int, int]:
+        """For count ``i`` and the next chunk (or the chunk at ``start``, whose ties are known):
+        ``(t, 0)``, keep ``key > t``; or, in the chunk where the kept ties at the threshold run
+        out, ``(key_t, left)``: keep ``key > key_t`` and the first ``left`` elements equal to it.
+        Advances the running tie count of a walk in flat order."""
         th = self.thresholds[i]
+        ties = self._ties[i]
+        if th.at_key and ties is not None:
+            if start not in ties:
+                raise AssertionError(f"no chunk at {start} was counted: chunks must not change")
+            seen, here = ties[start]
+            left = th.at_key - seen
+            if left <= 0:
+                return th.key_t, 0
+            return (th.key_t - 1, 0) if here <= left else (th.key_t, left)
         left = th.at_key - self._seen_at_key[i]
         if th.at_key == 0 or left <= 0:
             return th.key_t, 0

@@ -43,6 +43,10 @@ L1_BLOCK = 1024
 # unpacking a kept one 0.1 ns (and a DELLA mask, with its per-row sort, far more). A larger
 # tensor (a 1 GB embedding of four models: 250 MB) draws them again, in bounded memory.
 MASK_CACHE_BYTES = 64 << 20
+# Per model and count, the most bytes a magnitude selection keeps of its last pass's counts
+# per chunk, so that its masks need not be made in flat order (the engine can then combine
+# chunks side by side). A larger tensor's masks go in flat order.
+TIE_COUNT_BYTES = 32 << 20
 # mergekit: a norm below this is not rescaled (division by ~0).
 RESCALE_EPS = 1e-7
 # mergekit: without sign election, |sum of weights| below this is treated as 1.
@@ -89,7 +93,9 @@ class _Model:
             self.work_dtype = torch.float32 if job.dtype == torch.float16 else job.dtype
             return
         self.kind = "select"
-        self.selector = RankSelector(n, self.counts, key_space(job.dtype))
+        # Room for the last radix pass's counts per chunk: the combine may then take chunks in
+        # any order (about 1/8 byte per element and count for 16-bit keys).
+        self.selector = RankSelector(n, self.counts, key_space(job.dtype), TIE_COUNT_BYTES)
         if self.selector.passes == 0:
             self.selector.finish_without_passes()
 
@@ -110,9 +116,9 @@ class _Model:
             return self._della_mask(delta, start)
         assert self.selector is not None
         keys = magnitude_keys(delta)
-        keep = self.selector.mask(keys, 0)
+        keep = self.selector.mask(keys, 0, start)
         if len(self.counts) == 2:  # breadcrumbs: not among the top ``top`` (outliers)
-            keep.logical_and_(self.selector.mask(keys, 1).logical_not_())
+            keep.logical_and_(self.selector.mask(keys, 1, start).logical_not_())
         return keep
 
     def mask_bits(self, delta: torch.Tensor, start: int) -> torch.Tensor:
@@ -123,9 +129,9 @@ class _Model:
             return bits.from_bool(self.mask(delta, start))
         assert self.selector is not None
         keys = bits.magnitudes(delta)
-        keep = self.selector.mask_bits(keys, 0)
+        keep = self.selector.mask_bits(keys, 0, start)
         if len(self.counts) == 2:  # breadcrumbs: not among the top ``top`` (outliers)
-            keep.bitwise_and_(self.selector.mask_bits(keys, 1).bitwise_not_())
+            keep.bitwise_and_(self.selector.mask_bits(keys, 1, start).bitwise_not_())
         return keep
 
     def _della_mask(self, delta: torch.Tensor, start: int) -> torch.Tensor:
@@ -193,11 +199,12 @@ class TaskVectorMerge:
     def in_any_order(self, pass_index: int) -> bool:
         """Whether the engine may run this pass's chunks (``passes``: the combine's) side by
         side: the radix counts add up in any order, and so do the L1 blocks (``math.fsum``) and
-        the random masks (counter-based). A magnitude mask at the threshold keeps tied elements
-        in flat order, so masks of a selecting model need their chunks in turn."""
+        the random masks (counter-based). A magnitude mask keeps the elements tied at the
+        threshold in flat order: its chunks go in turn unless the selection kept where each
+        chunk's ties lie (RankSelector.any_order, asked once the selection passes are done)."""
         if pass_index < self.select_passes:
             return True
-        return not any(m.kind == "select" for m in self.models)
+        return all(m.selector.any_order for m in self.models if m.selector is not None)
 
     def _deltas(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         base = inputs[0]
@@ -210,7 +217,7 @@ class TaskVectorMerge:
                 selector = model.selector
                 if selector is not None and pass_index < selector.passes:
                     keys = bits.magnitudes(delta) if self.bits else magnitude_keys(delta)
-                    selector.add(keys)
+                    selector.add(keys, start)
             return
         # The L1 pass: norms before and after masking, per model.
         for model, delta, (before, after) in zip(self.models, deltas, self._l1, strict=True):
