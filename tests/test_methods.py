@@ -933,6 +933,16 @@ def test_compute_workers_give_one_workers_bytes_and_keep_ordered_phases_in_turn(
     folders, _ = _family(tmp_path)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
+    side_by_side, ordered_phases = run_watched(tmp_path, capsys, monkeypatch, method, recipe)
+    assert side_by_side > 0
+    assert (ordered_phases > 0) == bool(in_turn)
+
+
+def run_watched(tmp_path, capsys, monkeypatch, method, recipe) -> tuple[int, int]:
+    """Runs ``recipe`` with one compute thread, then with three whose calls are watched
+    (_Watched); checks that both wrote the same files, that every phase starts once the one
+    before it is done and that ordered phases ran in flat order one chunk at a time. Returns
+    how many calls overlapped another of their phase, and how many phases ran in order."""
     monkeypatch.setattr(passes, "CHUNK_NUMEL", 1024)  # the embedding: 5 chunks
     monkeypatch.setattr(passes, "CPU_WORKERS", 1)
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "one"), "--quiet"]) == 0
@@ -958,8 +968,7 @@ def test_compute_workers_give_one_workers_bytes_and_keep_ordered_phases_in_turn(
                 assert overlaps == 0, (merge, phase)
                 assert [c[2] for c in mine] == sorted(c[2] for c in mine)
             side_by_side += overlaps
-    assert side_by_side > 0
-    assert (ordered_phases > 0) == bool(in_turn)
+    return side_by_side, ordered_phases
 
 
 def test_a_failing_chunk_stops_every_compute_worker(tmp_path, capsys, monkeypatch):

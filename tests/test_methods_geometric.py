@@ -4,6 +4,7 @@ benchmarks/.venv-mergekit exists) agreement with mergekit 0.1.5 on a base and th
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob, sums
 from tests.conftest import needs_mergekit, run_mergekit
-from tests.test_methods import _family, _max_steps, _read, _shard_bytes
+from tests.test_methods import _family, _max_steps, _read, _shard_bytes, run_watched
 
 # --------------------------------------------------------------------------- dense references
 # From the method descriptions (mergekit 0.1.5's semantics), on whole tensors.
@@ -177,6 +178,36 @@ def test_float32_row_sums_are_close_to_float64_and_ignore_the_rows_around(row):
     alone = torch.cat([sums.row_sums_f32(squares[i * row : (i + 1) * row], row) for i in range(5)])
     assert torch.equal(got, alone)
     assert torch.equal(got[2:], sums.row_sums_f32(squares[2 * row :], row))
+
+
+@pytest.mark.parametrize("keep_blocks", [False, True])
+def test_block_sums_fold_in_flat_order_whatever_order_chunks_come_in(keep_blocks):
+    g = torch.Generator().manual_seed(3)
+    # Magnitudes far apart: a float64 sum taken in another order rounds differently.
+    blocks = torch.randn(40, 3, generator=g, dtype=torch.float64) * 10 ** torch.randint(
+        -8, 9, (40, 1), generator=g
+    )
+    cuts = [0, 3, 4, 11, 20, 21, 33, 40]
+    in_order = sums.BlockSums(3, keep_blocks)
+    for s, e in itertools.pairwise(cuts):
+        in_order.add(blocks[s:e])
+    shuffled = sums.BlockSums(3, keep_blocks)
+    chunks = list(itertools.pairwise(cuts))
+    for i in torch.randperm(len(chunks), generator=g).tolist():
+        s, e = chunks[i]
+        shuffled.add(blocks[s:e], s)
+    assert shuffled.totals() == in_order.totals()
+    reversed_sum = sums.BlockSums(3)
+    reversed_sum.add(blocks.flip(0))
+    assert reversed_sum.totals() != in_order.totals()  # the order shows in the bits
+    if keep_blocks:
+        assert torch.equal(shuffled.per_block(), blocks)
+    with pytest.raises(AssertionError, match="added twice"):
+        shuffled.add(blocks[3:4], 3)
+    gap = sums.BlockSums(3)
+    gap.add(blocks[4:11], 4)
+    with pytest.raises(AssertionError, match="missing before block 4"):
+        gap.totals()
 
 
 def test_model_stock_singular_and_opposite_updates_keep_the_base():
@@ -413,6 +444,22 @@ def test_configs_run_match_the_reference_and_ignore_the_chunk_size(
     rc = cli.main(["run", str(recipe), "--out", str(tmp_path / "small"), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert _shard_bytes(tmp_path / "small") == _shard_bytes(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "config", ["model_stock", "model_stock_filter_wise", "karcher", "multislerp", "nuslerp"]
+)
+def test_compute_workers_side_by_side_give_one_workers_bytes(tmp_path, capsys, monkeypatch, config):
+    """Statistics passes whose block sums arrive out of order (BlockSums folds them in flat
+    order) and order-free combines: three watched compute threads write one thread's files.
+    nuslerp's norm and cosine passes go in turn."""
+    folders, _ = _family(tmp_path, tunes=3)
+    method = config.split("_filter")[0]
+    side_by_side, ordered = run_watched(
+        tmp_path, capsys, monkeypatch, method, _write(tmp_path, config, folders)
+    )
+    assert side_by_side > 0
+    assert (ordered > 0) == (method == "nuslerp")
 
 
 @needs_mergekit

@@ -70,7 +70,7 @@ class ModelStockMerge:
                     (offsets[a] * offsets[b]).to(torch.float64).view(-1, self.row).sum(1)
                     for a, b in self.pairs
                 ]
-            self.sums.add(torch.stack(columns, dim=1))
+            self.sums.add(torch.stack(columns, dim=1), (start + s) // self.row)
 
     def end_pass(self, pass_index: int) -> None:
         import torch
@@ -83,9 +83,10 @@ class ModelStockMerge:
         del self.sums  # its per-row sums are no longer needed
 
     def in_any_order(self, pass_index: int) -> bool:
-        """The combine's chunks are independent (the ratio is known by then); the statistics
-        pass adds float64 block sums in flat order, so its chunks go in turn."""
-        return pass_index == self.passes
+        """Any order: the statistics pass's block sums name their first row (BlockSums folds
+        them in flat order whatever order they come in), and the combine's chunks are
+        independent once the ratio is known."""
+        return True
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
         base, models = inputs[0], inputs[1:]

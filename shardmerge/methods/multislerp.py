@@ -52,7 +52,12 @@ class MultiSlerpMerge:
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
         from shardmerge.methods.sums import block_gram
 
-        self.sums.add(block_gram(self._vectors(inputs), self.block))
+        self.sums.add(block_gram(self._vectors(inputs), self.block), start // self.block)
+
+    def in_any_order(self, pass_index: int) -> bool:
+        """Any order: the Gram pass's block sums name their first block (BlockSums folds them
+        in flat order), and the combine's chunks are independent."""
+        return True
 
     def end_pass(self, pass_index: int) -> None:
         totals = self.sums.totals()

@@ -127,6 +127,11 @@ class NuSlerpMerge:
         cos = self._totals(1)[0].to(self.dtype).clamp(-1, 1)
         self.coefficients = _Coefficients(cos, self.t)
 
+    def in_any_order(self, pass_index: int) -> bool:
+        """The combine's chunks are independent; the norm and cosine passes add their sums in
+        flat order, so their chunks go in turn."""
+        return pass_index == self.passes
+
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
         v0, v1 = self._vectors(inputs)
         if self.mode == "rows":

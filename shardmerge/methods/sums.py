@@ -10,6 +10,8 @@ any chunking, device split or resume point, in a few bytes of state. Per-row sta
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 __all__ = ["F32_BLOCK", "PIECE_NUMEL", "BlockSums", "block_gram", "pieces", "row_sums_f32"]
@@ -52,31 +54,58 @@ def row_sums_f32(x: torch.Tensor, row: int) -> torch.Tensor:
 
 
 class BlockSums:
-    """Per-block float64 sums of ``width`` quantities, totalled in flat order."""
+    """Per-block float64 sums of ``width`` quantities, totalled in flat order.
+
+    Chunks may arrive in any order, from several threads, when each names its first block
+    (``add(sums, first)``): one that comes early waits in a small stash until the blocks before
+    it are in, so the fold, and so every total, is the flat-order one whatever the arrival
+    order (with two compute threads, about one chunk's block sums wait at a time)."""
 
     def __init__(self, width: int, keep_blocks: bool = False) -> None:
         self.width = width
         self.keep_blocks = keep_blocks
         self._running = torch.zeros(width, dtype=torch.float64)
         self._parts: list[torch.Tensor] = []
+        self._next = 0  # the first block not yet folded
+        self._early: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
-    def add(self, sums: torch.Tensor) -> None:
-        """One chunk's block sums, ``(blocks, width)`` float64, in flat order."""
+    def add(self, sums: torch.Tensor, first: int | None = None) -> None:
+        """One chunk's block sums, ``(blocks, width)`` float64, in flat order; ``first``: the
+        index of its first block (None: it comes right after the previous one)."""
         sums = sums.reshape(-1, self.width).to("cpu", torch.float64)
+        with self._lock:
+            if first is None:
+                first = self._next
+            if first != self._next:
+                if first < self._next or first in self._early:
+                    raise AssertionError(f"block sums from block {first} added twice")
+                self._early[first] = sums
+                return
+            self._fold(sums)
+            while self._next in self._early:
+                self._fold(self._early.pop(self._next))
+
+    def _fold(self, sums: torch.Tensor) -> None:
         if self.keep_blocks:
             self._parts.append(sums)
         # The CPU's cumsum is a sequential scan: the left fold over every block in flat order.
         self._running = torch.cat([self._running.unsqueeze(0), sums]).cumsum(0)[-1]
+        self._next += sums.shape[0]
 
     def per_block(self) -> torch.Tensor:
         """Every block's sums, ``(blocks, width)``, in flat order (``keep_blocks`` only)."""
         assert self.keep_blocks
+        if self._early:
+            raise AssertionError(f"block sums missing before block {min(self._early)}")
         if not self._parts:
             return torch.zeros(0, self.width, dtype=torch.float64)
         return torch.cat(self._parts)
 
     def totals(self) -> list[float]:
         """Each quantity's sum over every block."""
+        if self._early:
+            raise AssertionError(f"block sums missing before block {min(self._early)}")
         return [float(x) for x in self._running.tolist()]
 
 
