@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from shardmerge import heap
 from shardmerge.methods import TensorJob, get_method
 from shardmerge.passes import CHUNK_NUMEL
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    heap.keep_temporaries()  # malloc's settings as the pass engine applies them
     g = torch.Generator().manual_seed(0)
     numel = CHUNK_NUMEL * args.chunks
     base = torch.randn(numel, generator=g).to(torch.bfloat16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardmerge.methods import bits
+from shardmerge.methods import bits, rng
 
 
 def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
@@ -99,10 +99,14 @@ def test_pack_then_unpack_gives_the_mask_back(n):
     assert torch.equal(bits.unpack(words, n), mask)
 
 
-def test_count_is_the_number_of_set_elements():
-    for mask in (torch.zeros(0, dtype=torch.int16), torch.full((70_000,), -1, dtype=torch.int16)):
+@pytest.mark.parametrize("n", [0, 1, bits.COUNT_ROW - 1, bits.COUNT_ROW, 4 * bits.COUNT_ROW + 5])
+def test_count_is_the_number_of_set_elements(n):
+    g = torch.Generator().manual_seed(n)
+    full = torch.full((n,), -1, dtype=torch.int16)  # every int16 row sum at its most negative
+    some = bits.from_bool(torch.rand(n, generator=g) < 0.3)
+    for mask in (full, some, torch.zeros(n, dtype=torch.int16), some.view(1, -1)):
         assert bits.count(mask).dtype == torch.int64
-        assert int(bits.count(mask)) == mask.numel() * int(mask.numel() > 0 and mask[0] != 0)
+        assert int(bits.count(mask)) == int((mask != 0).sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -140,3 +144,31 @@ def test_rank_selector_with_chunk_tie_counts_makes_masks_in_any_order(dtype):
             small.add(keys[s : s + chunk], s)
         small.end_pass()
     assert not small.any_order
+
+
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 finaliser on a Python int (the reference of rng's tensor ops)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("start", [0, 12_345, rng.MAX_NUMEL - 3 * rng.CPU_PIECE])
+def test_draws_are_the_documented_hash_in_every_piece(start):
+    """The draw for position j is the top UNIT_BITS bits of lowbias32(key + j * 0x9E3779B9),
+    whether it falls in the first, a middle or the last cache-sized piece of a call."""
+    key = rng.stream_key(7, "model.layers.0.mlp.up_proj.weight", 1)
+    count = 2 * rng.CPU_PIECE + 1000
+    draws = rng.uniform_bits(key, start, count, torch.device("cpu"))
+    keep = rng.keep_bits(key, start, count, 0.3, torch.device("cpu"))
+    threshold = round(0.3 * (1 << rng.UNIT_BITS))
+    g = torch.Generator().manual_seed(start)
+    edges = [0, rng.CPU_PIECE - 1, rng.CPU_PIECE, 2 * rng.CPU_PIECE, count - 1]
+    for i in edges + torch.randint(0, count, (200,), generator=g).tolist():
+        j = start + i
+        want = _lowbias32((key + j * 0x9E3779B9) & 0xFFFFFFFF) >> (32 - rng.UNIT_BITS)
+        assert int(draws[i]) == want, i
+        assert int(keep[i]) == (-1 if want < threshold else 0), i
+    assert torch.equal(keep.bool(), rng.keep_mask(key, start, count, 0.3, torch.device("cpu")))

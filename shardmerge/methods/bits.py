@@ -127,9 +127,21 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return table
 
 
+# Elements per int16 partial count (:func:`count`): a row of -1s sums to -16384, within int16.
+COUNT_ROW = 1 << 14
+
+
 def count(mask: torch.Tensor) -> torch.Tensor:
     """How many elements a mask holds (a 0-dim int64 tensor, on the mask's device): minus the
-    sum of its -1s, in int32 where that cannot overflow (half count_nonzero's time here)."""
-    if mask.numel() < 1 << 31:
-        return mask.sum(dtype=torch.int32).neg_().to(torch.int64)
-    return mask.sum(dtype=torch.int64).neg_()
+    sum of its -1s, as int16 sums of ``COUNT_ROW``-element rows (exact: at most 16384 in
+    magnitude; torch vectorises them, a tenth of an int32 sum's time here), then their int64
+    total."""
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    full = n - n % COUNT_ROW
+    total = flat[full:].sum(dtype=torch.int64)
+    if full:
+        total += (
+            flat[:full].view(-1, COUNT_ROW).sum(dim=1, dtype=torch.int16).sum(dtype=torch.int64)
+        )
+    return total.neg_()

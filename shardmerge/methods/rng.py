@@ -39,18 +39,43 @@ def _signed32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+# Elements hashed at a time on a CPU: the draws and their scratch (8 bytes per element) stay in
+# a core's L2 cache. Measured here (one thread, 1 Mi draws of keep_bits): 3.9 ns per element in
+# one piece, 2.0 in pieces of 128 Ki, 2.6 in pieces of 32 Ki (per-op overhead takes over).
+CPU_PIECE = 1 << 17
+
+
+def _pieces(count: int, device: torch.device) -> list[tuple[int, int]]:
+    step = CPU_PIECE if device.type == "cpu" else max(count, 1)
+    return [(s, min(s + step, count)) for s in range(0, count, step)]
+
+
 def uniform_bits(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
     """``UNIT_BITS``-bit uniform integers (int32) for positions ``start .. start+count-1``."""
+    _check(start, count)
+    out = torch.empty(count, dtype=torch.int32, device=device)
+    for s, e in _pieces(count, device):
+        _draw_into(out[s:e], key, start + s)
+    return out
+
+
+def _check(start: int, count: int) -> None:
     if start + count > MAX_NUMEL:
         raise ValueError(f"tensor too large for the counter-based generator ({MAX_NUMEL} max)")
+
+
+def _draw_into(out: torch.Tensor, key: int, start: int) -> torch.Tensor:
+    """:func:`uniform_bits` for ``out.numel()`` positions from ``start``, written into ``out``."""
+    count = out.numel()
     # (start + i) * WEYL + key, wrapped: i * WEYL comes from a cached table (torch's int32
     # arange costs more than the whole hash), the rest is one scalar.
-    x = _weyl_table(count, device)[:count] + _signed32(start * _WEYL + key)
+    x = torch.add(_weyl_table(count, out.device)[:count], _signed32(start * _WEYL + key), out=out)
     scratch = torch.empty_like(x)
     for bits, mult in ((16, _M1), (15, _M2)):
         x.bitwise_xor_(_shr_into(scratch, x, bits)).mul_(_signed32(mult))
     x.bitwise_xor_(_shr_into(scratch, x, 16))
-    return _shr_into(scratch, x, 32 - UNIT_BITS)
+    shift = 32 - UNIT_BITS
+    return x.bitwise_right_shift_(shift).bitwise_and_((1 << (32 - shift)) - 1)
 
 
 def _shr_into(out: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,7 +108,14 @@ def keep_mask(key: int, start: int, count: int, p: float, device: torch.device) 
 def keep_bits(key: int, start: int, count: int, p: float, device: torch.device) -> torch.Tensor:
     """:func:`keep_mask` as an int16 mask (-1 kept, 0 dropped; :mod:`~.bits`), without the bool
     tensor: ``draw - threshold`` is negative exactly where the draw is below it (both fit in
-    24 bits), and an arithmetic shift spreads its sign."""
+    24 bits), and an arithmetic shift spreads its sign. Drawn a cache-sized piece at a time."""
+    _check(start, count)
     threshold = round(p * (1 << UNIT_BITS))
-    draws = uniform_bits(key, start, count, device)
-    return draws.sub_(threshold).bitwise_right_shift_(31).to(torch.int16)
+    out = torch.empty(count, dtype=torch.int16, device=device)
+    draws = torch.empty(
+        min(count, CPU_PIECE) if device.type == "cpu" else count, dtype=torch.int32, device=device
+    )
+    for s, e in _pieces(count, device):
+        piece = _draw_into(draws[: e - s], key, start + s)
+        out[s:e] = piece.sub_(threshold).bitwise_right_shift_(31)
+    return out

@@ -33,6 +33,7 @@ from shardmerge.methods import bits, rng
 from shardmerge.methods.family import Family
 from shardmerge.methods.select import RankSelector, key_space, magnitude_keys, row_ranks
 from shardmerge.methods.spec import TensorJob
+from shardmerge.methods.sums import pieces
 
 __all__ = ["L1_BLOCK", "TaskVectorMerge"]
 
@@ -447,12 +448,14 @@ def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
 
 
 def _block_sums(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
-    """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short)."""
+    """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short).
+    A cache-sized piece of whole blocks at a time (sums.pieces): torch converts a 16-bit
+    tensor to float64 before summing it, and a chunk-sized float64 copy cost twice as much."""
     n = x.numel()
     full = n - n % block
     sums: list[float] = []
-    if full:
-        sums = x[:full].view(-1, block).sum(dim=1, dtype=torch.float64).tolist()
+    for s, e in pieces(full, block):
+        sums += x[s:e].view(-1, block).sum(dim=1, dtype=torch.float64).tolist()
     if n > full:
         sums.append(float(x[full:].sum(dtype=torch.float64)))
     return sums
