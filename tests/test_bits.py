@@ -118,10 +118,15 @@ def test_rank_selector_with_chunk_tie_counts_makes_masks_in_any_order(dtype):
 
     g = torch.Generator().manual_seed(9)
     x = (torch.randint(-40, 40, (5000,), generator=g).float() / 8).to(dtype)
-    keys = bits.magnitudes(x) if dtype == torch.bfloat16 else magnitude_keys(x)
+    # Small magnitudes first, large ones after: the first chunks hold none of the keys tied at
+    # a high threshold (a chunk's kept counters then lack its digit).
+    low, high = torch.randint(0, 10, (2600,), generator=g), torch.randint(20, 40, (2400,))
+    split = (torch.cat([low, high]).float() / 8).to(dtype)
     chunk = 333
     starts = list(range(0, x.numel(), chunk))
-    for counts in ((2500,), (1, 4999), (4000, 300)):
+    cases = [(x, c) for c in ((2500,), (1, 4999), (4000, 300))] + [(split, (1000, 2300))]
+    for x, counts in cases:
+        keys = bits.magnitudes(x) if dtype == torch.bfloat16 else magnitude_keys(x)
         walk = RankSelector(x.numel(), counts, key_space(dtype))
         free = RankSelector(x.numel(), counts, key_space(dtype), count_budget=1 << 30)
         for _ in range(walk.passes):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardmerge import heap
 from shardmerge.methods import bits
 
 __all__ = ["KeySpace", "RankSelector", "Threshold", "key_space", "magnitude_keys", "row_ranks"]
@@ -63,6 +64,16 @@ _NONE = Threshold(0x7FFFFFFF, 0)
 _ALL = Threshold(-1, 0)
 
 
+def _count_of(store: torch.Tensor | None, at: int, n: int, digit: int) -> int:
+    """The counter of ``digit`` among a chunk's kept non-zero counters: ``n`` digits
+    (ascending) at ``store[at:]``, then their ``n`` counts."""
+    if store is None or n == 0:
+        return 0
+    digits = store[at : at + n]
+    i = int(torch.searchsorted(digits, digit))
+    return int(store[at + n + i]) if i < n and int(digits[i]) == digit else 0
+
+
 class RankSelector:
     """The thresholds that keep exactly the top ``m`` keys, for each ``m`` in ``counts``.
 
@@ -90,11 +101,17 @@ class RankSelector:
         self._lock = threading.Lock()
         # The last pass's counts per (prefix, chunk start), kept while they take at most
         # ``count_budget`` bytes: after it, where the tied elements at each threshold lie (per
-        # count: chunk start -> ties in the chunks before it, and in it).
+        # count: chunk start -> ties in the chunks before it, and in it). Only a chunk's
+        # non-zero counters are kept, with their digits (8 bytes each: a 1 Mi-element chunk of
+        # bf16 deltas fills ~2 Ki of the 64 Ki counters, 16 KiB against 256 KiB for them all).
         self._budget = count_budget
-        self._chunk_counts: dict[tuple[int, int], torch.Tensor] | None = (
+        # They go one after another into one int32 store outside malloc's heap
+        # (heap.outside_heap: pages count once written); per (prefix, start): offset, length.
+        self._chunk_counts: dict[tuple[int, int], tuple[int, int]] | None = (
             {} if count_budget else None
         )
+        self._store: torch.Tensor | None = None
+        self._used = 0
         self._ties: list[dict[int, tuple[int, int]] | None] = [None] * len(counts)
 
     @property
@@ -133,10 +150,25 @@ class RankSelector:
                 else:
                     self._hist[prefix] = counts
                 if last and self._chunk_counts is not None:
-                    if start is None or 4 * bins * (len(self._chunk_counts) + 1) > self._budget:
-                        self._chunk_counts = None  # no room (or no start): masks in flat order
-                    else:
-                        self._chunk_counts[prefix, start] = counts.to(torch.int32)
+                    self._keep_chunk_counts(prefix, start, counts)
+
+    def _keep_chunk_counts(self, prefix: int, start: int | None, counts: torch.Tensor) -> None:
+        """Keeps a chunk's non-zero counters of the last pass (under the lock), or gives up
+        keeping any once they pass the budget (masks then go in flat order)."""
+        assert self._chunk_counts is not None
+        digits = counts.nonzero().view(-1)
+        n = digits.numel()
+        if start is None or 4 * (self._used + 2 * n) > self._budget:
+            self._chunk_counts = None  # no room (or no start): masks in flat order
+            self._store = None
+            return
+        if self._store is None:
+            self._store = heap.outside_heap(self._budget // 4, torch.int32, torch.device("cpu"))
+        at = self._used
+        self._store[at : at + n] = digits
+        self._store[at + n : at + 2 * n] = counts[digits]
+        self._used += 2 * n
+        self._chunk_counts[prefix, start] = (at, n)
 
     def end_pass(self) -> None:
         p = self._pass
@@ -161,13 +193,17 @@ class RankSelector:
         if self._pass == len(self.space.digit_shifts):
             self.thresholds = [self._threshold(i) for i in range(len(self.counts))]
             self._chunk_counts = None
+            self._store = None
 
     def _chunk_ties(self, prefix: int, digit: int) -> dict[int, tuple[int, int]]:
         """Per chunk start: the elements of the threshold's key (``prefix`` then ``digit``) in
         the chunks before it, in flat order, and in it."""
         assert self._chunk_counts is not None
+        assert self._store is not None or not self._chunk_counts
         here = sorted(
-            (start, int(c[digit])) for (p, start), c in self._chunk_counts.items() if p == prefix
+            (start, _count_of(self._store, at, n, digit))
+            for (p, start), (at, n) in self._chunk_counts.items()
+            if p == prefix
         )
         ties, seen = {}, 0
         for start, count in here:

@@ -21,14 +21,15 @@ thresholds). The L1 norms are float64 sums of fixed 1024-element blocks added up
 
 from __future__ import annotations
 
+import itertools
 import math
-import mmap
 import threading
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
+from shardmerge import heap
 from shardmerge.methods import bits, rng
 from shardmerge.methods.family import Family
 from shardmerge.methods.select import RankSelector, key_space, magnitude_keys, row_ranks
@@ -45,9 +46,10 @@ L1_BLOCK = 1024
 # tensor (a 1 GB embedding of four models: 250 MB) draws them again, in bounded memory.
 MASK_CACHE_BYTES = 64 << 20
 # Per model and count, the most bytes a magnitude selection keeps of its last pass's counts
-# per chunk, so that its masks need not be made in flat order (the engine can then combine
-# chunks side by side). A larger tensor's masks go in flat order.
-TIE_COUNT_BYTES = 32 << 20
+# per chunk (their non-zero counters: ~16 KiB per 1 Mi-element chunk of bf16 deltas, so 8 MiB
+# covers ~500 Mi elements, a 1 GB embedding), so that its masks need not be made in flat order
+# (the engine can then combine chunks side by side). Past it, masks go in flat order.
+TIE_COUNT_BYTES = 8 << 20
 # mergekit: a norm below this is not rescaled (division by ~0).
 RESCALE_EPS = 1e-7
 # mergekit: without sign election, |sum of weights| below this is treated as 1.
@@ -95,7 +97,7 @@ class _Model:
             return
         self.kind = "select"
         # Room for the last radix pass's counts per chunk: the combine may then take chunks in
-        # any order (about 1/8 byte per element and count for 16-bit keys).
+        # any order.
         self.selector = RankSelector(n, self.counts, key_space(job.dtype), TIE_COUNT_BYTES)
         if self.selector.passes == 0:
             self.selector.finish_without_passes()
@@ -180,7 +182,10 @@ class TaskVectorMerge:
         self.select_passes = max((s.passes for s in selectors), default=0)
         self.l1_pass = self.rescale and any(m.sparsified for m in self.models)
         self.passes = self.select_passes + (1 if self.l1_pass else 0)
-        self._l1: list[tuple[list[float], list[float]]] = [([], []) for _ in self.models]
+        # Per model, its L1 block sums before and after masking, each at its block's place
+        # (float64 outside malloc's heap, heap.outside_heap: 8 bytes a block; as Python floats,
+        # 32: 100 MB for the 1 GB embeddings of three fine-tunes), made at the model's first chunk.
+        self._l1: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.models)
         self.factors: list[torch.Tensor | None] = [None] * len(self.models)
         # Per model, the tensor's keep masks packed (see MASK_CACHE_BYTES): word start // 16
         # on is the chunk at ``start``; a chunk starting elsewhere (row-aligned chunks of odd
@@ -221,29 +226,32 @@ class TaskVectorMerge:
                     selector.add(keys, start)
             return
         # The L1 pass: norms before and after masking, per model.
-        for model, delta, (before, after) in zip(self.models, deltas, self._l1, strict=True):
+        for model, delta in zip(self.models, deltas, strict=True):
             if not model.sparsified:
                 continue
             work = self._work(model, delta)
             block = model.row if model.kind == "della" else L1_BLOCK  # whole rows per chunk
+            before, after = self._l1_sums(model.index, block, delta.device)
+            assert start % block == 0, "chunks hold whole L1 blocks (rows)"
+            first = start // block
             if not self._bits_path(model):
                 masked = work * model.mask(delta, start).to(work.dtype)
-                before.extend(_block_l1(work, block))
-                after.extend(_block_l1(masked, block))
+                _put(before, first, _block_l1(work, block))
+                _put(after, first, _block_l1(masked, block))
                 continue
             keep = model.mask_bits(delta, start)
             if self._cache_masks:
                 self._keep_mask(model.index, start, bits.pack(keep))
             magnitude = work.abs()
             sums = _block_sums(magnitude, block)
-            if math.isfinite(math.fsum(sums)):
+            if bool(sums.isfinite().all()):
                 # |d * 1.0| = |d| and |d * 0.0| = +0 for a finite d: the masked magnitudes are
                 # |d|'s bits and the mask's.
                 kept = magnitude.view(torch.int16).bitwise_and_(keep).view(work.dtype)
             else:  # an infinity times 0.0 is a NaN (mergekit's norm then is one too)
                 kept = (work * bits.ones_where(keep, work.dtype)).abs_()
-            before.extend(sums)
-            after.extend(_block_sums(kept, block))
+            _put(before, first, sums)
+            _put(after, first, _block_sums(kept, block))
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.select_passes:
@@ -252,20 +260,35 @@ class TaskVectorMerge:
                 if selector is not None and pass_index < selector.passes:
                     selector.end_pass()
             return
-        for i, (model, (before, after)) in enumerate(zip(self.models, self._l1, strict=True)):
-            if not model.sparsified:
+        for i, (model, l1) in enumerate(zip(self.models, self._l1, strict=True)):
+            if not model.sparsified or l1 is None:
                 continue
+            before, after = l1
             dtype = self.random_dtype if model.drawn else self.dtype
             # mergekit sums in the working dtype: the exact sum, rounded to it, is what it gets
             # up to its own float32 accumulation error.
-            b = torch.tensor(math.fsum(before), dtype=torch.float64).to(dtype)
-            a = torch.tensor(math.fsum(after), dtype=torch.float64).to(dtype)
+            b = torch.tensor(_exact_total(before), dtype=torch.float64).to(dtype)
+            a = torch.tensor(_exact_total(after), dtype=torch.float64).to(dtype)
             if not (b < RESCALE_EPS or a < RESCALE_EPS):
                 self.factors[i] = b / a
-        self._l1 = []
+        self._l1 = [None] * len(self.models)
         for model in self.models:
             if model.selector is not None:
                 model.selector.restart()
+
+    def _l1_sums(
+        self, index: int, block: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's block sums before and after masking (made at its first chunk)."""
+        with self._lock:
+            sums = self._l1[index]
+            if sums is None:
+                blocks = -(-self.job.numel // block)
+                sums = self._l1[index] = (
+                    heap.outside_heap(blocks, torch.float64, device),
+                    heap.outside_heap(blocks, torch.float64, device),
+                )
+        return sums
 
     def _work(self, model: _Model, delta: torch.Tensor) -> torch.Tensor:
         return delta.to(self.random_dtype) if model.drawn else delta
@@ -277,7 +300,9 @@ class TaskVectorMerge:
         with self._lock:
             store = self._packed.get(index)
             if store is None:
-                store = self._packed[index] = _outside_heap(-(-self.job.numel // 16), words)
+                store = self._packed[index] = heap.outside_heap(
+                    -(-self.job.numel // 16), torch.int16, words.device
+                )
         store[start // 16 : start // 16 + words.numel()].copy_(words)
 
     def _kept_mask(self, index: int, start: int, count: int) -> torch.Tensor | None:
@@ -432,30 +457,31 @@ def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return acc.to(dtype)
 
 
-def _outside_heap(words: int, like: torch.Tensor) -> torch.Tensor:
-    """``words`` int16 in memory of their own on a CPU (an anonymous mapping, given back whole
-    when freed): a tensor's kept masks outlive the chunk temporaries made between them, and
-    kept one by one on malloc's heap they pinned its freed memory (a medium dare_ties merge
-    peaked 190 MB higher)."""
-    if like.device.type != "cpu":
-        return torch.empty(words, dtype=torch.int16, device=like.device)
-    return torch.frombuffer(mmap.mmap(-1, max(2 * words, 1)), dtype=torch.int16)
+def _put(sums: torch.Tensor, first: int, chunk_sums: torch.Tensor) -> None:
+    """A chunk's block sums, in their blocks' places (``first``: its first block)."""
+    sums[first : first + chunk_sums.numel()] = chunk_sums
 
 
-def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
+def _exact_total(sums: torch.Tensor) -> float:
+    """The exactly rounded sum of ``sums`` (``math.fsum``), a piece of Python floats at a time."""
+    flat = sums.cpu()
+    return math.fsum(
+        itertools.chain.from_iterable(flat[s:e].tolist() for s, e in pieces(flat.numel(), 1))
+    )
+
+
+def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> torch.Tensor:
     """float64 sums of |x| over consecutive ``block``-element blocks (the last may be short)."""
     return _block_sums(x.abs(), block)
 
 
-def _block_sums(x: torch.Tensor, block: int = L1_BLOCK) -> list[float]:
+def _block_sums(x: torch.Tensor, block: int = L1_BLOCK) -> torch.Tensor:
     """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short).
     A cache-sized piece of whole blocks at a time (sums.pieces): torch converts a 16-bit
     tensor to float64 before summing it, and a chunk-sized float64 copy cost twice as much."""
     n = x.numel()
     full = n - n % block
-    sums: list[float] = []
-    for s, e in pieces(full, block):
-        sums += x[s:e].view(-1, block).sum(dim=1, dtype=torch.float64).tolist()
+    sums = [x[s:e].view(-1, block).sum(dim=1, dtype=torch.float64) for s, e in pieces(full, block)]
     if n > full:
-        sums.append(float(x[full:].sum(dtype=torch.float64)))
-    return sums
+        sums.append(x[full:].sum(dtype=torch.float64).reshape(1))
+    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=x.device)
