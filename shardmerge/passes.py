@@ -49,7 +49,13 @@ from shardmerge.inventory import DTYPE_SIZES
 from shardmerge.mergestats import Recorder
 from shardmerge.methods import MethodSpec, TensorJob, TensorMerge, get_method
 from shardmerge.methods.task_vectors import L1_BLOCK
-from shardmerge.plan import PASS_CHUNK_NUMEL, PASS_SLOTS, MergePlan, TensorTask
+from shardmerge.plan import (
+    PASS_CHUNK_NUMEL,
+    PASS_COMPUTE_THREADS,
+    PASS_SLOTS,
+    MergePlan,
+    TensorTask,
+)
 
 __all__ = ["CHUNK_NUMEL", "execute", "execute_passes", "merge_tensor"]
 
@@ -60,7 +66,7 @@ CHUNK_NUMEL = PASS_CHUNK_NUMEL
 # read once for all its passes.
 SLOTS = PASS_SLOTS
 # Compute threads on a CPU (each with its share of torch's pool).
-CPU_WORKERS = 2
+CPU_WORKERS = PASS_COMPUTE_THREADS
 
 
 def _chunk_numel() -> int:
