@@ -163,7 +163,9 @@ class RankSelector:
             self._store = None
             return
         if self._store is None:
-            self._store = heap.outside_heap(self._budget // 4, torch.int32, torch.device("cpu"))
+            # Every non-zero counter holds at least one of the tensor's elements.
+            size = min(self._budget // 4, 2 * self.numel)
+            self._store = heap.outside_heap(size, torch.int32, torch.device("cpu"))
         at = self._used
         self._store[at : at + n] = digits
         self._store[at + n : at + 2 * n] = counts[digits]
