@@ -19,6 +19,8 @@ import hashlib
 
 import torch
 
+from shardmerge.methods.sums import pieces
+
 __all__ = ["MAX_NUMEL", "UNIT_BITS", "keep_bits", "keep_mask", "stream_key", "uniform_bits"]
 
 MAX_NUMEL = 1 << 32
@@ -46,8 +48,8 @@ CPU_PIECE = 1 << 17
 
 
 def _pieces(count: int, device: torch.device) -> list[tuple[int, int]]:
-    step = CPU_PIECE if device.type == "cpu" else max(count, 1)
-    return [(s, min(s + step, count)) for s in range(0, count, step)]
+    """Spans of ``CPU_PIECE`` draws on a CPU; one span elsewhere."""
+    return pieces(count, 1, CPU_PIECE if device.type == "cpu" else max(count, 1))
 
 
 def uniform_bits(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:

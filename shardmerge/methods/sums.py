@@ -27,10 +27,10 @@ PIECE_NUMEL = 1 << 16
 F32_BLOCK = 1 << 14
 
 
-def pieces(n: int, unit: int) -> list[tuple[int, int]]:
-    """``[start, end)`` spans of about :data:`PIECE_NUMEL` elements covering ``n``, each a whole
-    number of ``unit``-element blocks (at least one)."""
-    step = max(1, PIECE_NUMEL // unit) * unit
+def pieces(n: int, unit: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of about ``size`` (default :data:`PIECE_NUMEL`) elements covering
+    ``n``, each a whole number of ``unit``-element blocks (at least one)."""
+    step = max(1, (PIECE_NUMEL if size is None else size) // unit) * unit
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
