@@ -37,7 +37,7 @@ from shardmerge.resolve import ResolvedModel, open_sources, resolve_model
 if TYPE_CHECKING:
     import torch
 
-    from shardmerge.engine import ShardSource
+    from shardmerge.shardio import ShardSource
     from shardmerge.similarity import Comparison, Sums
 
 # Compute threads on the CPU (a CUDA device: one, its stream does the work). The sums are bound
@@ -130,7 +130,8 @@ def _stream_sums(
     import torch
 
     from shardmerge import similarity
-    from shardmerge.engine import TORCH_DTYPES, ShardReader, bytes_view
+    from shardmerge.engine import TORCH_DTYPES, bytes_view
+    from shardmerge.shardio import ShardReader
 
     dev = torch.device(dev_name)
     readers = [ShardReader(s, m.label) for s, m in zip(sources, models, strict=True)]
@@ -260,7 +261,7 @@ def _first_reads(tasks: list[_Task], models: list[ResolvedModel]) -> Iterator[re
 def _read_spans(tasks: list[_Task], sources: list[ShardSource]) -> Iterator[list[readahead.Span]]:
     """The byte ranges of each chunk the reader reads, in its order (local files only: a
     streamed shard may not be on the disk yet)."""
-    from shardmerge.engine import LocalSource
+    from shardmerge.shardio import LocalSource
 
     paths: dict[tuple[int, str], str | None] = {}
     for task in tasks:

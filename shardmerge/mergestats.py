@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardmerge.schedule import find_layer
+from shardmerge.schedule import find_layer, module_type
 
 __all__ = ["LayerStats", "Recorder", "effective_t", "render_table", "summarize"]
 
@@ -181,8 +181,6 @@ def _tensor_cosine(record: Mapping[str, Any]) -> float | None:
 def summarize(records: Mapping[str, Mapping[str, Any]]) -> list[LayerStats]:
     """Records grouped by layer, in layer order; the tensors outside every layer come last
     (one row, when there are any)."""
-    from shardmerge.similarity import module_type  # torch is loaded: run has merged by now
-
     layers: dict[int, LayerStats] = {}
     outside = LayerStats("outside layers", None)
     for name in sorted(records):

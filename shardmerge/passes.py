@@ -33,21 +33,12 @@ from typing import Literal
 import torch
 
 from shardmerge import faults, heap
-from shardmerge.engine import (
-    TORCH_DTYPES,
-    ExecuteResult,
-    OutputFile,
-    ShardFile,
-    ShardReader,
-    ShardResult,
-    ShardSource,
-    bytes_view,
-    execute_plan,
-)
+from shardmerge.bytecopy import copies
+from shardmerge.engine import TORCH_DTYPES, bytes_view, execute_plan
 from shardmerge.errors import ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
 from shardmerge.mergestats import Recorder
-from shardmerge.methods import MethodSpec, TensorJob, TensorMerge, get_method
+from shardmerge.methods import TensorJob, TensorMerge, get_method
 from shardmerge.methods.task_vectors import L1_BLOCK
 from shardmerge.plan import (
     PASS_CHUNK_NUMEL,
@@ -55,6 +46,14 @@ from shardmerge.plan import (
     PASS_SLOTS,
     MergePlan,
     TensorTask,
+)
+from shardmerge.shardio import (
+    ExecuteResult,
+    OutputFile,
+    ShardFile,
+    ShardReader,
+    ShardResult,
+    ShardSource,
 )
 
 __all__ = ["CHUNK_NUMEL", "execute", "execute_passes", "merge_tensor"]
@@ -263,7 +262,7 @@ def execute_passes(
     def _task_items(task: TensorTask, shard: int) -> Iterator[_Item]:
         row_len = _row_len(task)
         spans = _spans(task.inputs[0].numel, _method_chunk(chunk, method.row_aligned, row_len))
-        if not task.is_float or _copies(task, method):
+        if not task.is_float or copies(task, method):
             # Integer/bool tensors come from the first input, as stored; so does a plain copy.
             for s, e in spans:
                 slot = read(task, s, e, [0])
@@ -543,13 +542,3 @@ def _page_aligned(nbytes: int) -> torch.Tensor:
     passthrough) then go to an O_DIRECT output straight from it, with no staging copy (whose
     torch copies left the OpenMP workers spinning: most of a passthrough's CPU time)."""
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
-
-
-def _copies(task: TensorTask, method: MethodSpec) -> bool:
-    """A one-input tensor the method leaves as it is (passthrough): its bytes are copied."""
-    return (
-        method.copies is not None
-        and len(task.inputs) == 1
-        and task.input_dtype in (None, task.inputs[0].dtype)
-        and method.copies(task.model_params[0])
-    )

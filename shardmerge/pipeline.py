@@ -565,17 +565,25 @@ def merge_shards(
         )
         if ahead is not None:  # stops the downloads however the merge ends (Ctrl-C too)
             stack.callback(ahead.close)
-        torch = import_torch()
+        from shardmerge.bytecopy import copies_only
         from shardmerge.mergestats import Recorder
-        from shardmerge.passes import execute
 
+        # A plan of byte copies (a passthrough stack) needs no arithmetic, so no torch: its
+        # import is most of such a run's CPU time past the disk's.
+        copying = copies_only(plan, skip)
+        if not copying:
+            torch = import_torch()
         # Started now rather than before: it and torch's import are both Python code (they
         # would share the GIL), and torch's import waited for modules they both import.
         stack.enter_context(_in_background(alongside, "shardmerge-meta"))
-        dev = resolve_device(device)
+        if copying:
+            check_device(device)  # nothing to compute; a device asked for must still exist
+            dev = "cpu"
+        else:
+            dev = resolve_device(device)
+            if dev == "cpu" and only_shards is None:
+                torch.set_num_threads(os.cpu_count() or 1)
         host_memory = slots_memory() if slots_memory is not None else None
-        if dev == "cpu" and only_shards is None:
-            torch.set_num_threads(os.cpu_count() or 1)
         record_path = work / (PROGRESS_NAME if rank == 0 else f"{PROGRESS_NAME}.rank{rank}")
         record: dict[str, Any] = {
             "fingerprint": prepared.fingerprint,
@@ -601,18 +609,33 @@ def merge_shards(
         todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
         bar = _progress_bar(todo, quiet)
         try:
-            result = execute(
-                plan,
-                sources,
-                work,
-                labels=[m.label for m in prepared.models],
-                device=dev,
-                skip_shards=skip,
-                on_progress=bar.update if bar else None,
-                on_shard_done=shard_done,
-                host_memory=host_memory,
-                recorder=recorder,
-            )
+            if copying:
+                from shardmerge.bytecopy import execute_copies
+
+                result = execute_copies(
+                    plan,
+                    sources,
+                    work,
+                    labels=[m.label for m in prepared.models],
+                    skip_shards=skip,
+                    on_progress=bar.update if bar else None,
+                    on_shard_done=shard_done,
+                )
+            else:
+                from shardmerge.passes import execute
+
+                result = execute(
+                    plan,
+                    sources,
+                    work,
+                    labels=[m.label for m in prepared.models],
+                    device=dev,
+                    skip_shards=skip,
+                    on_progress=bar.update if bar else None,
+                    on_shard_done=shard_done,
+                    host_memory=host_memory,
+                    recorder=recorder,
+                )
         except NonFiniteInputError as exc:  # bad input: named by its repo or folder
             model = next(m for m in prepared.models if m.key == exc.model_key)
             raise CheckpointError(
@@ -681,7 +704,7 @@ def _recorded_statistics(records: list[Path]) -> dict[str, dict[str, Any]]:
 
 def _shard_digests(prepared: PreparedMerge, work: Path, records: list[Path]) -> dict[str, str]:
     """Each shard's digest, as the runs that wrote it recorded it (hashed again if not)."""
-    from shardmerge.engine import file_digest
+    from shardmerge.shardio import file_digest
 
     recorded: dict[str, Any] = {}
     for path in records:
@@ -880,9 +903,11 @@ def _card_recipe_text(prepared: PreparedMerge) -> str:
 
 def _side_files_and_warm_up(prepared: PreparedMerge, work: Path, out_name: str) -> None:
     from shardmerge import plot
+    from shardmerge.bytecopy import copies_only
 
     write_side_files(prepared, work, out_name)
-    plot.warm_up()  # the card's picture is drawn after the merge: matplotlib is ready by then
+    if not copies_only(prepared.plan):  # a stack of copies records nothing to draw
+        plot.warm_up()  # the card's picture is drawn after the merge: matplotlib is ready by then
 
 
 def write_side_files(prepared: PreparedMerge, work: Path, out_name: str) -> None:
@@ -1070,7 +1095,7 @@ def _resumable_shards(
     work: Path, prepared: PreparedMerge, wanted: set[int]
 ) -> dict[str, dict[str, Any]]:
     """Shards (of ``wanted``) an interrupted run completed, still unchanged (by digest)."""
-    from shardmerge.engine import file_digest
+    from shardmerge.shardio import file_digest
 
     recorded: dict[str, Any] = {}
     for path in sorted(work.glob(PROGRESS_NAME + "*")):

@@ -118,7 +118,7 @@ def write_merge_plot(
     fig.suptitle(title, fontsize=10)
     xs = [r.index for r in layers if r.index is not None]
     if method == "slerp":
-        from shardmerge.similarity import MODULE_TYPES
+        from shardmerge.schedule import MODULE_TYPES
 
         kinds = [k for k in MODULE_TYPES if any(k in r.t_by_type for r in layers)]
         for kind in kinds:

@@ -25,8 +25,8 @@ from shardmerge.output import is_small_file, local_small_files
 from shardmerge.recipe import ModelRef
 
 if TYPE_CHECKING:
-    from shardmerge.engine import ShardSource
     from shardmerge.hub import HubModel, StreamAhead
+    from shardmerge.shardio import ShardSource
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def open_source(
     reading order (repeats allowed): streaming deletes a shard as soon as reading moves past it.
     ``progress`` shows a download bar (not streaming).
     """
-    from shardmerge.engine import LocalSource
+    from shardmerge.shardio import LocalSource
 
     if model.local_dir is not None:
         return LocalSource(model.local_dir, model.label)
@@ -204,7 +204,7 @@ def open_sources(
         if m.hub is not None
     }
     ahead.start()  # before the engine's import (torch: seconds), which LocalSource needs
-    from shardmerge.engine import LocalSource
+    from shardmerge.shardio import LocalSource
 
     sources: list[ShardSource] = []
     for m in models:

@@ -28,6 +28,7 @@ __all__ = [
     "Gradient",
     "LayerMap",
     "LayerPos",
+    "MODULE_TYPES",
     "Rule",
     "Schedule",
     "ScheduleError",
@@ -35,6 +36,7 @@ __all__ = [
     "find_layer",
     "idle_rules",
     "layer_positions",
+    "module_type",
     "resolve_t",
     "t_table",
 ]
@@ -318,3 +320,23 @@ def _format_t(t: float) -> str:
     """Four decimals without trailing zeros: 0.4935, 0.5, 1."""
     text = f"{t:.4f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+# Module types, for statistics grouped by what a tensor is (compare, the card).
+MODULE_TYPES = ("attention", "mlp", "norms", "embeddings", "other")
+# Matched in this order: "post_attention_layernorm" and "self_attn.q_norm" are norms.
+_TYPE_WORDS = (
+    ("norms", ("norm", "ln_", "ln_f")),
+    ("embeddings", ("embed", "wte", "wpe", "lm_head")),
+    ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
+    ("mlp", ("mlp", "feed_forward", "ffn", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")),
+)
+
+
+def module_type(name: str) -> str:
+    """attention / mlp / norms / embeddings / other, from the tensor's name alone."""
+    lowered = name.lower()
+    for kind, words in _TYPE_WORDS:
+        if any(word in lowered for word in words):
+            return kind
+    return "other"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from shardmerge.schedule import find_layer
+from shardmerge.schedule import MODULE_TYPES, find_layer, module_type
 
 # Elements of a piece converted to float32 at a time on the CPU: 3 inputs x 512 Ki x 4 bytes stay
 # in the CPU's cache between the conversion and the sums (as slerp.SUB_NUMEL).
@@ -29,14 +29,6 @@ SUB_NUMEL = 1 << 19
 # Sums run over blocks of this many elements in float32 and the block sums add up in float64: a
 # whole-tensor float32 sum has been seen off by 0.6% (see slerp.BLOCK).
 BLOCK = 4096
-MODULE_TYPES = ("attention", "mlp", "norms", "embeddings", "other")
-# Matched in this order: "post_attention_layernorm" and "self_attn.q_norm" are norms.
-_TYPE_WORDS = (
-    ("norms", ("norm", "ln_", "ln_f")),
-    ("embeddings", ("embed", "wte", "wpe", "lm_head")),
-    ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
-    ("mlp", ("mlp", "feed_forward", "ffn", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")),
-)
 
 
 @dataclass
@@ -189,15 +181,6 @@ def _accumulate_piece(sums: Sums, x: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- grouping
-
-
-def module_type(name: str) -> str:
-    """attention / mlp / norms / embeddings / other, from the tensor's name alone."""
-    lowered = name.lower()
-    for kind, words in _TYPE_WORDS:
-        if any(word in lowered for word in words):
-            return kind
-    return "other"
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def _check_structure(
 
 def _check_digests(output: Path, report: VerifyReport) -> None:
     """Each shard against the digest its index records (folders shardmerge wrote)."""
-    from shardmerge.engine import file_digest
+    from shardmerge.shardio import file_digest
 
     try:
         recorded = json.loads((output / INDEX_NAME).read_text())["metadata"]["shardmerge"]

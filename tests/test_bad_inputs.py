@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from shardmerge import cli, pipeline
-from shardmerge.engine import file_digest
+from shardmerge.shardio import file_digest
 from tests.conftest import shard_filename, write_checkpoint
 
 INDEX = "model.safetensors.index.json"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shardmerge import engine
+from shardmerge import engine, shardio
 from shardmerge.pipeline import prepare, run_merge
 from shardmerge.recipe import parse_recipe
 from shardmerge.slerp import slerp
@@ -272,8 +272,9 @@ def test_slots_carved_from_given_memory_give_the_same_files(tmp_path):
     """The CPU merge can take its chunk slots from memory mapped (and faulted in) beforehand."""
     import mmap
 
-    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.engine import execute_plan
     from shardmerge.plan import chunk_buffers
+    from shardmerge.shardio import LocalSource
 
     path_a, path_b, _, _ = _pair(tmp_path)
     text = RECIPE.format(a=path_a, b=path_b, out=tmp_path / "unused", shard="20KB")
@@ -488,22 +489,23 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     where chunks go to the disk straight from their slots and where O_DIRECT is refused."""
     import mmap
 
-    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.engine import execute_plan
     from shardmerge.plan import chunk_buffers
+    from shardmerge.shardio import LocalSource
 
     path_a, path_b, _, _ = _pair(tmp_path)
     text = RECIPE.format(a=path_a, b=path_b, out=tmp_path / "unused", shard="30KB")
     plan = prepare(parse_recipe(text)).plan
     monkeypatch.setattr(engine, "CHUNK_NUMEL", 4096)  # 8 KiB of bf16 per chunk
-    monkeypatch.setattr(engine, "_DIRECT_MIN", 4096)
+    monkeypatch.setattr(shardio, "_DIRECT_MIN", 4096)
     opened = []
-    real_init = engine.ShardFile.__init__
+    real_init = shardio.ShardFile.__init__
 
     def spy(self, path, size):
         real_init(self, path, size)
         opened.append(self.stage is not None)
 
-    real_pwrite = engine.ShardFile._pwrite_direct
+    real_pwrite = shardio.ShardFile._pwrite_direct
     from_slots = []
 
     def record(self, view, pos):
@@ -523,9 +525,9 @@ def test_direct_io_writer_gives_identical_files(tmp_path, monkeypatch):
     for mode, stage in (
         ("buffered", 1 << 40), ("direct", 8192), ("refused", 8192), ("efault", 8192)
     ):  # fmt: skip
-        monkeypatch.setattr(engine, "_STAGE_BYTES", stage)
-        monkeypatch.setattr(engine.ShardFile, "_pwrite_direct", writers.get(mode, record))
-        monkeypatch.setattr(engine.ShardFile, "__init__", spy)
+        monkeypatch.setattr(shardio, "_STAGE_BYTES", stage)
+        monkeypatch.setattr(shardio.ShardFile, "_pwrite_direct", writers.get(mode, record))
+        monkeypatch.setattr(shardio.ShardFile, "__init__", spy)
         opened.clear()
         out = tmp_path / mode
         out.mkdir()

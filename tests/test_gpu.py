@@ -93,8 +93,9 @@ def test_registered_slots_write_straight_from_memory_and_match_pinned(tmp_path, 
     import mmap
 
     from shardmerge import engine
-    from shardmerge.engine import LocalSource, execute_plan
+    from shardmerge.engine import execute_plan
     from shardmerge.plan import chunk_buffers
+    from shardmerge.shardio import LocalSource
 
     g = torch.Generator().manual_seed(2)
     names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)] + ["lm_head.weight"]

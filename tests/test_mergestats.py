@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from shardmerge import cli, engine, mergestats, passes
-from shardmerge.engine import LocalSource
 from shardmerge.pipeline import prepare
 from shardmerge.recipe import parse_recipe
+from shardmerge.shardio import LocalSource
 from tests.conftest import write_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

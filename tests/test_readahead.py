@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from shardmerge import engine, readahead
-from shardmerge.engine import LocalSource, execute_plan
+from shardmerge import engine, readahead, shardio
+from shardmerge.engine import execute_plan
 from shardmerge.pipeline import prepare
 from shardmerge.recipe import parse_recipe
+from shardmerge.shardio import LocalSource
 from tests.test_engine import RECIPE, _pair
 
 pytestmark = pytest.mark.skipif(
@@ -120,13 +121,13 @@ def test_spans_are_exactly_what_the_reader_reads(tmp_path, monkeypatch):
     plan, path_a, path_b = _plan(tmp_path, monkeypatch)
     sources = LocalSource(path_a, "model A"), LocalSource(path_b, "model B")
     reads: list[tuple[str, int, int]] = []
-    real_read = engine.ShardReader.read_into
+    real_read = shardio.ShardReader.read_into
 
     def spy(self, info, byte_start, buf, *, last=True):
         reads.append((info.file, info.begin + byte_start, len(buf)))
         real_read(self, info, byte_start, buf, last=last)
 
-    monkeypatch.setattr(engine.ShardReader, "read_into", spy)
+    monkeypatch.setattr(shardio.ShardReader, "read_into", spy)
     out = tmp_path / "out"
     out.mkdir()
     result = execute_plan(plan, *sources, out)
@@ -147,12 +148,12 @@ def test_slow_reads_start_the_hints_and_the_output_is_unchanged(tmp_path, monkey
         created.append(self)
 
     monkeypatch.setattr(readahead.ReadAhead, "__init__", spy_init)
-    monkeypatch.setattr(engine, "_SLOW_READ_RATE", 1e30)  # every read counts as slow...
+    monkeypatch.setattr(shardio, "_SLOW_READ_RATE", 1e30)  # every read counts as slow...
     outputs = {}
     hinted = {}
     for mode in ("plain", "slow"):
         # ... that is long enough to count (plain: none is)
-        monkeypatch.setattr(engine, "_SLOW_READ_MIN_BYTES", 0 if mode == "slow" else 1 << 62)
+        monkeypatch.setattr(shardio, "_SLOW_READ_MIN_BYTES", 0 if mode == "slow" else 1 << 62)
         created.clear()
         out = tmp_path / mode
         out.mkdir()
@@ -174,13 +175,13 @@ def test_consumed_input_is_dropped_after_its_last_read_only(tmp_path, monkeypatc
         readahead, "drop", lambda fd, offset, length: dropped.append((offset, length))
     )
     reads: list[tuple[bool, int]] = []
-    real_read = engine.ShardReader.read_into
+    real_read = shardio.ShardReader.read_into
 
     def spy(self, info, byte_start, buf, *, last=True):
         reads.append((last, len(buf)))
         real_read(self, info, byte_start, buf, last=last)
 
-    monkeypatch.setattr(engine.ShardReader, "read_into", spy)
+    monkeypatch.setattr(shardio.ShardReader, "read_into", spy)
     out = tmp_path / "out"
     out.mkdir()
     result = execute_plan(plan, *sources, out)

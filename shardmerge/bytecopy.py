@@ -1,0 +1,194 @@
+"""Write a plan whose every tensor is a byte copy (a passthrough stack), without torch.
+
+A passthrough without a ``scale`` (mergekit's depth up-scaling, a frankenmerge) changes no
+number: each output tensor is one input tensor's stored bytes. Such a run needs no arithmetic, so
+it need not import torch either (about a second of CPU, most of a medium passthrough's cost past
+the disk). A reader thread fills page-aligned slots from a small fixed pool with ``os.preadv``;
+the calling thread hashes each slot and writes it at the end of its shard (O_DIRECT, straight
+from the slot: :class:`shardmerge.shardio.OutputFile`), so the working set is the pool whatever
+the model size. The files, digests and resume records are the same bytes as the pass engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from shardmerge import faults
+from shardmerge.methods import MethodSpec, get_method
+from shardmerge.plan import MergePlan, TensorTask
+from shardmerge.shardio import (
+    ExecuteResult,
+    OutputFile,
+    ShardFile,
+    ShardReader,
+    ShardResult,
+    ShardSource,
+)
+from shardmerge.vocab import GatheredTensor
+
+__all__ = ["SLOT_BYTES", "SLOTS", "copies", "copies_only", "execute_copies"]
+
+# Bytes per slot and slots in the pool: 32 MiB in all (a pass-engine merge holds more).
+SLOT_BYTES = 8 << 20
+SLOTS = 4
+
+
+def copies(task: TensorTask, method: MethodSpec) -> bool:
+    """A one-input float tensor the method leaves as it is (passthrough): its bytes are copied."""
+    return (
+        method.copies is not None
+        and len(task.inputs) == 1
+        and task.input_dtype in (None, task.inputs[0].dtype)
+        and method.copies(task.model_params[0])
+    )
+
+
+def copies_only(plan: MergePlan, skip_shards: frozenset[int] = frozenset()) -> bool:
+    """Whether every tensor the run writes is an input's stored bytes, unconverted: then it
+    needs no torch (:func:`execute_copies`). Integer tensors are always copies; float ones when
+    the method copies them; none may change dtype or come from a re-indexed vocabulary."""
+    if plan.method == "slerp":  # its engine copies the t = 0 / 1 ends itself
+        return False
+    method = get_method(plan.method)
+    for index, shard in enumerate(plan.shards):
+        if index in skip_shards:
+            continue
+        for task in shard.tasks:
+            first = task.inputs[0] if task.inputs else None
+            if first is None or isinstance(first, GatheredTensor):
+                return False
+            if first.dtype != task.out_dtype or (task.is_float and not copies(task, method)):
+                return False
+    return True
+
+
+_STOP = object()
+
+
+def execute_copies(
+    plan: MergePlan,
+    sources: Sequence[ShardSource],
+    out_dir: Path,
+    *,
+    labels: Sequence[str] | None = None,
+    skip_shards: frozenset[int] = frozenset(),
+    on_progress: Callable[[int], None] | None = None,
+    on_shard_done: Callable[[int, ShardResult], None] | None = None,
+) -> ExecuteResult:
+    """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir`` by copying bytes;
+    the plan must be :func:`copies_only`."""
+    assert copies_only(plan, skip_shards), "execute_copies: a tensor of the plan is computed"
+    names = labels or [f"input {i + 1}" for i in range(len(sources))]
+    readers = [ShardReader(src, label) for src, label in zip(sources, names, strict=True)]
+    free: queue.Queue[mmap.mmap] = queue.Queue()
+    for _ in range(SLOTS):
+        free.put(mmap.mmap(-1, SLOT_BYTES))  # page-aligned: written from where it is
+    filled: queue.Queue[object] = queue.Queue(maxsize=SLOTS + 1)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    remaining = _file_refcounts(plan, skip_shards)
+
+    def take() -> mmap.mmap | None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return free.get(timeout=0.1)
+        return None
+
+    def pieces() -> Iterator[tuple[int, bytes | mmap.mmap, int]]:
+        """(shard index, header bytes or a filled slot, byte count) in file order."""
+        for index, shard in enumerate(plan.shards):
+            if index in skip_shards:
+                continue
+            yield index, shard.header, len(shard.header)
+            for task in shard.tasks:
+                info = task.inputs[0]
+                model = task.model_of(0)
+                for start in range(0, info.nbytes, SLOT_BYTES):
+                    slot = take()
+                    if slot is None:
+                        return
+                    count = min(SLOT_BYTES, info.nbytes - start)
+                    readers[model].read_into(info, start, memoryview(slot)[:count])
+                    yield index, slot, count
+                remaining[model, info.file] -= 1
+                if remaining[model, info.file] == 0:
+                    readers[model].close(info.file)
+
+    def read_loop() -> None:
+        try:
+            for piece in pieces():
+                if stop.is_set():
+                    return
+                filled.put(piece)
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            errors.append(exc)
+        finally:
+            filled.put(_STOP)
+
+    outputs: dict[int, OutputFile] = {}
+    results: list[ShardResult] = []
+
+    def write(index: int, data: bytes | mmap.mmap, count: int) -> None:
+        out = outputs.get(index)
+        if out is None:
+            shard = plan.shards[index]
+            path = out_dir / shard.filename
+            out = outputs[index] = OutputFile(path, shard, ShardFile(path, shard.file_bytes))
+        header = isinstance(data, bytes)
+        view = memoryview(data)[:count]
+        try:
+            result = out.append(view, None, in_place=not header, aligned=not header)
+        finally:
+            view.release()
+        if on_progress is not None and not header:
+            on_progress(count)
+        if result is not None:
+            results.append(result)
+            del outputs[index]
+            if on_shard_done is not None:
+                on_shard_done(index, result)
+            faults.reached("shard-done")
+
+    reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
+    reader.start()
+    try:
+        while (entry := filled.get()) is not _STOP:
+            assert isinstance(entry, tuple)
+            index, data, count = entry
+            write(index, data, count)
+            if isinstance(data, mmap.mmap):
+                free.put(data)
+    except BaseException as exc:  # noqa: BLE001 - raised below, after the reader stops
+        errors.append(exc)
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                filled.get(timeout=0.05)
+        for r in readers:
+            r.close_all()
+        for out in outputs.values():
+            out.file.abort()
+    if errors:
+        raise errors[0]
+    if outputs:  # pragma: no cover - the plan's sizes and its tensors disagree
+        raise AssertionError("execute_copies: a shard was left unfinished")
+    return ExecuteResult(
+        sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
+    )
+
+
+def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int, str]]:
+    """How many tasks still read each (model, file)."""
+    counts: Counter[tuple[int, str]] = Counter()
+    for index, shard in enumerate(plan.shards):
+        if index not in skip:
+            for task in shard.tasks:
+                counts[task.model_of(0), task.inputs[0].file] += 1
+    return counts

@@ -1,0 +1,186 @@
+"""The torch-free byte copier (a passthrough stack with no arithmetic): which plans take it, the
+same files as the pass engine, no torch or matplotlib imported, resume after a kill, and input
+damage found during the copy named in one line with nothing finished."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardmerge import bytecopy, cli, shardio
+from shardmerge.bytecopy import copies_only, execute_copies
+from shardmerge.errors import CheckpointError
+from shardmerge.passes import execute_passes
+from shardmerge.pipeline import prepare, run_merge
+from shardmerge.recipe import parse_recipe
+from shardmerge.shardio import LocalSource
+from tests.conftest import folder_files
+from tests.test_methods import _family
+from tests.test_resume import _run_subprocess
+
+# Our format, small shards: several output files, and a tensor split across them is impossible,
+# so every file boundary falls between tensors.
+STACK = """\
+method: passthrough
+models:
+  x: {{path: {m1}}}
+  y: {{path: {m2}}}
+layers:
+  - {{x: 0-1}}
+  - {{y: 1-2}}
+  - {{x: 1}}
+{extra}output: {{shard_size: 8KB{output}}}
+"""
+
+
+def _recipe(tmp_path: Path, folders: list[Path], extra: str = "", output: str = "") -> Path:
+    recipe = tmp_path / "stack.yaml"
+    recipe.write_text(STACK.format(m1=folders[1], m2=folders[2], extra=extra, output=output))
+    return recipe
+
+
+def _prepared(recipe: Path):
+    return prepare(parse_recipe(recipe.read_text(), str(recipe)))
+
+
+def test_which_plans_are_copies_only(tmp_path):
+    folders, _ = _family(tmp_path, llama=True)
+    assert copies_only(_prepared(_recipe(tmp_path, folders)).plan)
+    # A scale other than 1 multiplies; a dtype change converts; other methods compute.
+    scaled = _recipe(tmp_path, folders, "parameters: {scale: 0.5}\n")
+    assert not copies_only(_prepared(scaled).plan)
+    assert copies_only(_prepared(_recipe(tmp_path, folders, "parameters: {scale: 1}\n")).plan)
+    converted = _recipe(tmp_path, folders, output=", dtype: float32")
+    assert not copies_only(_prepared(converted).plan)
+    linear = tmp_path / "linear.yaml"
+    linear.write_text(
+        f"method: linear\nmodels:\n  x: {{path: {folders[1]}, weight: 1}}\n"
+        f"  y: {{path: {folders[2]}, weight: 1}}\n"
+    )
+    assert not copies_only(_prepared(linear).plan)
+
+
+@pytest.mark.parametrize("slot_bytes", [bytecopy.SLOT_BYTES, 4096, 1000])
+def test_the_same_files_as_the_pass_engine(tmp_path, monkeypatch, slot_bytes):
+    folders, _ = _family(tmp_path, llama=True)
+    plan = _prepared(_recipe(tmp_path, folders)).plan
+    assert len(plan.shards) > 2
+    sources = [LocalSource(f, f.name) for f in folders[1:]]
+    skip = frozenset({1})
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "copy").mkdir()
+    reference = execute_passes(plan, sources, tmp_path / "engine", skip_shards=skip)
+    # Small slots split tensors across reads; a small staging buffer and direct-write size
+    # put several shards through the O_DIRECT path (where the filesystem has one).
+    monkeypatch.setattr(bytecopy, "SLOT_BYTES", slot_bytes)
+    monkeypatch.setattr(shardio, "_STAGE_BYTES", 8192)
+    monkeypatch.setattr(shardio, "_DIRECT_MIN", 4096)
+    real_pwrite = shardio.ShardFile._pwrite_direct
+    from_slots: list[bool] = []
+
+    def record(self, view, pos):
+        from_slots.append(view.obj is not self.stage)
+        real_pwrite(self, view, pos)
+
+    monkeypatch.setattr(shardio.ShardFile, "_pwrite_direct", record)
+    progress: list[int] = []
+    done: list[int] = []
+    result = execute_copies(
+        plan,
+        sources,
+        tmp_path / "copy",
+        skip_shards=skip,
+        on_progress=progress.append,
+        on_shard_done=lambda i, r: done.append(i),
+    )
+    assert result == reference
+    assert folder_files(tmp_path / "copy") == folder_files(tmp_path / "engine")
+    assert plan.shards[1].filename not in folder_files(tmp_path / "copy")
+    wanted = [i for i in range(len(plan.shards)) if i not in skip]
+    assert done == wanted
+    assert sum(progress) == sum(plan.shards[i].data_bytes for i in wanted)
+    assert result.bytes_read == sum(plan.shards[i].data_bytes for i in wanted)
+    if from_slots:  # this filesystem takes O_DIRECT: whole slots went to the disk from where
+        assert any(from_slots) == (slot_bytes >= 4096)  # they are (a 1000-byte slot never can)
+
+
+def test_a_run_of_copies_imports_neither_torch_nor_matplotlib(tmp_path):
+    folders, _ = _family(tmp_path, llama=True)
+    recipe = _recipe(tmp_path, folders)
+    out = tmp_path / "out"
+    code = (
+        "import sys; from shardmerge.cli import main; "
+        f"code = main(['run', {str(recipe)!r}, '--out', {str(out)!r}, '--quiet']); "
+        "print(code, 'torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-3:] == ["0", "False", "False"]
+    # The same output as the pass engine's copies (a scale of 1 there is made to compute).
+    reference = tmp_path / "ref" / "out"
+    monkey = pytest.MonkeyPatch()
+    try:
+        monkey.setattr(bytecopy, "copies_only", lambda plan, skip=frozenset(): False)
+        assert cli.main(["run", str(recipe), "--out", str(reference), "--quiet"]) == 0
+    finally:
+        monkey.undo()
+    assert folder_files(out) == folder_files(reference)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(index["metadata"]["shardmerge"]["shard_digests"]) == len(
+        list(out.glob("*.safetensors"))
+    )
+
+
+def test_kill_then_resume_a_stack_of_copies(tmp_path):
+    folders, _ = _family(tmp_path, llama=True)
+    recipe = _recipe(tmp_path, folders)
+    reference = tmp_path / "ref" / "out"
+    assert cli.main(["run", str(recipe), "--out", str(reference), "--quiet"]) == 0
+    out = tmp_path / "run" / "out"
+    out.parent.mkdir()
+    proc = _run_subprocess(recipe, out, kill_at="shard-done:2")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()
+    prepared = _prepared(recipe)
+    result = run_merge(prepared, out=out, quiet=True, resume=True)
+    assert result.skipped_shards == 2
+    assert folder_files(out) == folder_files(reference)
+
+
+def test_an_input_cut_short_after_planning_is_named_and_nothing_is_finished(tmp_path, capsys):
+    folders, states = _family(tmp_path, llama=True)
+    recipe = _recipe(tmp_path, folders)
+    prepared = _prepared(recipe)
+    shard = next(folders[2].glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-64])  # the header still matches the plan; the last tensor is cut
+    with pytest.raises(CheckpointError, match=rf"model 2 .*{shard.name}: .*truncated shard"):
+        run_merge(prepared, out=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+    shard.write_bytes(data)
+
+
+def test_stored_bytes_are_copied_whatever_they_hold(tmp_path):
+    # NaN and Inf pass through a copy unexamined (mergekit copies them too): nothing computes.
+    folders, states = _family(tmp_path, llama=True)
+    from tests.conftest import write_checkpoint
+
+    odd = dict(states[1])
+    odd["model.layers.0.mlp.up_proj.weight"] = torch.full((32, 16), float("nan")).bfloat16()
+    config = json.loads((folders[1] / "config.json").read_text())
+    write_checkpoint(tmp_path / "odd", odd, None, config)
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text(f"method: passthrough\nmodels:\n  x: {{path: {tmp_path / 'odd'}}}\n")
+    assert copies_only(_prepared(recipe).plan)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    from tests.test_methods import _read
+
+    got = _read(tmp_path / "out")
+    assert torch.isnan(got["model.layers.0.mlp.up_proj.weight"]).all()
+    assert torch.equal(got["model.norm.weight"], odd["model.norm.weight"])
