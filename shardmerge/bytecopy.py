@@ -4,8 +4,9 @@ A passthrough without a ``scale`` (mergekit's depth up-scaling, a frankenmerge) 
 number: each output tensor is one input tensor's stored bytes. Such a run needs no arithmetic, so
 it need not import torch either (about a second of CPU, most of a medium passthrough's cost past
 the disk). A reader thread fills page-aligned slots from a small fixed pool with ``os.preadv``;
-the calling thread hashes each slot and writes it at the end of its shard (O_DIRECT, straight
-from the slot: :class:`shardmerge.shardio.OutputFile`), so the working set is the pool whatever
+it hashes each slot as it fills it (xxh3 and ``preadv`` both release the GIL), and the calling
+thread writes it at the end of its shard (O_DIRECT, straight from the slot:
+:class:`shardmerge.shardio.OutputFile`), so the working set is the pool whatever
 the model size. The files, digests and resume records are the same bytes as the pass engine's.
 """
 
@@ -19,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import xxhash
+
 from shardmerge import faults
 from shardmerge.methods import MethodSpec, get_method
 from shardmerge.plan import MergePlan, TensorTask
@@ -29,6 +32,7 @@ from shardmerge.shardio import (
     ShardReader,
     ShardResult,
     ShardSource,
+    new_digest,
 )
 from shardmerge.vocab import GatheredTensor
 
@@ -69,6 +73,8 @@ def copies_only(plan: MergePlan, skip_shards: frozenset[int] = frozenset()) -> b
 
 
 _STOP = object()
+# (shard index, header bytes or a filled slot, byte count, the shard's digest so far)
+Piece = tuple[int, bytes | mmap.mmap, int, "xxhash.xxh3_128"]
 
 
 def execute_copies(
@@ -100,12 +106,15 @@ def execute_copies(
                 return free.get(timeout=0.1)
         return None
 
-    def pieces() -> Iterator[tuple[int, bytes | mmap.mmap, int]]:
-        """(shard index, header bytes or a filled slot, byte count) in file order."""
+    def pieces() -> Iterator[Piece]:
+        """(shard index, header bytes or a filled slot, byte count, the shard's digest) in file
+        order. Hashed here, so the digest runs beside the writes rather than between them."""
         for index, shard in enumerate(plan.shards):
             if index in skip_shards:
                 continue
-            yield index, shard.header, len(shard.header)
+            digest = new_digest()
+            digest.update(shard.header)
+            yield index, shard.header, len(shard.header), digest
             for task in shard.tasks:
                 info = task.inputs[0]
                 model = task.model_of(0)
@@ -114,8 +123,10 @@ def execute_copies(
                     if slot is None:
                         return
                     count = min(SLOT_BYTES, info.nbytes - start)
-                    readers[model].read_into(info, start, memoryview(slot)[:count])
-                    yield index, slot, count
+                    with memoryview(slot) as view:
+                        readers[model].read_into(info, start, view[:count])
+                        digest.update(view[:count])
+                    yield index, slot, count, digest
                 remaining[model, info.file] -= 1
                 if remaining[model, info.file] == 0:
                     readers[model].close(info.file)
@@ -134,12 +145,13 @@ def execute_copies(
     outputs: dict[int, OutputFile] = {}
     results: list[ShardResult] = []
 
-    def write(index: int, data: bytes | mmap.mmap, count: int) -> None:
+    def write(index: int, data: bytes | mmap.mmap, count: int, digest: xxhash.xxh3_128) -> None:
         out = outputs.get(index)
         if out is None:
             shard = plan.shards[index]
             path = out_dir / shard.filename
-            out = outputs[index] = OutputFile(path, shard, ShardFile(path, shard.file_bytes))
+            file = ShardFile(path, shard.file_bytes)
+            out = outputs[index] = OutputFile(path, shard, file, digest, hashed_by_caller=True)
         header = isinstance(data, bytes)
         view = memoryview(data)[:count]
         try:
@@ -160,8 +172,8 @@ def execute_copies(
     try:
         while (entry := filled.get()) is not _STOP:
             assert isinstance(entry, tuple)
-            index, data, count = entry
-            write(index, data, count)
+            index, data, count, digest = entry
+            write(index, data, count, digest)
             if isinstance(data, mmap.mmap):
                 free.put(data)
     except BaseException as exc:  # noqa: BLE001 - raised below, after the reader stops

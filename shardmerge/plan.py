@@ -9,6 +9,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from shardmerge.errors import CheckpointError
 from shardmerge.inventory import (
@@ -111,8 +112,9 @@ class OutputShard:
     tasks: tuple[TensorTask, ...]
     header: bytes
 
-    @property
+    @cached_property
     def data_bytes(self) -> int:
+        # Cached: writers compare against it after every chunk (a sum over the shard's tasks).
         return sum(t.out_nbytes for t in self.tasks)
 
     @property

@@ -337,6 +337,9 @@ class OutputFile:
     file: ShardFile
     hasher: xxhash.xxh3_128 = field(default_factory=new_digest)
     written: int = 0
+    # The caller updates ``hasher`` itself, with every byte in file order, before it appends
+    # them (the byte copier hashes on its reader thread, beside the writes).
+    hashed_by_caller: bool = False
 
     def append(
         self,
@@ -353,7 +356,8 @@ class OutputFile:
         redone, and a killed process loses nothing the kernel holds (the output is synced once,
         before it is renamed into place)."""
         self.file.write(view, tensor, in_place=in_place, aligned=aligned)
-        self.hasher.update(view)
+        if not self.hashed_by_caller:
+            self.hasher.update(view)
         self.written += len(view)
         faults.reached("chunk-written")
         if self.written < self.shard.file_bytes:
