@@ -28,12 +28,14 @@ def time_method(
     """(CPU s, wall s) per pass ("pass0", ...) and for "combine"."""
     numel = inputs[0].numel()
     params = {"weight": 0.5, "density": 0.5}
+    base = get_method(method).base != "none"
+
     shared = {"rescale": method.startswith("dare"), "normalize": True, "lambda": 1.0}
     job = TensorJob(
         name="model.layers.0.mlp.up_proj.weight",
         numel=numel,
         dtype=inputs[0].dtype,
-        model_params=(params,) * (len(inputs) - 1),
+        model_params=(params,) * (len(inputs) - base),
         shared={**shared, "int8_mask": False, "filter_wise": False},
         seed=0,
         row_len=2048,
@@ -70,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     tunes.append((base.float() + 0.02 * torch.randn(numel, generator=g)).to(torch.bfloat16))
     inputs = [base, *tunes]
     for method in args.methods.split(","):
-        time_method(method, inputs, CHUNK_NUMEL)  # warm-up
+        # Methods without a base (linear, karcher) take the two fine-tunes only.
+        used = tunes if get_method(method).base == "none" else inputs
+        time_method(method, used, CHUNK_NUMEL)  # warm-up
         best: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeats):
-            for stage, (cpu, wall) in time_method(method, inputs, CHUNK_NUMEL).items():
+            for stage, (cpu, wall) in time_method(method, used, CHUNK_NUMEL).items():
                 old = best.get(stage)
                 best[stage] = (cpu, wall) if old is None else (min(old[0], cpu), min(old[1], wall))
         cells = [

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardmerge import __version__, faults, import_torch, readahead
+from shardmerge.bytecopy import copies_only, execute_copies
 from shardmerge.card import IMAGE_NAME
 from shardmerge.errors import (
     CheckpointError,
@@ -201,7 +202,8 @@ def describe_plan(
             f"model B (t=1): {prepared.model_b.label}  [{prepared.model_b.pin}]",
         ]
     else:
-        lines = [f"method: {plan.method}  (random seed {plan.random_seed})"]
+        seed = f"  (random seed {plan.random_seed})" if get_method(plan.method).uses_seed else ""
+        lines = [f"method: {plan.method}{seed}"]
         lines += [f"{m.label}  [{m.pin}]" for m in prepared.models]
     lines += [
         "",
@@ -213,6 +215,8 @@ def describe_plan(
     for shard in plan.shards:
         lines.append(f"  {shard.filename}  {shard.file_bytes:,} bytes  {len(shard.tasks)} tensors")
     lines.append(f"input bytes read: {plan.input_bytes:,}")
+    if copies_only(plan):
+        lines.append("every tensor is copied as stored: no arithmetic, torch is not loaded")
     lines.append(
         f"estimated peak memory: {estimate_peak_bytes(plan) / 1e6:,.0f} MB (any model size)"
     )
@@ -565,7 +569,6 @@ def merge_shards(
         )
         if ahead is not None:  # stops the downloads however the merge ends (Ctrl-C too)
             stack.callback(ahead.close)
-        from shardmerge.bytecopy import copies_only
         from shardmerge.mergestats import Recorder
 
         # A plan of byte copies (a passthrough stack) needs no arithmetic, so no torch: its
@@ -610,8 +613,6 @@ def merge_shards(
         bar = _progress_bar(todo, quiet)
         try:
             if copying:
-                from shardmerge.bytecopy import execute_copies
-
                 result = execute_copies(
                     plan,
                     sources,
@@ -903,7 +904,6 @@ def _card_recipe_text(prepared: PreparedMerge) -> str:
 
 def _side_files_and_warm_up(prepared: PreparedMerge, work: Path, out_name: str) -> None:
     from shardmerge import plot
-    from shardmerge.bytecopy import copies_only
 
     write_side_files(prepared, work, out_name)
     if not copies_only(prepared.plan):  # a stack of copies records nothing to draw

@@ -154,6 +154,10 @@ class MergePlan:
 
 # Resident size of Python with torch imported, measured (~220 MB) and rounded up.
 RUNTIME_BYTES = 250_000_000
+# Resident size of a run that never imports torch (a stack of copies), measured (~26 MB for
+# `shardmerge validate`) and rounded up; and an output shard's O_DIRECT staging buffer.
+PLAIN_RUNTIME_BYTES = 30_000_000
+STAGE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,10 @@ def estimate_peak_bytes(plan: MergePlan) -> int:
     """The engine's working set: the chunk slots and the runtime (the float32 scratch pairs are
     4 MiB per compute thread). Independent of the model's size."""
     if plan.method != "slerp":
+        from shardmerge.bytecopy import SLOT_BYTES, SLOTS, copies_only
+
+        if copies_only(plan):  # no torch: the copier's slots, one staging buffer, Python
+            return SLOTS * SLOT_BYTES + STAGE_BYTES + PLAIN_RUNTIME_BYTES
         # The pass engine: its slots (one chunk of every input each) and, per compute thread
         # (two on a CPU), a combine's temporaries (about eight K-input float32-sized copies of
         # one chunk, measured). Measured peaks, bf16: 0.47-0.50 GB with 3 inputs (estimate

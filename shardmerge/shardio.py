@@ -27,7 +27,7 @@ import xxhash
 from shardmerge import faults, readahead
 from shardmerge.errors import CheckpointError, ShardmergeError
 from shardmerge.inventory import TensorInfo, read_header, safe_member
-from shardmerge.plan import OutputShard
+from shardmerge.plan import STAGE_BYTES, OutputShard
 from shardmerge.vocab import GatheredTensor
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ class ExecuteResult:
 
 # O_DIRECT needs buffers, offsets and lengths aligned to the device's logical block size.
 _ALIGN = 4096
-_STAGE_BYTES = 8 << 20
+_STAGE_BYTES = STAGE_BYTES
 # A write at least this big, of block-aligned memory at a block-aligned offset, goes to the disk
 # straight from that memory (a chunk slot) instead of being copied into the staging buffer.
 _DIRECT_MIN = 1 << 20

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardmerge import bytecopy, cli, shardio
+from shardmerge import bytecopy, cli, passes, pipeline, shardio
 from shardmerge.bytecopy import copies_only, execute_copies
 from shardmerge.errors import CheckpointError
 from shardmerge.passes import execute_passes
@@ -64,6 +64,20 @@ def test_which_plans_are_copies_only(tmp_path):
         f"  y: {{path: {folders[2]}, weight: 1}}\n"
     )
     assert not copies_only(_prepared(linear).plan)
+
+
+def test_plan_says_so_and_estimates_the_copiers_memory(tmp_path, capsys):
+    folders, _ = _family(tmp_path, llama=True)
+    for extra, copying in (("", True), ("parameters: {scale: 0.5}\n", False)):
+        recipe = _recipe(tmp_path, folders, extra)
+        assert cli.main(["plan", str(recipe), "--out", str(tmp_path / "out")]) == 0
+        out = capsys.readouterr().out
+        assert ("every tensor is copied as stored" in out) == copying
+        assert "random seed" not in out  # passthrough draws nothing
+        memory = int(out.split("estimated peak memory: ")[1].split(" MB")[0].replace(",", ""))
+        # The copier: 4 slots of 8 MiB, a staging buffer, Python without torch (~26 MB);
+        # a computed passthrough runs the pass engine (torch alone is ~220 MB).
+        assert (memory < 100) == copying
 
 
 @pytest.mark.parametrize("slot_bytes", [bytecopy.SLOT_BYTES, 4096, 1000])
@@ -124,12 +138,21 @@ def test_a_run_of_copies_imports_neither_torch_nor_matplotlib(tmp_path):
     assert proc.stdout.split()[-3:] == ["0", "False", "False"]
     # The same output as the pass engine's copies (a scale of 1 there is made to compute).
     reference = tmp_path / "ref" / "out"
+    engine_runs: list[str] = []
+
+    def spy(plan, *args, **kwargs):
+        engine_runs.append(plan.method)
+        return real_execute(plan, *args, **kwargs)
+
+    real_execute = passes.execute
     monkey = pytest.MonkeyPatch()
     try:
-        monkey.setattr(bytecopy, "copies_only", lambda plan, skip=frozenset(): False)
+        monkey.setattr(pipeline, "copies_only", lambda plan, skip=frozenset(): False)
+        monkey.setattr(passes, "execute", spy)
         assert cli.main(["run", str(recipe), "--out", str(reference), "--quiet"]) == 0
     finally:
         monkey.undo()
+    assert engine_runs == ["passthrough"]
     assert folder_files(out) == folder_files(reference)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(index["metadata"]["shardmerge"]["shard_digests"]) == len(
