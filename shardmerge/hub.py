@@ -451,7 +451,8 @@ class StreamingHubSource:
     its bytes and cannot break another repo's blobs. A file that is already in the HF cache at
     this sha is used in place and never deleted. Offline, every file must already be cached.
 
-    ``uses`` is the file of each tensor in the order the engine reads them (repeats allowed).
+    ``uses`` is the file of each tensor in the order the engine reads them (repeats allowed;
+    None: another model's read at that position, so positions are the same for all inputs).
     With ``ahead`` (shared by the merge's streamed inputs), the files are downloaded in that
     order in the background, within its disk budget (see ``StreamAhead``). Without it, each
     file downloads when fetched, and fetching a file first deletes every downloaded file whose
@@ -462,7 +463,7 @@ class StreamingHubSource:
         self,
         model: HubModel,
         workdir: Path,
-        uses: Sequence[str] = (),
+        uses: Sequence[str | None] = (),
         ahead: StreamAhead | None = None,
     ) -> None:
         self.model = model
@@ -474,6 +475,8 @@ class StreamingHubSource:
         self._first_use: dict[str, int] = {}
         self._last_use: dict[str, int] = {}
         for position, filename in enumerate(uses):
+            if filename is None:  # a read of another model at this position
+                continue
             self._first_use.setdefault(filename, position)
             self._last_use[filename] = position
         self._ahead = ahead

@@ -807,12 +807,18 @@ def _first_reads(
                     yield readahead.Span(str(model.local_dir / info.file), info.begin, info.nbytes)
 
 
-def _input_files(plan: MergePlan, skip: frozenset[int], count: int) -> list[list[str]]:
-    """Each task's input file per model (``count`` of them), in the engine's reading order
-    (streaming frees by it); a model no task reads (a stack's unused base) gets none."""
+def _input_files(plan: MergePlan, skip: frozenset[int], count: int) -> list[list[str | None]]:
+    """Per model (``count`` of them), the file of each read in the engine's reading order (every
+    input of every task, in turn), None where the read is another model's. Positions are shared
+    by all models: streaming frees a file once the reader is past its last read, and a stack's
+    models are read at different times (a model no task reads, an unused base, reads nothing)."""
     tasks = [t for i, s in enumerate(plan.shards) if i not in skip for t in s.tasks]
     return [
-        [info.file for t in tasks for i, info in enumerate(t.inputs) if t.model_of(i) == m]
+        [
+            info.file if t.model_of(i) == m else None
+            for t in tasks
+            for i, info in enumerate(t.inputs)
+        ]
         for m in range(count)
     ]
 

@@ -152,14 +152,15 @@ def open_source(
     *,
     stream: bool,
     workdir: Path,
-    files: list[str] | None = None,
+    files: Sequence[str | None] | None = None,
     progress: bool = False,
 ) -> ShardSource:
     """A shard source for the engine.
 
     Hub models are downloaded (only ``files``, default all shards) unless ``stream``, where each
     shard arrives just in time and is deleted after use. ``files`` lists each tensor's file in
-    reading order (repeats allowed): streaming deletes a shard as soon as reading moves past it.
+    reading order (repeats allowed; None: another model's read): streaming deletes a shard as
+    soon as reading moves past it.
     ``progress`` shows a download bar (not streaming).
     """
     from shardmerge.shardio import LocalSource
@@ -171,7 +172,7 @@ def open_source(
     assert model.hub is not None
     if stream:
         return hub.StreamingHubSource(model.hub, workdir / f"stream-{model.key}", files or ())
-    needed = list(model.inventory.files) if files is None else files
+    needed = list(model.inventory.files) if files is None else [f for f in files if f]
     return LocalSource(hub.download_files(model.hub, needed, progress=progress), model.label)
 
 
@@ -180,7 +181,7 @@ def open_sources(
     *,
     stream: bool,
     workdir: Path,
-    files: Sequence[list[str]],
+    files: Sequence[Sequence[str | None]],
     progress: bool = False,
     stream_budget: int | None = None,
 ) -> tuple[list[ShardSource], StreamAhead | None]:
@@ -214,28 +215,35 @@ def open_sources(
     return sources, ahead
 
 
-def default_stream_budget(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
+def default_stream_budget(
+    models: Sequence[ResolvedModel], files: Sequence[Sequence[str | None]]
+) -> int:
     """Three times ``stream_disk_needed``: while the merge reads a shard of each input, two more
     per input download (a stream per file: the Hub caps each); never more than all the files."""
     total = sum(
-        sum(m.hub.sizes.get(f, 0) for f in set(uses))
+        sum(m.hub.sizes.get(f, 0) for f in set(uses) if f is not None)
         for m, uses in zip(models, files, strict=True)
         if m.hub is not None
     )
     return min(3 * stream_disk_needed(models, files), total)
 
 
-def stream_disk_needed(models: Sequence[ResolvedModel], files: Sequence[Sequence[str]]) -> int:
+def stream_disk_needed(
+    models: Sequence[ResolvedModel], files: Sequence[Sequence[str | None]]
+) -> int:
     """The fewest input bytes that streaming ``models`` must hold on disk at once: the most, at
     any task, of the Hub files already read from and still to be read (all models together).
 
-    ``files[i]`` is model i's file for each task, in reading order. Local models cost nothing.
+    ``files[i]`` is model i's file for each read, in reading order (None: another model's
+    read; positions are shared by all models). Local models cost nothing.
     """
     events: dict[int, int] = {}
     for model, uses in zip(models, files, strict=True):
         sizes = model.hub.sizes if model.hub is not None else {}
         spans: dict[str, list[int]] = {}
         for position, name in enumerate(uses):
+            if name is None:
+                continue
             spans.setdefault(name, [position, position])[1] = position
         for name, (first, last) in spans.items():
             size = sizes.get(name, 0)

@@ -445,3 +445,8 @@ def test_stream_disk_needed_is_the_most_bytes_read_from_and_still_needed_at_once
     assert stream_disk_needed([mixed, local], [["x", "y", "x"], ["l", "l", "l"]]) == 12
     big = hub_model(**{f"s{i}": 100 for i in range(10)})
     assert default_stream_budget([big], [[f"s{i}" for i in range(10)]]) == 300
+    # A layer stack reads one model, then the other: positions are shared (None: the other
+    # model's read), so their files are never needed at once.
+    stacked = [["a1", "a2", None, None], [None, None, "b1", "b2"]]
+    assert stream_disk_needed([a, b], stacked) == 200  # b2 alone
+    assert default_stream_budget([a, b], stacked) == 330  # all the files: less than 3 x 200

@@ -1163,3 +1163,50 @@ def test_validate_and_run_check_the_push_target_alike(
         assert expected in one_line_error(done)
         assert not out.exists() and list(tmp_path.glob(".*")) == []  # nothing merged
     assert not fake_hub.requests("POST") and not fake_hub.requests("PUT")
+
+
+def test_a_streamed_stack_of_copies_needs_no_torch(
+    seeded: Seeded, local: Locals, tmp_path: Path
+) -> None:
+    """A passthrough stack of Hub models, streamed shard by shard: the torch-free copier gives
+    the local stack's files and reads each shard body at most once. (Pushing it would load
+    torch: the push first checks every float of the output is finite.)"""
+    stack = "method: passthrough\nmodels:\n  a: {a}\n  b: {b}\nlayers:\n  - {{a: 0-2}}\n  - {{b: 1-3}}\n"
+    stack += SHARD_SIZE.replace("{", "{{").replace("}", "}}")
+    reference = tmp_path / "ref" / "out"
+    offline = dict(seeded.env, HF_HUB_OFFLINE="1")
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(stack.format(a=local.a, b=local.b))
+    done = run_cli("run", recipe, "--out", reference, "--quiet", env=offline)
+    assert done.returncode == 0, done.stderr
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text(stack.format(a="org/a", b="org/b@dev"))
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    argv = ["run", str(recipe), "--out", str(out), "--stream", "--quiet"]
+    code = (
+        f"import sys; from shardmerge.cli import main; code = main({argv!r}); "
+        "print('torch loaded:', 'torch' in sys.modules); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=seeded.env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "torch loaded: False" in done.stdout
+    assert_same_merge(out, reference)
+    # The stack reads a's embeddings and layers 0-2, b's layers 1-3, final norm and head.
+    read = {
+        "org/a": lambda name: "embed" in name or any(f"layers.{i}." in name for i in (0, 1, 2)),
+        "org/b": lambda name: "layers.0." not in name and "embed" not in name,
+    }
+    for repo, folder in (("org/a", local.a), ("org/b", local.b)):
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        for shard in shard_files(folder):
+            bodies = [
+                r for r in seeded.hub.requests("GET", f"/{repo}/*/{shard.name}") if not r.range
+            ]
+            used = any(read[repo](n) for n, f in weight_map.items() if f == shard.name)
+            # Once each (before the reader's positions were shared by all models, b's first
+            # shards were freed while a was read, and downloaded again).
+            assert len(bodies) == int(used), (repo, shard.name)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
