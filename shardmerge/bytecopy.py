@@ -23,8 +23,7 @@ from pathlib import Path
 import xxhash
 
 from shardmerge import faults
-from shardmerge.methods import MethodSpec, get_method
-from shardmerge.plan import MergePlan, TensorTask
+from shardmerge.plan import COPY_SLOT_BYTES, COPY_SLOTS, MergePlan, copies_only
 from shardmerge.shardio import (
     ExecuteResult,
     OutputFile,
@@ -34,42 +33,12 @@ from shardmerge.shardio import (
     ShardSource,
     new_digest,
 )
-from shardmerge.vocab import GatheredTensor
 
-__all__ = ["SLOT_BYTES", "SLOTS", "copies", "copies_only", "execute_copies"]
+__all__ = ["SLOT_BYTES", "SLOTS", "execute_copies"]
 
-# Bytes per slot and slots in the pool: 32 MiB in all (a pass-engine merge holds more).
-SLOT_BYTES = 8 << 20
-SLOTS = 4
-
-
-def copies(task: TensorTask, method: MethodSpec) -> bool:
-    """A one-input float tensor the method leaves as it is (passthrough): its bytes are copied."""
-    return (
-        method.copies is not None
-        and len(task.inputs) == 1
-        and task.input_dtype in (None, task.inputs[0].dtype)
-        and method.copies(task.model_params[0])
-    )
-
-
-def copies_only(plan: MergePlan, skip_shards: frozenset[int] = frozenset()) -> bool:
-    """Whether every tensor the run writes is an input's stored bytes, unconverted: then it
-    needs no torch (:func:`execute_copies`). Integer tensors are always copies; float ones when
-    the method copies them; none may change dtype or come from a re-indexed vocabulary."""
-    if plan.method == "slerp":  # its engine copies the t = 0 / 1 ends itself
-        return False
-    method = get_method(plan.method)
-    for index, shard in enumerate(plan.shards):
-        if index in skip_shards:
-            continue
-        for task in shard.tasks:
-            first = task.inputs[0] if task.inputs else None
-            if first is None or isinstance(first, GatheredTensor):
-                return False
-            if first.dtype != task.out_dtype or (task.is_float and not copies(task, method)):
-                return False
-    return True
+# Bytes per slot and slots in the pool (32 MiB in all; plan.py's, for its memory estimate).
+SLOT_BYTES = COPY_SLOT_BYTES
+SLOTS = COPY_SLOTS
 
 
 _STOP = object()
@@ -88,7 +57,7 @@ def execute_copies(
     on_shard_done: Callable[[int, ShardResult], None] | None = None,
 ) -> ExecuteResult:
     """Write every shard of ``plan`` (except ``skip_shards``) into ``out_dir`` by copying bytes;
-    the plan must be :func:`copies_only`."""
+    the plan must be :func:`shardmerge.plan.copies_only`."""
     assert copies_only(plan, skip_shards), "execute_copies: a tensor of the plan is computed"
     names = labels or [f"input {i + 1}" for i in range(len(sources))]
     readers = [ShardReader(src, label) for src, label in zip(sources, names, strict=True)]

@@ -33,7 +33,6 @@ from typing import Literal
 import torch
 
 from shardmerge import faults, heap
-from shardmerge.bytecopy import copies
 from shardmerge.engine import TORCH_DTYPES, bytes_view, execute_plan
 from shardmerge.errors import ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
@@ -46,6 +45,7 @@ from shardmerge.plan import (
     PASS_SLOTS,
     MergePlan,
     TensorTask,
+    copies,
 )
 from shardmerge.shardio import (
     ExecuteResult,

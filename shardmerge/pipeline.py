@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shardmerge import __version__, faults, import_torch, readahead
-from shardmerge.bytecopy import copies_only, execute_copies
+from shardmerge.bytecopy import execute_copies
 from shardmerge.card import IMAGE_NAME
 from shardmerge.errors import (
     CheckpointError,
@@ -53,7 +53,13 @@ from shardmerge.output import (
     write_config,
     write_json,
 )
-from shardmerge.plan import MergePlan, chunk_buffers, estimate_peak_bytes, split_shards
+from shardmerge.plan import (
+    MergePlan,
+    chunk_buffers,
+    copies_only,
+    estimate_peak_bytes,
+    split_shards,
+)
 from shardmerge.plan_stack import plan_recipe
 from shardmerge.recipe import Recipe
 from shardmerge.resolve import (

@@ -30,7 +30,7 @@ from shardmerge.schedule import (
     resolve_t,
     t_table,
 )
-from shardmerge.vocab import VocabPlan, gather_tensors
+from shardmerge.vocab import GatheredTensor, VocabPlan, gather_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 # Engine working set: elements per chunk, and the memory for chunk buffers in flight. Kept here
@@ -158,6 +158,9 @@ RUNTIME_BYTES = 250_000_000
 # `shardmerge validate`) and rounded up; and an output shard's O_DIRECT staging buffer.
 PLAIN_RUNTIME_BYTES = 30_000_000
 STAGE_BYTES = 8 << 20
+# The byte copier's pool (shardmerge.bytecopy): slots of this many bytes.
+COPY_SLOT_BYTES = 8 << 20
+COPY_SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,8 @@ def estimate_peak_bytes(plan: MergePlan) -> int:
     """The engine's working set: the chunk slots and the runtime (the float32 scratch pairs are
     4 MiB per compute thread). Independent of the model's size."""
     if plan.method != "slerp":
-        from shardmerge.bytecopy import SLOT_BYTES, SLOTS, copies_only
-
         if copies_only(plan):  # no torch: the copier's slots, one staging buffer, Python
-            return SLOTS * SLOT_BYTES + STAGE_BYTES + PLAIN_RUNTIME_BYTES
+            return COPY_SLOTS * COPY_SLOT_BYTES + STAGE_BYTES + PLAIN_RUNTIME_BYTES
         # The pass engine: its slots (one chunk of every input each) and, per compute thread
         # (two on a CPU), a combine's temporaries (about eight K-input float32-sized copies of
         # one chunk, measured). Measured peaks, bf16: 0.47-0.50 GB with 3 inputs (estimate
@@ -209,6 +210,35 @@ def estimate_peak_bytes(plan: MergePlan) -> int:
         return slots + temporaries + RUNTIME_BYTES
     buffers = chunk_buffers(plan)
     return buffers.total_bytes + RUNTIME_BYTES
+
+
+def copies(task: TensorTask, method: MethodSpec) -> bool:
+    """A one-input float tensor the method leaves as it is (passthrough): its bytes are copied."""
+    return (
+        method.copies is not None
+        and len(task.inputs) == 1
+        and task.input_dtype in (None, task.inputs[0].dtype)
+        and method.copies(task.model_params[0])
+    )
+
+
+def copies_only(plan: MergePlan, skip_shards: frozenset[int] = frozenset()) -> bool:
+    """Whether every tensor the run writes is an input's stored bytes, unconverted: then it
+    needs no torch (:func:`shardmerge.bytecopy.execute_copies`). Integer tensors are always copies; float ones when
+    the method copies them; none may change dtype or come from a re-indexed vocabulary."""
+    if plan.method == "slerp":  # its engine copies the t = 0 / 1 ends itself
+        return False
+    method = get_method(plan.method)
+    for index, shard in enumerate(plan.shards):
+        if index in skip_shards:
+            continue
+        for task in shard.tasks:
+            first = task.inputs[0] if task.inputs else None
+            if first is None or isinstance(first, GatheredTensor):
+                return False
+            if first.dtype != task.out_dtype or (task.is_float and not copies(task, method)):
+                return False
+    return True
 
 
 def plan_merge(

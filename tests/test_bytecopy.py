@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from shardmerge import bytecopy, cli, passes, pipeline, shardio
-from shardmerge.bytecopy import copies_only, execute_copies
+from shardmerge.bytecopy import execute_copies
 from shardmerge.errors import CheckpointError
 from shardmerge.passes import execute_passes
 from shardmerge.pipeline import prepare, run_merge
+from shardmerge.plan import copies_only
 from shardmerge.recipe import parse_recipe
 from shardmerge.shardio import LocalSource
 from tests.conftest import folder_files
