@@ -22,10 +22,12 @@ from pathlib import Path
 
 import xxhash
 
-from shardmerge import faults
+from shardmerge import faults, readahead
+from shardmerge.errors import ShardmergeError
 from shardmerge.plan import COPY_SLOT_BYTES, COPY_SLOTS, MergePlan, copies_only
 from shardmerge.shardio import (
     ExecuteResult,
+    LocalSource,
     OutputFile,
     ShardFile,
     ShardReader,
@@ -68,6 +70,20 @@ def execute_copies(
     stop = threading.Event()
     errors: list[BaseException] = []
     remaining = _file_refcounts(plan, skip_shards)
+    # A stack may copy a tensor twice (a layer used twice): its bytes stay cached until then.
+    reads_left = Counter(
+        (t.model_of(0), t.inputs[0].name)
+        for i, shard in enumerate(plan.shards)
+        if i not in skip_shards
+        for t in shard.tasks
+    )
+    # From a cold disk: once a read waits for the device, hints keep it busy ahead of the
+    # reader; inputs larger than half the free memory leave the page cache once copied.
+    hints = readahead.ReadAhead(_spans(plan, skip_shards, sources))
+    drop = readahead.should_drop(plan.input_bytes, readahead.available_memory())
+    for model_reader in readers:
+        model_reader.on_slow_read = hints.start
+        model_reader.drop_consumed = drop
 
     def take() -> mmap.mmap | None:
         while not stop.is_set():
@@ -87,14 +103,17 @@ def execute_copies(
             for task in shard.tasks:
                 info = task.inputs[0]
                 model = task.model_of(0)
+                reads_left[model, info.name] -= 1
+                last = reads_left[model, info.name] == 0
                 for start in range(0, info.nbytes, SLOT_BYTES):
                     slot = take()
                     if slot is None:
                         return
                     count = min(SLOT_BYTES, info.nbytes - start)
                     with memoryview(slot) as view:
-                        readers[model].read_into(info, start, view[:count])
+                        readers[model].read_into(info, start, view[:count], last=last)
                         digest.update(view[:count])
+                    hints.advance(count)
                     yield index, slot, count, digest
                 remaining[model, info.file] -= 1
                 if remaining[model, info.file] == 0:
@@ -152,6 +171,7 @@ def execute_copies(
         while reader.is_alive():  # unblock a reader waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 filled.get(timeout=0.05)
+        hints.close()
         for r in readers:
             r.close_all()
         for out in outputs.values():
@@ -163,6 +183,29 @@ def execute_copies(
     return ExecuteResult(
         sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
     )
+
+
+def _spans(
+    plan: MergePlan, skip: frozenset[int], sources: Sequence[ShardSource]
+) -> Iterator[list[readahead.Span]]:
+    """The byte ranges the reader reads, one slot at a time, in its order (for the read-ahead
+    hints). Only local files get hints: a streamed shard may not be on the disk yet."""
+    paths: dict[tuple[int, str], str | None] = {}
+    for index, shard in enumerate(plan.shards):
+        if index in skip:
+            continue
+        for task in shard.tasks:
+            info, model = task.inputs[0], task.model_of(0)
+            if (model, info.file) not in paths:
+                source = sources[model]
+                try:
+                    local = isinstance(source, LocalSource)
+                    paths[model, info.file] = str(source.fetch(info.file)) if local else None
+                except ShardmergeError:
+                    paths[model, info.file] = None  # the reader reports it
+            for start in range(0, info.nbytes, SLOT_BYTES):
+                count = min(SLOT_BYTES, info.nbytes - start)
+                yield [readahead.Span(paths[model, info.file], info.begin + start, count)]
 
 
 def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int, str]]:

@@ -208,3 +208,54 @@ def test_stored_bytes_are_copied_whatever_they_hold(tmp_path):
     got = _read(tmp_path / "out")
     assert torch.isnan(got["model.layers.0.mlp.up_proj.weight"]).all()
     assert torch.equal(got["model.norm.weight"], odd["model.norm.weight"])
+
+
+def test_slow_reads_start_hints_and_copied_input_leaves_the_cache_after_its_last_read(
+    tmp_path, monkeypatch
+):
+    """From a cold disk (every read slow here) the copier hints the reads ahead of its reader;
+    inputs larger than the memory (forced here) leave the page cache once copied for the last
+    time: the layer the stack copies twice keeps its pages until its second copy."""
+    from shardmerge import readahead
+
+    folders, _ = _family(tmp_path, llama=True)
+    plan = _prepared(_recipe(tmp_path, folders)).plan
+    sources = [LocalSource(f, f.name) for f in folders[1:]]
+    created: list[readahead.ReadAhead] = []
+    real_init = readahead.ReadAhead.__init__
+
+    def spy_init(self, steps, **kw):
+        real_init(self, steps, **kw)
+        created.append(self)
+
+    monkeypatch.setattr(readahead.ReadAhead, "__init__", spy_init)
+    monkeypatch.setattr(shardio, "_SLOW_READ_RATE", 1e30)
+    reads: list[tuple[bool, int]] = []
+    real_read = shardio.ShardReader.read_into
+
+    def spy(self, info, byte_start, buf, *, last=True):
+        reads.append((last, len(buf)))
+        real_read(self, info, byte_start, buf, last=last)
+
+    dropped: list[int] = []
+    monkeypatch.setattr(shardio.ShardReader, "read_into", spy)
+    monkeypatch.setattr(readahead, "drop", lambda fd, offset, length: dropped.append(length))
+    outputs = {}
+    for mode in ("plain", "cold"):
+        monkeypatch.setattr(shardio, "_SLOW_READ_MIN_BYTES", 0 if mode == "cold" else 1 << 62)
+        monkeypatch.setattr(readahead, "should_drop", lambda *_, m=mode: m == "cold")
+        created.clear()
+        reads.clear()
+        dropped.clear()
+        (tmp_path / mode).mkdir()
+        result = execute_copies(plan, sources, tmp_path / mode)
+        outputs[mode] = folder_files(tmp_path / mode)
+        (hints,) = created
+        if mode == "plain":
+            assert not hints.started and not dropped
+    assert outputs["cold"] == outputs["plain"]
+    assert hints.started  # how much it hinted depends on how far ahead of the reader it got
+    first = [n for last, n in reads if not last]
+    assert first, "no tensor was copied twice: the stack would not test the second copy"
+    assert dropped == [n for last, n in reads if last]
+    assert sum(dropped) == result.bytes_read - sum(first)
