@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/stack.py --size medium --repeats 3
     .venv/bin/python benchmarks/stack.py --size tiny --tools shardmerge,floor --repeats 1
+    .venv/bin/python benchmarks/stack.py --size medium --tools shardmerge,floor --cold   # root
 
 The input is make_pair.py's model A of L layers; the stack is its layers [0, 3L/4) then
 [L/4, L) (SOLAR style: 3L/2 layers, the middle half used twice). The floor reads A's files
 once and writes the output's size with `dd oflag=direct bs=8M` (run.py's floor_command with
 direct=True: O_DIRECT as shardmerge writes, so the write always reaches the disk; a buffered
 write was bimodal, 0.6 s when it stayed in the page cache and ~4 s when flushed). Results: a
-markdown table on stdout, JSON in DATA_DIR/stack-SIZE.json.
+markdown table on stdout, JSON in DATA_DIR/stack-SIZE.json (stack-SIZE-cold.json). ``--cold``:
+the page cache is dropped before every run (run.py's drop_caches: root on Linux) and each run is
+timed until its output is on the disk (`sync`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from run import (  # noqa: E402
     DEFAULT_MERGEKIT,
     DEFAULT_SHARDMERGE,
     ToolRuns,
+    can_drop_caches,
     floor_command,
     machine_info,
     safetensors_files,
     time_once,
+    with_sync,
 )
 
 
@@ -52,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shardmerge-bin", default=str(DEFAULT_SHARDMERGE))
     parser.add_argument("--mergekit-bin", default=str(DEFAULT_MERGEKIT))
     parser.add_argument("--quiet-wait-s", type=float, default=20.0)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     args = parser.parse_args(argv)
+    if args.cold and (why := can_drop_caches()) is not None:
+        parser.error(why)
     tools = args.tools.split(",")
     spec = PRESETS[args.size]
     work = (DATA_DIR / args.size).resolve()
@@ -66,14 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     inputs = safetensors_files(model)
     input_bytes = sum(p.stat().st_size for p in inputs)
 
+    def timed(command: list[str]) -> list[str]:
+        return with_sync(command) if args.cold else command
+
     runs: list[ToolRuns] = []
     if "shardmerge" in tools:
         out = stack / "out-shardmerge-passthrough"  # out_dir below: time_once empties it
         cmd = [args.shardmerge_bin, "run", str(config), "--out", str(out), "--overwrite"]
-        runs.append(ToolRuns("shardmerge passthrough", [*cmd, "--quiet"]))
+        runs.append(ToolRuns("shardmerge passthrough", timed([*cmd, "--quiet"])))
     if "mergekit" in tools and Path(args.mergekit_bin).exists():
         out = stack / "out-mergekit-passthrough"
-        runs.append(ToolRuns("mergekit passthrough", [args.mergekit_bin, str(config), str(out)]))
+        command = [args.mergekit_bin, str(config), str(out)]
+        runs.append(ToolRuns("mergekit passthrough", timed(command)))
     # The floor writes as many bytes as the stack's tensors (measured from a first run).
     out_bytes = 0
     for repeat in range(args.repeats):
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             out_dir = stack / ("out-" + tool.name.replace(" ", "-"))
             log = stack / (tool.name.replace(" ", "-") + f"-{repeat + 1}.log")
-            run = time_once(tool, out_dir, log, inputs, args.quiet_wait_s)
+            run = time_once(tool, out_dir, log, inputs, args.quiet_wait_s, cold=args.cold)
             if run.returncode != 0:
                 tool.failed = f"exit {run.returncode}, log {log}"
                 print(f"{tool.name} FAILED: {tool.failed}", file=sys.stderr)
@@ -102,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             floor = next((t for t in runs if t.name == "floor"), None)
             if floor is None:
                 cmd = floor_command(inputs, stack / "out-floor", out_bytes, direct=True)
-                floor = ToolRuns("floor", cmd)
+                floor = ToolRuns("floor", timed(cmd))
                 runs.append(floor)
-            run = time_once(floor, stack / "out-floor", stack / "floor.log", inputs, 0)
+            run = time_once(
+                floor, stack / "out-floor", stack / "floor.log", inputs, 0, cold=args.cold
+            )
             floor.walls_s.append(run.wall_s)
             floor.peak_rss_bytes.append(run.peak_rss_bytes)
             floor.own_cpu_s.append(run.own_cpu_s)
@@ -134,15 +148,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {ratio} |"
             )
     table = "\n".join(rows)
+    cache = (
+        "page cache dropped before each run, timed until `sync`" if args.cold else "warm page cache"
+    )
     machine = machine_info()
     print(
         f"## {args.size} stack: {num_layers} -> {num_layers * 3 // 2} layers, "
         f"{input_bytes / 1e9:.3f} GB of inputs, {out_bytes / 1e9:.3f} GB written\n\n"
-        f"Machine: {machine['nproc']} CPUs; warm page cache; floor: dd reads, "
+        f"Machine: {machine['nproc']} CPUs; {cache}; floor: dd reads, "
         f"dd oflag=direct bs=8M write.\n\n{table}"
     )
     result = {"size": args.size, "machine": machine, "markdown": table, "walls": medians}
-    (DATA_DIR / f"stack-{args.size}.json").write_text(json.dumps(result, indent=2))
+    name = f"stack-{args.size}{'-cold' if args.cold else ''}.json"
+    (DATA_DIR / name).write_text(json.dumps(result, indent=2))
     return 1 if any(t.failed for t in runs) else 0
 
 
