@@ -22,17 +22,16 @@ from pathlib import Path
 
 import xxhash
 
-from shardmerge import faults, readahead
+from shardmerge import readahead
 from shardmerge.errors import ShardmergeError
 from shardmerge.plan import COPY_SLOT_BYTES, COPY_SLOTS, MergePlan, copies_only
 from shardmerge.shardio import (
     ExecuteResult,
     LocalSource,
-    OutputFile,
-    ShardFile,
     ShardReader,
     ShardResult,
     ShardSource,
+    ShardWriter,
     new_digest,
 )
 
@@ -130,30 +129,23 @@ def execute_copies(
         finally:
             filled.put(_STOP)
 
-    outputs: dict[int, OutputFile] = {}
-    results: list[ShardResult] = []
+    writer = ShardWriter(plan, out_dir, on_progress=on_progress, on_shard_done=on_shard_done)
 
     def write(index: int, data: bytes | mmap.mmap, count: int, digest: xxhash.xxh3_128) -> None:
-        out = outputs.get(index)
-        if out is None:
-            shard = plan.shards[index]
-            path = out_dir / shard.filename
-            file = ShardFile(path, shard.file_bytes)
-            out = outputs[index] = OutputFile(path, shard, file, digest, hashed_by_caller=True)
         header = isinstance(data, bytes)
-        view = memoryview(data)[:count]
-        try:
-            result = out.append(view, None, in_place=not header, aligned=not header)
-        finally:
-            view.release()
-        if on_progress is not None and not header:
-            on_progress(count)
-        if result is not None:
-            results.append(result)
-            del outputs[index]
-            if on_shard_done is not None:
-                on_shard_done(index, result)
-            faults.reached("shard-done")
+        with memoryview(data) as whole:
+            view = whole[:count]
+            try:
+                writer.write(
+                    index,
+                    view,
+                    in_place=not header,
+                    aligned=not header,
+                    digest=digest,
+                    header=header,
+                )
+            finally:
+                view.release()
 
     reader = threading.Thread(target=read_loop, name="shardmerge-read", daemon=True)
     reader.start()
@@ -174,15 +166,12 @@ def execute_copies(
         hints.close()
         for r in readers:
             r.close_all()
-        for out in outputs.values():
-            out.file.abort()
+        writer.abort()
     if errors:
         raise errors[0]
-    if outputs:  # pragma: no cover - the plan's sizes and its tensors disagree
+    if writer.open:  # pragma: no cover - the plan's sizes and its tensors disagree
         raise AssertionError("execute_copies: a shard was left unfinished")
-    return ExecuteResult(
-        sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
-    )
+    return ExecuteResult(writer.sorted_results(), sum(r.bytes_read for r in readers))
 
 
 def _spans(

@@ -33,7 +33,7 @@ from typing import Literal, TypeVar
 
 import torch
 
-from shardmerge import faults, readahead, slerp
+from shardmerge import readahead, slerp
 from shardmerge.errors import NonFiniteInputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
 from shardmerge.mergestats import Recorder, slerp_record
@@ -47,11 +47,10 @@ from shardmerge.plan import (
 from shardmerge.shardio import (
     ExecuteResult,
     LocalSource,
-    OutputFile,
-    ShardFile,
     ShardReader,
     ShardResult,
     ShardSource,
+    ShardWriter,
 )
 
 _T = TypeVar("_T")
@@ -306,8 +305,7 @@ def execute_plan(
         finally:
             ready.put(_STOP)
 
-    outputs: dict[int, OutputFile] = {}
-    results: list[ShardResult] = []
+    shards = ShardWriter(plan, out_dir, on_progress=on_progress, on_shard_done=on_shard_done)
 
     def write(
         shard_index: int,
@@ -315,34 +313,20 @@ def execute_plan(
         data: object,
         slot: _Slot | None,
         out_buffer: torch.Tensor | None,
-        tensor_data: bool = True,
     ) -> None:
-        out = outputs.get(shard_index)
-        if out is None:
-            shard = plan.shards[shard_index]
-            out = outputs[shard_index] = OutputFile(
-                out_dir / shard.filename,
-                shard,
-                ShardFile(out_dir / shard.filename, shard.file_bytes),
-            )
-            write(shard_index, 0, memoryview(shard.header), None, None, tensor_data=False)
+        if not shards.started(shard_index):  # its header first
+            shards.write(shard_index, memoryview(plan.shards[shard_index].header), header=True)
+        out = shards.open.get(shard_index)
+        if out is not None:
+            assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
         tensor = data if isinstance(data, torch.Tensor) else None
         view = bytes_view(tensor) if tensor is not None else data
         assert isinstance(view, memoryview)
-        assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
-        result = out.append(view, tensor, in_place=own_memory)
+        shards.write(shard_index, view, tensor, in_place=own_memory)
         if slot is not None:
             free.put(slot)
         if out_buffer is not None:
             free_out.put(out_buffer)
-        if on_progress is not None and tensor_data:
-            on_progress(len(view))
-        if result is not None:
-            results.append(result)
-            del outputs[shard_index]
-            if on_shard_done is not None:
-                on_shard_done(shard_index, result)
-            faults.reached("shard-done")
 
     def write_loop() -> None:
         # Output steps arrive from two compute threads, a little out of order: they are put
@@ -441,15 +425,12 @@ def execute_plan(
         hints.close()
         reader_a.close_all()
         reader_b.close_all()
-        for out in outputs.values():
-            out.file.abort()
+        shards.abort()
         if registered is not None:
             registered()  # every copy from or into the slots is done: the threads are joined
     if errors:
         raise errors[0]
-    return ExecuteResult(
-        sorted(results, key=lambda r: r.filename), reader_a.bytes_read + reader_b.bytes_read
-    )
+    return ExecuteResult(shards.sorted_results(), reader_a.bytes_read + reader_b.bytes_read)
 
 
 def _own_stream(dev: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from shardmerge import faults, heap
+from shardmerge import heap
 from shardmerge.engine import TORCH_DTYPES, bytes_view, execute_plan
 from shardmerge.errors import ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
@@ -49,11 +49,10 @@ from shardmerge.plan import (
 )
 from shardmerge.shardio import (
     ExecuteResult,
-    OutputFile,
-    ShardFile,
     ShardReader,
     ShardResult,
     ShardSource,
+    ShardWriter,
 )
 
 __all__ = ["CHUNK_NUMEL", "execute", "execute_passes", "merge_tensor"]
@@ -309,26 +308,12 @@ def execute_passes(
         finally:
             ready.put(_STOP)
 
-    outputs: dict[int, OutputFile] = {}
-    results: list[ShardResult] = []
+    shards = ShardWriter(plan, out_dir, on_progress=on_progress, on_shard_done=on_shard_done)
 
-    def write(shard_index: int, data: torch.Tensor, header: bool = False) -> None:
-        out = outputs.get(shard_index)
-        if out is None:
-            shard = plan.shards[shard_index]
-            path = out_dir / shard.filename
-            out = outputs[shard_index] = OutputFile(path, shard, ShardFile(path, shard.file_bytes))
-            write(shard_index, torch.frombuffer(bytearray(shard.header), dtype=torch.uint8), True)
-        view = bytes_view(data)
-        result = out.append(view, data, in_place=True)
-        if on_progress is not None and not header:
-            on_progress(len(view))
-        if result is not None:
-            results.append(result)
-            del outputs[shard_index]
-            if on_shard_done is not None:
-                on_shard_done(shard_index, result)
-            faults.reached("shard-done")
+    def write(shard_index: int, data: torch.Tensor) -> None:
+        if not shards.started(shard_index):  # its header first
+            shards.write(shard_index, memoryview(plan.shards[shard_index].header), header=True)
+        shards.write(shard_index, bytes_view(data), data, in_place=True)
 
     def write_loop() -> None:
         try:
@@ -464,17 +449,14 @@ def execute_passes(
         writer.join()
         for r in readers:
             r.close_all()
-        for out in outputs.values():
-            out.file.abort()
+        shards.abort()
         torch.set_num_threads(threads)
     if errors:
         error = errors[0]
         if isinstance(error, ValueError) and not isinstance(error, ShardmergeError):
             raise ShardmergeError(str(error)) from None
         raise error
-    return ExecuteResult(
-        sorted(results, key=lambda r: r.filename), sum(r.bytes_read for r in readers)
-    )
+    return ExecuteResult(shards.sorted_results(), sum(r.bytes_read for r in readers))
 
 
 def _record(task: TensorTask, merge: TensorMerge) -> dict[str, object]:

@@ -27,7 +27,7 @@ import xxhash
 from shardmerge import faults, readahead
 from shardmerge.errors import CheckpointError, ShardmergeError
 from shardmerge.inventory import TensorInfo, read_header, safe_member
-from shardmerge.plan import STAGE_BYTES, OutputShard
+from shardmerge.plan import STAGE_BYTES, MergePlan, OutputShard
 from shardmerge.vocab import GatheredTensor
 
 if TYPE_CHECKING:
@@ -365,6 +365,79 @@ class OutputFile:
         self.file.close()
         digest = f"{DIGEST_NAME}:{self.hasher.hexdigest()}"
         return ShardResult(self.shard.filename, digest, self.written)
+
+
+class ShardWriter:
+    """A plan's output shards being written, each front to back (its header first): a shard's
+    file opens at its first bytes and is closed, reported (``on_shard_done``) and counted in
+    :attr:`results` at its last. One thread writes; the engines put their chunks in order."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        out_dir: Path,
+        *,
+        on_progress: Callable[[int], None] | None = None,
+        on_shard_done: Callable[[int, ShardResult], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.out_dir = out_dir
+        self.on_progress = on_progress
+        self.on_shard_done = on_shard_done
+        self.results: list[ShardResult] = []
+        self.open: dict[int, OutputFile] = {}  # shards begun and not finished, by index
+        self._finished: set[int] = set()
+
+    def started(self, index: int) -> bool:
+        """Whether shard ``index`` got its first bytes (its header) already."""
+        return index in self.open or index in self._finished
+
+    def write(
+        self,
+        index: int,
+        view: memoryview,
+        tensor: torch.Tensor | None = None,
+        *,
+        in_place: bool = False,
+        aligned: bool = False,
+        digest: xxhash.xxh3_128 | None = None,
+        header: bool = False,
+    ) -> None:
+        """Append ``view`` to shard ``index`` (see :meth:`OutputFile.append`); ``digest``: the
+        shard's hash, kept up to date by the caller (given with its first bytes); ``header``:
+        the bytes are the shard's header (not counted as progress)."""
+        out = self.open.get(index)
+        if out is None and index in self._finished:
+            # A shard of empty tensors is complete with its header; nothing more may come.
+            assert not len(view), f"bytes past the end of {self.plan.shards[index].filename}"
+            return
+        if out is None:
+            shard = self.plan.shards[index]
+            path = self.out_dir / shard.filename
+            file = ShardFile(path, shard.file_bytes)
+            out = self.open[index] = (
+                OutputFile(path, shard, file)
+                if digest is None
+                else OutputFile(path, shard, file, digest, hashed_by_caller=True)
+            )
+        result = out.append(view, tensor, in_place=in_place, aligned=aligned)
+        if self.on_progress is not None and not header:
+            self.on_progress(len(view))
+        if result is not None:
+            self.results.append(result)
+            del self.open[index]
+            self._finished.add(index)
+            if self.on_shard_done is not None:
+                self.on_shard_done(index, result)
+            faults.reached("shard-done")
+
+    def abort(self) -> None:
+        """Close the unfinished shards' files (a failed merge; they stay for nobody)."""
+        for out in self.open.values():
+            out.file.abort()
+
+    def sorted_results(self) -> list[ShardResult]:
+        return sorted(self.results, key=lambda r: r.filename)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

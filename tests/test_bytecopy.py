@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -259,3 +260,36 @@ def test_slow_reads_start_hints_and_copied_input_leaves_the_cache_after_its_last
     assert first, "no tensor was copied twice: the stack would not test the second copy"
     assert dropped == [n for last, n in reads if last]
     assert sum(dropped) == result.bytes_read - sum(first)
+
+
+def test_shard_writer_opens_at_the_header_and_finishes_at_the_last_byte(tmp_path):
+    from types import SimpleNamespace
+
+    from shardmerge.plan import OutputShard
+
+    empty = OutputShard("empty.safetensors", (), b"H" * 8)  # a header and no tensor bytes
+    full = OutputShard("full.safetensors", (), b"h" * 8)
+    object.__setattr__(full, "data_bytes", 10)  # (cached_property: what its tasks would sum)
+    plan: Any = SimpleNamespace(shards=[empty, full])
+    progress: list[int] = []
+    done: list[int] = []
+    writer = shardio.ShardWriter(
+        plan, tmp_path, on_progress=progress.append, on_shard_done=lambda i, r: done.append(i)
+    )
+    assert not writer.started(0)
+    writer.write(0, memoryview(empty.header), header=True)
+    assert writer.started(0) and 0 not in writer.open and done == [0]
+    writer.write(0, memoryview(b""))  # an empty tensor's chunk after it: nothing happens
+    with pytest.raises(AssertionError, match="past the end of empty.safetensors"):
+        writer.write(0, memoryview(b"x"))
+    writer.write(1, memoryview(full.header), header=True)
+    writer.write(1, memoryview(b"0123"))
+    assert 1 in writer.open and done == [0]
+    writer.write(1, memoryview(b"456789"))
+    assert done == [0, 1] and progress == [4, 6]
+    assert [r.filename for r in writer.sorted_results()] == [
+        "empty.safetensors",
+        "full.safetensors",
+    ]
+    assert (tmp_path / "full.safetensors").read_bytes() == b"h" * 8 + b"0123456789"
+    assert [r.size for r in writer.sorted_results()] == [8, 18]
