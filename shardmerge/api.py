@@ -20,6 +20,7 @@ def merge(
     overwrite: bool = False,
     resume: bool = False,
     quiet: bool = False,
+    card_image: bool = True,
 ) -> Path:
     """Run a recipe given as a dict, as YAML text, or as a path to a YAML file.
 
@@ -43,6 +44,8 @@ def merge(
         parsed = load_recipe(recipe)
     if random_seed is not None:
         parsed = dataclasses.replace(parsed, random_seed=random_seed)
+    if not card_image:  # no merge.png beside the card (see run --no-card-image)
+        parsed = dataclasses.replace(parsed, card_image=False)
     target = out if out is not None else parsed.output_dir
     if target is None:
         raise InputError("no output folder: pass out=... or set output.dir in the recipe")

@@ -130,10 +130,12 @@ def statistics_section(
     image: str | None,
     recorded: int,
     tensors: int,
+    image_hint: bool = True,
 ) -> str:
     """The card's "What the merge saw" section: ``table`` (mergestats.render_table; None when
     nothing was recorded), the picture ``image`` (a file beside the card) or how to get one, and
-    how many of the ``tensors`` float tensors have statistics."""
+    how many of the ``tensors`` float tensors have statistics; ``image_hint`` False: no
+    picture was asked for (``run --no-card-image``), so none is offered either."""
     if method == "slerp":
         about = (
             "Per layer, as the merge computed them: the cosine between the two models' tensors "
@@ -160,7 +162,7 @@ def statistics_section(
         return "\n".join(lines)
     if image is not None:
         lines += [f"![per-layer schedule and similarity]({image})", ""]
-    else:
+    elif image_hint:
         lines += [
             "(A picture of the schedule over the similarity curve is drawn here when "
             'matplotlib is installed: `pip install "shardmerge[plot]"`.)',

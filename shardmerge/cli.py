@@ -131,6 +131,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an earlier shardmerge output folder"
     )
     parser.add_argument(
+        "--no-card-image",
+        action="store_true",
+        help="no picture in the model card (matplotlib's import and drawing: about half a "
+        "second of CPU; the card keeps its table)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="reuse the verified shards of an interrupted run (a finished output: nothing to do)",
@@ -267,6 +273,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     out, device, push = _checked_options(args, recipe)
     if args.name is not None:
         recipe = dataclasses.replace(recipe, name=args.name)
+    if getattr(args, "no_card_image", False):
+        recipe = dataclasses.replace(recipe, card_image=False)
     if args.random_seed is not None:
         recipe = dataclasses.replace(recipe, random_seed=args.random_seed)
     if args.command == "validate":

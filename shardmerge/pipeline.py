@@ -918,7 +918,8 @@ def _side_files_and_warm_up(prepared: PreparedMerge, work: Path, out_name: str) 
     from shardmerge import plot
 
     write_side_files(prepared, work, out_name)
-    if not copies_only(prepared.plan):  # a stack of copies records nothing to draw
+    # A stack of copies records nothing to draw.
+    if prepared.recipe.card_image and not copies_only(prepared.plan):
         plot.warm_up()  # the card's picture is drawn after the merge: matplotlib is ready by then
 
 
@@ -1031,7 +1032,7 @@ def _statistics_section(
     image_path = work / IMAGE_NAME
     image_path.unlink(missing_ok=True)  # an interrupted try's: drawn again from all records
     image = None
-    if rows and plot.has_matplotlib():
+    if rows and prepared.recipe.card_image and plot.has_matplotlib():
         # Titled by the method, not the output's name: the same merge draws the same file.
         if plan.method == "slerp":
             title = "SLERP: t per layer over the similarity of the models"
@@ -1047,6 +1048,7 @@ def _statistics_section(
         plan.method,
         render_table(plan.method, rows, names) if rows else None,
         image=image,
+        image_hint=prepared.recipe.card_image,
         recorded=sum(1 for t in plan.tasks if t.is_float and t.name in statistics),
         tensors=floats,
     )

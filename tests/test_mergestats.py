@@ -237,6 +237,35 @@ def test_card_without_matplotlib_has_the_table_only(tmp_path, monkeypatch, capsy
     assert not (out / "merge.png").exists()
 
 
+def test_no_card_image_draws_nothing_and_offers_nothing(tmp_path):
+    """run --no-card-image (merge(card_image=False) in Python): the table, no picture, no line
+    about installing matplotlib, and matplotlib is never imported (its cost is the point)."""
+    pytest.importorskip("matplotlib")
+    folders, _ = _family(tmp_path)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(TIES.format(**{f"m{j}": f for j, f in enumerate(folders)}))
+    out = tmp_path / "out"
+    code = (
+        "import sys; from shardmerge.cli import main; "
+        f"code = main(['run', {str(recipe)!r}, '--out', {str(out)!r}, '--quiet', "
+        "'--no-card-image']); print(code, 'matplotlib' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["0", "False"]
+    section = _card_section((out / "README.md").read_text())
+    assert "| layer | tensors | weight m1 | weight m2 |" in section
+    assert "merge.png" not in section and "matplotlib" not in section
+    assert not (out / "merge.png").exists()
+    # The Python API, the same way; with the picture by default.
+    import shardmerge
+
+    assert shardmerge.merge(str(recipe), out=tmp_path / "api", card_image=False, quiet=True)
+    assert not (tmp_path / "api" / "merge.png").exists()
+    assert shardmerge.merge(str(recipe), out=tmp_path / "api2", quiet=True)
+    assert (tmp_path / "api2" / "merge.png").read_bytes().startswith(PNG_MAGIC)
+
+
 # Runs the CLI with a small engine chunk and small shards, in a process that can be killed.
 LAUNCHER = (
     "import sys; from shardmerge import engine; engine.CHUNK_NUMEL = 4096; "

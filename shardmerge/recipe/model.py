@@ -52,6 +52,8 @@ class Recipe:
     # mergekit configs, as mergekit itself does, and for recipes given as text.
     base_dir: str = ""
     name: str | None = None  # output.name: the model card's title (default: the folder's name)
+    # The card's picture (merge.png, with matplotlib); run --no-card-image turns it off.
+    card_image: bool = True
     method: str = "slerp"
     model_keys: tuple[str, ...] = ("a", "b")  # how messages and records name each model
     # Other methods: per merged model (the base excluded), parameter -> schedule; and the
