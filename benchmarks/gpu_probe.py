@@ -30,12 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# The engine functions timed in --profile, by the role they play.
+# The engine functions timed in --profile, by the role they play: (module of shardmerge, class
+# or None for a function of the module, name).
 PROFILED = {
-    "read": ("ShardReader", "read_into"),  # preadv of input chunks into the slots
-    "compute": (None, "_compute"),  # one step's math: H2D, sums or combine, D2H
-    "write": ("ShardFile", "write"),  # output chunks to the disk (O_DIRECT or staged)
-    "merge": (None, "execute_plan"),  # the whole engine run
+    "read": ("shardio", "ShardReader", "read_into"),  # preadv of input chunks into the slots
+    "compute": ("engine", None, "_compute"),  # one step's math: H2D, sums or combine, D2H
+    "write": ("shardio", "ShardFile", "write"),  # output chunks to the disk (O_DIRECT or staged)
+    "merge": ("engine", None, "execute_plan"),  # the whole engine run
 }
 
 
@@ -65,10 +66,11 @@ class HostTimers:
 
     def install(self) -> None:
         """Wrap the engine's functions (imported here, so torch is imported now)."""
-        from shardmerge import engine
+        import importlib
 
-        for role, (owner, name) in PROFILED.items():
-            target = engine if owner is None else getattr(engine, owner)
+        for role, (module_name, owner, name) in PROFILED.items():
+            module = importlib.import_module(f"shardmerge.{module_name}")
+            target = module if owner is None else getattr(module, owner)
             setattr(target, name, self.wrap(role, getattr(target, name)))
 
     def summary(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Where a merge's time goes: run the CLI in this process with wall-clock counters around the
 reader (``ShardReader.read_into``), the writer (``OutputFile.append`` and the ``os.pwrite`` under
-it) and the method's ``combine``, then print their totals and call counts.
+it) and the method's ``reduce`` (its statistics passes) and ``combine``, then print their totals
+and call counts.
 
     .venv/bin/python benchmarks/phase_times.py run benchmarks/.data/medium/family/task_arithmetic.yml \
         --out /tmp/out --quiet --overwrite
@@ -61,8 +62,10 @@ def main(argv: list[str]) -> int:
     shardio.ShardReader.read_into = timed("read_into", shardio.ShardReader.read_into)  # type: ignore[method-assign]
     shardio.OutputFile.append = timed("append", shardio.OutputFile.append)  # type: ignore[method-assign]
     shardio.os.pwrite = timed("pwrite", os.pwrite)  # type: ignore[attr-defined]
-    for cls in _merge_classes():  # every method's per-tensor class: its combine
+    for cls in _merge_classes():  # every method's per-tensor class: its passes and combine
         cls.combine = timed("combine", cls.combine)  # type: ignore[attr-defined]
+        if "reduce" in cls.__dict__:
+            cls.reduce = timed("reduce", cls.reduce)  # type: ignore[attr-defined]
     from shardmerge.cli import main as cli_main
 
     began = time.perf_counter()
