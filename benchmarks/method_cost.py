@@ -27,16 +27,21 @@ def time_method(
 ) -> dict[str, tuple[float, float]]:
     """(CPU s, wall s) per pass ("pass0", ...) and for "combine"."""
     numel = inputs[0].numel()
-    params = {"weight": 0.5, "density": 0.5}
-    base = get_method(method).base != "none"
-
-    shared = {"rescale": method.startswith("dare"), "normalize": True, "lambda": 1.0}
+    spec = get_method(method)
+    # Each parameter's default, then weight and density 0.5 (a required one without a default:
+    # 0.5 too) and DARE's rescale.
+    params = {p.name: p.default for p in spec.params if p.per_model and p.default is not None}
+    params |= {"weight": 0.5, "density": 0.5}
+    base = spec.base != "none"
+    shared = {p.name: p.default for p in spec.params if not p.per_model}
+    shared = {k: 0.5 if v is None else v for k, v in shared.items()}
+    shared |= {"rescale": method.startswith("dare"), "normalize": True, "lambda": 1.0}
     job = TensorJob(
         name="model.layers.0.mlp.up_proj.weight",
         numel=numel,
         dtype=inputs[0].dtype,
         model_params=(params,) * (len(inputs) - base),
-        shared={**shared, "int8_mask": False, "filter_wise": False},
+        shared={"int8_mask": False, "filter_wise": False, **shared},
         seed=0,
         row_len=2048,
     )
