@@ -43,8 +43,8 @@ SLOTS = COPY_SLOTS
 
 
 _STOP = object()
-# (shard index, header bytes or a filled slot, byte count, the shard's digest so far)
-Piece = tuple[int, bytes | mmap.mmap, int, "xxhash.xxh3_128"]
+# (shard index, a filled slot (None: the shard's opening), byte count, the shard's digest)
+Piece = tuple[int, mmap.mmap | None, int, "xxhash.xxh3_128"]
 
 
 def execute_copies(
@@ -91,24 +91,24 @@ def execute_copies(
         return None
 
     def pieces() -> Iterator[Piece]:
-        """(shard index, header bytes or a filled slot, byte count, the shard's digest) in file
-        order. Hashed here, so the digest runs beside the writes rather than between them."""
+        """(shard index, a filled slot or None to open the shard, byte count, the shard's
+        digest) in file order. Hashed here, so the digest runs beside the writes rather than
+        between them."""
         for index, shard in enumerate(plan.shards):
             if index in skip_shards:
                 continue
             digest = new_digest()
-            digest.update(shard.header)
-            yield index, shard.header, len(shard.header), digest
+            digest.update(shard.header)  # the writer writes it on opening the shard
+            yield index, None, 0, digest  # opens it, even if its tensors are all empty
             for task in shard.tasks:
                 info = task.inputs[0]
                 model = task.model_of(0)
                 reads_left[model, info.name] -= 1
                 last = reads_left[model, info.name] == 0
-                for start in range(0, info.nbytes, SLOT_BYTES):
+                for start, count in _slot_spans(info.nbytes):
                     slot = take()
                     if slot is None:
                         return
-                    count = min(SLOT_BYTES, info.nbytes - start)
                     with memoryview(slot) as view:
                         readers[model].read_into(info, start, view[:count], last=last)
                         digest.update(view[:count])
@@ -131,19 +131,14 @@ def execute_copies(
 
     writer = ShardWriter(plan, out_dir, on_progress=on_progress, on_shard_done=on_shard_done)
 
-    def write(index: int, data: bytes | mmap.mmap, count: int, digest: xxhash.xxh3_128) -> None:
-        header = isinstance(data, bytes)
-        with memoryview(data) as whole:
+    def write(index: int, slot: mmap.mmap | None, count: int, digest: xxhash.xxh3_128) -> None:
+        if slot is None:
+            writer.write(index, memoryview(b""), digest=digest)
+            return
+        with memoryview(slot) as whole:
             view = whole[:count]
             try:
-                writer.write(
-                    index,
-                    view,
-                    in_place=not header,
-                    aligned=not header,
-                    digest=digest,
-                    header=header,
-                )
+                writer.write(index, view, in_place=True, aligned=True, digest=digest)
             finally:
                 view.release()
 
@@ -192,9 +187,14 @@ def _spans(
                     paths[model, info.file] = str(source.fetch(info.file)) if local else None
                 except ShardmergeError:
                     paths[model, info.file] = None  # the reader reports it
-            for start in range(0, info.nbytes, SLOT_BYTES):
-                count = min(SLOT_BYTES, info.nbytes - start)
+            for start, count in _slot_spans(info.nbytes):
                 yield [readahead.Span(paths[model, info.file], info.begin + start, count)]
+
+
+def _slot_spans(nbytes: int) -> list[tuple[int, int]]:
+    """(byte offset, byte count) of each slot-sized read of a tensor of ``nbytes`` bytes: the
+    reader's reads and the hints' spans are the same ones."""
+    return [(s, min(SLOT_BYTES, nbytes - s)) for s in range(0, nbytes, SLOT_BYTES)]
 
 
 def _file_refcounts(plan: MergePlan, skip: frozenset[int]) -> Counter[tuple[int, str]]:

@@ -314,11 +314,7 @@ def execute_plan(
         slot: _Slot | None,
         out_buffer: torch.Tensor | None,
     ) -> None:
-        if not shards.started(shard_index):  # its header first
-            shards.write(shard_index, memoryview(plan.shards[shard_index].header), header=True)
-        out = shards.open.get(shard_index)
-        if out is not None:
-            assert offset == out.file.pos + out.file.fill, "writes must arrive in file order"
+        assert offset == shards.position(shard_index), "writes must arrive in file order"
         tensor = data if isinstance(data, torch.Tensor) else None
         view = bytes_view(tensor) if tensor is not None else data
         assert isinstance(view, memoryview)

@@ -311,8 +311,6 @@ def execute_passes(
     shards = ShardWriter(plan, out_dir, on_progress=on_progress, on_shard_done=on_shard_done)
 
     def write(shard_index: int, data: torch.Tensor) -> None:
-        if not shards.started(shard_index):  # its header first
-            shards.write(shard_index, memoryview(plan.shards[shard_index].header), header=True)
         shards.write(shard_index, bytes_view(data), data, in_place=True)
 
     def write_loop() -> None:

@@ -618,16 +618,14 @@ def merge_shards(
         todo = sum(s.data_bytes for i, s in enumerate(plan.shards) if i not in skip)
         bar = _progress_bar(todo, quiet)
         try:
+            common: dict[str, Any] = dict(
+                labels=[m.label for m in prepared.models],
+                skip_shards=skip,
+                on_progress=bar.update if bar else None,
+                on_shard_done=shard_done,
+            )
             if copying:
-                result = execute_copies(
-                    plan,
-                    sources,
-                    work,
-                    labels=[m.label for m in prepared.models],
-                    skip_shards=skip,
-                    on_progress=bar.update if bar else None,
-                    on_shard_done=shard_done,
-                )
+                result = execute_copies(plan, sources, work, **common)
             else:
                 from shardmerge.passes import execute
 
@@ -635,13 +633,10 @@ def merge_shards(
                     plan,
                     sources,
                     work,
-                    labels=[m.label for m in prepared.models],
                     device=dev,
-                    skip_shards=skip,
-                    on_progress=bar.update if bar else None,
-                    on_shard_done=shard_done,
                     host_memory=host_memory,
                     recorder=recorder,
+                    **common,
                 )
         except NonFiniteInputError as exc:  # bad input: named by its repo or folder
             model = next(m for m in prepared.models if m.key == exc.model_key)

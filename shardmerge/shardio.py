@@ -368,9 +368,9 @@ class OutputFile:
 
 
 class ShardWriter:
-    """A plan's output shards being written, each front to back (its header first): a shard's
-    file opens at its first bytes and is closed, reported (``on_shard_done``) and counted in
-    :attr:`results` at its last. One thread writes; the engines put their chunks in order."""
+    """A plan's output shards being written, each front to back: a shard's file opens, with its
+    header, at its first write, and is closed, reported (``on_shard_done``) and counted in
+    :attr:`results` at its last byte. One thread writes; the engines put their chunks in order."""
 
     def __init__(
         self,
@@ -388,9 +388,13 @@ class ShardWriter:
         self.open: dict[int, OutputFile] = {}  # shards begun and not finished, by index
         self._finished: set[int] = set()
 
-    def started(self, index: int) -> bool:
-        """Whether shard ``index`` got its first bytes (its header) already."""
-        return index in self.open or index in self._finished
+    def position(self, index: int) -> int:
+        """The file offset of shard ``index``'s next byte (its header is written on opening)."""
+        out = self.open.get(index)
+        if out is not None:
+            return out.file.pos + out.file.fill
+        shard = self.plan.shards[index]
+        return shard.file_bytes if index in self._finished else len(shard.header)
 
     def write(
         self,
@@ -401,35 +405,43 @@ class ShardWriter:
         in_place: bool = False,
         aligned: bool = False,
         digest: xxhash.xxh3_128 | None = None,
-        header: bool = False,
     ) -> None:
-        """Append ``view`` to shard ``index`` (see :meth:`OutputFile.append`); ``digest``: the
-        shard's hash, kept up to date by the caller (given with its first bytes); ``header``:
-        the bytes are the shard's header (not counted as progress)."""
+        """Append ``view`` to shard ``index`` (see :meth:`OutputFile.append`), opening the shard
+        first (its header) if this is its first write; ``digest``: the shard's hash, header
+        included, kept up to date by the caller (given with the shard's first write)."""
         out = self.open.get(index)
-        if out is None and index in self._finished:
+        if out is None and index not in self._finished:
+            out = self._begin(index, digest)
+        if out is None:
             # A shard of empty tensors is complete with its header; nothing more may come.
             assert not len(view), f"bytes past the end of {self.plan.shards[index].filename}"
             return
-        if out is None:
-            shard = self.plan.shards[index]
-            path = self.out_dir / shard.filename
-            file = ShardFile(path, shard.file_bytes)
-            out = self.open[index] = (
-                OutputFile(path, shard, file)
-                if digest is None
-                else OutputFile(path, shard, file, digest, hashed_by_caller=True)
-            )
-        result = out.append(view, tensor, in_place=in_place, aligned=aligned)
-        if self.on_progress is not None and not header:
+        self._after(index, out.append(view, tensor, in_place=in_place, aligned=aligned))
+        if self.on_progress is not None and len(view):
             self.on_progress(len(view))
-        if result is not None:
-            self.results.append(result)
-            del self.open[index]
-            self._finished.add(index)
-            if self.on_shard_done is not None:
-                self.on_shard_done(index, result)
-            faults.reached("shard-done")
+
+    def _begin(self, index: int, digest: xxhash.xxh3_128 | None) -> OutputFile | None:
+        """Open shard ``index`` and write its header; None if that finished it."""
+        shard = self.plan.shards[index]
+        path = self.out_dir / shard.filename
+        file = ShardFile(path, shard.file_bytes)
+        out = self.open[index] = (
+            OutputFile(path, shard, file)
+            if digest is None
+            else OutputFile(path, shard, file, digest, hashed_by_caller=True)
+        )
+        self._after(index, out.append(memoryview(shard.header), None, in_place=False))
+        return self.open.get(index)
+
+    def _after(self, index: int, result: ShardResult | None) -> None:
+        if result is None:
+            return
+        self.results.append(result)
+        del self.open[index]
+        self._finished.add(index)
+        if self.on_shard_done is not None:
+            self.on_shard_done(index, result)
+        faults.reached("shard-done")
 
     def abort(self) -> None:
         """Close the unfinished shards' files (a failed merge; they stay for nobody)."""

@@ -276,20 +276,20 @@ def test_shard_writer_opens_at_the_header_and_finishes_at_the_last_byte(tmp_path
     writer = shardio.ShardWriter(
         plan, tmp_path, on_progress=progress.append, on_shard_done=lambda i, r: done.append(i)
     )
-    assert not writer.started(0)
-    writer.write(0, memoryview(empty.header), header=True)
-    assert writer.started(0) and 0 not in writer.open and done == [0]
-    writer.write(0, memoryview(b""))  # an empty tensor's chunk after it: nothing happens
+    assert writer.position(0) == 8  # the header is written on opening
+    writer.write(0, memoryview(b""))  # an empty tensor's chunk: the shard opens and is complete
+    assert 0 not in writer.open and done == [0] and writer.position(0) == 8
+    writer.write(0, memoryview(b""))  # another one after it: nothing happens
     with pytest.raises(AssertionError, match="past the end of empty.safetensors"):
         writer.write(0, memoryview(b"x"))
-    writer.write(1, memoryview(full.header), header=True)
     writer.write(1, memoryview(b"0123"))
-    assert 1 in writer.open and done == [0]
+    assert 1 in writer.open and done == [0] and writer.position(1) == 12
     writer.write(1, memoryview(b"456789"))
-    assert done == [0, 1] and progress == [4, 6]
+    assert done == [0, 1] and progress == [4, 6]  # the headers are not progress
     assert [r.filename for r in writer.sorted_results()] == [
         "empty.safetensors",
         "full.safetensors",
     ]
     assert (tmp_path / "full.safetensors").read_bytes() == b"h" * 8 + b"0123456789"
+    assert (tmp_path / "empty.safetensors").read_bytes() == b"H" * 8
     assert [r.size for r in writer.sorted_results()] == [8, 18]
