@@ -23,7 +23,12 @@ def _as_bool(mask: torch.Tensor) -> torch.Tensor:
 def test_masks_equal_the_float_comparisons(dtype):
     x = _every_pattern(dtype)
     assert torch.equal(_as_bool(bits.nonzero(x)), x != 0)
-    assert torch.equal(_as_bool(bits.is_positive(x)), x > 0)
+    nonzero, not_positive = bits.nonzero_and_not_positive(x)
+    assert torch.equal(_as_bool(nonzero), x != 0)
+    assert torch.equal(_as_bool(not_positive) & (x != 0), (x < 0) | torch.isnan(x))
+    for p in (torch.zeros_like(nonzero), torch.full_like(nonzero, -1)):  # TIES' agreement
+        agree = not_positive.clone().bitwise_xor_(p).bitwise_and_(nonzero)
+        assert torch.equal(_as_bool(agree), ((x > 0) == (p != 0)) & (x != 0))
     assert torch.equal(_as_bool(bits.is_nonneg(x)), x >= 0)
     assert torch.isnan(x).sum() > 0 and torch.isinf(x).sum() == 2  # the patterns cover them
 

@@ -23,9 +23,9 @@ __all__ = [
     "from_bool",
     "greater",
     "is_nonneg",
-    "is_positive",
     "magnitudes",
     "nonzero",
+    "nonzero_and_not_positive",
     "ones_where",
     "pack",
     "unpack",
@@ -58,20 +58,28 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
     return magnitudes(x).neg_().bitwise_right_shift_(15)
 
 
-def _nan(x: torch.Tensor) -> torch.Tensor:
-    return torch.sub(_INF[x.dtype], magnitudes(x)).bitwise_right_shift_(15)
-
-
-def is_positive(x: torch.Tensor) -> torch.Tensor:
-    """Mask of ``x > 0``: non-zero, sign clear, not a NaN."""
-    sign = x.view(torch.int16) >> 15
-    return nonzero(x).bitwise_and_(sign.bitwise_or_(_nan(x)).bitwise_not_())
+def _nonzero_and_nan(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of ``x != 0`` and of NaNs, from one pass over the magnitudes: ``-key`` and
+    ``inf - key`` are negative exactly where the key is above 0 and above inf's."""
+    keys = magnitudes(x)
+    nonzero = keys.neg().bitwise_right_shift_(15)
+    nan = keys.neg_().add_(_INF[x.dtype]).bitwise_right_shift_(15)
+    return nonzero, nan
 
 
 def is_nonneg(x: torch.Tensor) -> torch.Tensor:
     """Mask of ``x >= 0``: not (sign set and non-zero), and not a NaN (so -0 counts)."""
-    negative = (x.view(torch.int16) >> 15).bitwise_and_(nonzero(x))
-    return negative.bitwise_or_(_nan(x)).bitwise_not_()
+    nonzero, nan = _nonzero_and_nan(x)
+    negative = (x.view(torch.int16) >> 15).bitwise_and_(nonzero)
+    return negative.bitwise_or_(nan).bitwise_not_()
+
+
+def nonzero_and_not_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of ``x != 0`` and of ``not (x > 0)`` where ``x != 0`` (sign set, or a NaN; either
+    value where x is zero): for a mask ``p``, ``(x > 0) == p and x != 0`` is then
+    ``second ^ p & first``, in three int16 ops."""
+    nonzero, nan = _nonzero_and_nan(x)
+    return nonzero, nan.bitwise_or_(x.view(torch.int16) >> 15)
 
 
 def from_bool(mask: torch.Tensor) -> torch.Tensor:

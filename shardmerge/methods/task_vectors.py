@@ -398,11 +398,10 @@ class TaskVectorMerge:
         masks: a model takes part where its weighted delta is non-zero and (d > 0) equals
         (sum >= 0)."""
         positive = bits.is_nonneg(_sum_rounded(weighted, dtype))
-        nonzero = [bits.nonzero(d) for d in weighted]
-        agreeing = [
-            bits.is_positive(d).bitwise_xor_(positive).bitwise_not_().bitwise_and_(nz)
-            for d, nz in zip(weighted, nonzero, strict=True)
-        ]
+        signs = [bits.nonzero_and_not_positive(d) for d in weighted]
+        nonzero = [nz for nz, _ in signs]
+        # (d > 0) == positive where d != 0: not-positive differs from positive there.
+        agreeing = [other.bitwise_xor_(positive).bitwise_and_(nz) for nz, other in signs]
         self._count_election(nonzero, agreeing, bits.count)
         takes = [bits.ones_where(a, dtype) for a in agreeing]
         mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
