@@ -145,10 +145,13 @@ def statistics_section(
             "Tensors copied from one end (t = 0 or 1) have no cosine: nothing was computed."
         )
     else:
+        weights = (
+            "each model's weight (numel-weighted mean), " if "| weight " in (table or "") else ""
+        )
         about = (
-            "Per layer, as the merge computed them: each model's weight (numel-weighted mean), "
-            "the fraction of its task vector kept by the sparsification (non-zero after the "
-            "mask; `all`: the method keeps it whole)"
+            f"Per layer, as the merge computed them: {weights}the fraction of each model's task "
+            "vector kept by the sparsification (non-zero after the mask; `all`: the method keeps "
+            "it whole)"
         )
         about += (
             ", and the sign agreement: the share of the models' non-zero weighted task-vector "

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardmerge",
-        description="Streaming, bounded-memory merges (SLERP, linear, task arithmetic, TIES, "
-        "DARE, breadcrumbs, DELLA) of sharded safetensors checkpoints.",
+        description="Streaming, bounded-memory merges of sharded safetensors checkpoints "
+        "(mergekit's methods: SLERP, linear, task arithmetic, TIES, DARE, breadcrumbs, DELLA, "
+        "Model Stock, NuSLERP, Multi-SLERP, Karcher, NearSwap, SCE; layer stacks).",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
     parser.add_argument(

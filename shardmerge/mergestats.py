@@ -95,6 +95,7 @@ class LayerStats:
     t_by_type: dict[str, list[float]] = field(default_factory=dict)  # type: [t x numel, numel]
     # task vectors
     weights: list[float] = field(default_factory=list)  # sum of weight x numel, per model
+    weighted: bool = False  # some tensor had weights (model_stock, karcher... have none)
     kept: list[int | None] = field(default_factory=list)
     agree: int = 0
     nonzero: int = 0
@@ -159,6 +160,7 @@ class LayerStats:
             while len(self.weights) < len(weights):
                 self.weights.append(0.0)
                 self.kept.append(0)
+            self.weighted = self.weighted or any(w is not None for w in weights)
             for i, (w, k) in enumerate(zip(weights, kept, strict=False)):
                 self.weights[i] += float(w if w is not None else 0.0) * numel
                 current = self.kept[i]
@@ -219,8 +221,12 @@ def render_table(method: str, rows: Sequence[LayerStats], model_names: Sequence[
             )
         return "\n".join(lines)
     names = list(model_names)
+    # Methods without per-model weights (model_stock, karcher, arcee_fusion...) get no weight
+    # columns rather than columns of zeros.
+    weighted = any(r.weighted for r in rows)
     head = ["layer", "tensors"]
-    head += [f"weight {n}" for n in names] + [f"kept {n}" for n in names]
+    head += [f"weight {n}" for n in names] if weighted else []
+    head += [f"kept {n}" for n in names]
     elected = any(r.elected for r in rows)
     if elected:
         head.append("sign agreement")
@@ -228,7 +234,10 @@ def render_table(method: str, rows: Sequence[LayerStats], model_names: Sequence[
     for r in rows:
         cells = [r.label, str(r.tensors)]
         count = len(names)
-        cells += [_cell(r.weight(i) if i < len(r.weights) else None, ".3g") for i in range(count)]
+        if weighted:
+            cells += [
+                _cell(r.weight(i) if i < len(r.weights) else None, ".3g") for i in range(count)
+            ]
         for i in range(count):
             if i >= len(r.kept):
                 cells.append("-")

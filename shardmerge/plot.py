@@ -139,13 +139,15 @@ def write_merge_plot(
         right = [_value(r.cosine) for r in layers]
         right_label = "cos(A, B)"
     else:
+        weighted = any(r.weighted for r in layers)
         for i, name in enumerate(model_names):
-            weights = [_value(r.weight(i) if i < len(r.weights) else None) for r in layers]
-            ax.plot(xs, weights, marker="o", markersize=3, label=f"weight {name}")
+            if weighted:
+                weights = [_value(r.weight(i) if i < len(r.weights) else None) for r in layers]
+                ax.plot(xs, weights, marker="o", markersize=3, label=f"weight {name}")
             kept = [_value(r.kept_fraction(i) if i < len(r.kept) else None) for r in layers]
             if any(not math.isnan(k) for k in kept):
                 ax.plot(xs, kept, marker="s", markersize=3, linestyle="--", label=f"kept {name}")
-        ax.set_ylabel("weight, kept fraction")
+        ax.set_ylabel("weight, kept fraction" if weighted else "kept fraction")
         right = [_value(r.sign_agreement) for r in layers]
         right_label = "sign agreement"
     ax.set_xlabel("layer")

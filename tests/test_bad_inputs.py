@@ -190,9 +190,9 @@ def _refused(
             id="mergekit-chat-template",
         ),
         pytest.param(
-            "merge_method: sce\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
+            "merge_method: ram\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
             "parameters: {{t: 0.5}}\n",
-            ["merge_method", "'sce' is not supported", "supported methods: breadcrumbs"],
+            ["merge_method", "'ram' is not supported", "supported methods: arcee_fusion"],
             id="mergekit-method",
         ),
         pytest.param(

@@ -196,6 +196,17 @@ def test_linear_records_weights_and_keeps_everything(tmp_path):
     assert "| 0 | 1 | 0.25 | 0.75 | all | all |" in table and "sign" not in table
 
 
+def test_methods_without_weights_get_no_weight_columns():
+    """model_stock, karcher, arcee_fusion... record no per-model weight: no column of zeros."""
+    records = {
+        "model.layers.0.mlp.up_proj.weight": {"numel": 512, "weights": [None, None]},
+        "model.layers.1.mlp.up_proj.weight": {"numel": 512, "weights": [None, None]},
+    }
+    table = mergestats.render_table("model_stock", mergestats.summarize(records), ["m1", "m2"])
+    assert table.splitlines()[0] == "| layer | tensors | kept m1 | kept m2 |"
+    assert "| 0 | 1 | all | all |" in table
+
+
 def _card_section(card: str) -> str:
     return card[card.index("## What the merge saw") : card.index("## Recipe")]
 

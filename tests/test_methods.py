@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from shardmerge import cli, passes
-from shardmerge.methods import TensorJob, bits, rng, select, task_vectors
+from shardmerge.methods import TensorJob, bits, rng, select, sums, task_vectors
 from shardmerge.methods.select import magnitude_keys
 from tests.conftest import needs_mergekit, run_mergekit, write_checkpoint
 
@@ -244,7 +244,7 @@ def test_int16_dare_masks_equal_the_bool_masks(p):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_two_part_sums_are_float32_sums_rounded_once(dtype):
-    """_sum_rounded's shortcut for two 16-bit parts (torch's own add) against the float32
+    """sum_rounded's shortcut for two 16-bit parts (torch's own add) against the float32
     accumulation it stands for: every bit pattern against shuffled ones, and near-cancellation."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     g = torch.Generator().manual_seed(5)
@@ -253,10 +253,10 @@ def test_two_part_sums_are_float32_sums_rounded_once(dtype):
     pairs.append((x.to(dtype), (-x + 1e-3 * torch.randn(x.shape, generator=g)).to(dtype)))
     for a, b in pairs:
         want = (a.float() + b.float()).to(dtype)
-        got = task_vectors._sum_rounded([a, b], dtype)
+        got = sums.sum_rounded([a, b], dtype)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     one = x.to(dtype)
-    alone = task_vectors._sum_rounded([one], dtype)
+    alone = sums.sum_rounded([one], dtype)
     assert torch.equal(alone, one) and alone.data_ptr() != one.data_ptr()  # a copy: callers edit it
 
 

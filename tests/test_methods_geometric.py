@@ -533,7 +533,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, config, edit, needle):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", ["sce", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 def test_methods_left_out_name_the_supported_ones(tmp_path, capsys, method):
     folders, _ = _family(tmp_path)
     recipe = tmp_path / "bad.yml"

@@ -224,12 +224,13 @@ def test_mergekit_slerp_slice_needs_two_sources() -> None:
 
 def test_mergekit_unsupported_methods_are_rejected_with_the_supported_list() -> None:
     supported = (
-        "supported methods: breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
+        "supported methods: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
         "della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, "
-        "slerp, task_arithmetic, ties"
+        "sce, slerp, task_arithmetic, ties"
     )
-    problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: sce"))
-    assert problem == f"merge_method: 'sce' is not supported by shardmerge yet; {supported}"
+    unsupported = MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: ram")
+    problem = the_problem(unsupported)
+    assert problem == (f"merge_method: 'ram' is not supported by shardmerge yet; {supported}")
     problem = the_problem(MERGEKIT_MODELS.replace("merge_method: slerp", "merge_method: tie"))
     assert problem == f"merge_method: unknown merge method 'tie'; {supported}"
 

@@ -9,6 +9,7 @@ and the card pick it up from the registry.
 from __future__ import annotations
 
 from shardmerge.methods import (
+    arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
@@ -22,6 +23,7 @@ from shardmerge.methods import (
     nearswap,
     nuslerp,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -46,13 +48,13 @@ _MODULES = (
     karcher,
     multislerp,
     nearswap,
+    sce,
+    arcee_fusion,
     passthrough,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
 NOT_IMPLEMENTED = (
-    "sce",
-    "arcee_fusion",
     "ram",
     "ramplus_tl",
 )

@@ -11,10 +11,22 @@ any chunking, device split or resume point, in a few bytes of state. Per-row sta
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["F32_BLOCK", "PIECE_NUMEL", "BlockSums", "block_gram", "pieces", "row_sums_f32"]
+from shardmerge.methods import bits
+
+__all__ = [
+    "F32_BLOCK",
+    "PIECE_NUMEL",
+    "BlockSums",
+    "block_gram",
+    "block_sums",
+    "pieces",
+    "row_sums_f32",
+    "sum_rounded",
+]
 
 # Elements per piece a reduction converts to float64 at a time: its temporaries stay in the CPU's
 # cache instead of being fresh multi-MiB allocations per chunk (measured: a 1 Mi-element chunk's
@@ -130,3 +142,29 @@ def block_gram(vectors: list[torch.Tensor], block: int) -> torch.Tensor:
         tail = x[:, full:]
         parts.append((tail @ tail.T).reshape(1, k * k))
     return torch.cat(parts) if parts else torch.zeros(0, k * k, dtype=torch.float64)
+
+
+def sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum(parts) accumulated in float32 (float64 for float64) in order, rounded to ``dtype``
+    once: torch's sum(dim=0) of the stacked parts, for 16-bit dtypes."""
+    if dtype in bits.SIXTEEN_BIT and len(parts) <= 2 and all(p.dtype == dtype for p in parts):
+        # torch's own 16-bit add is a float32 sum rounded once: the same bytes for two parts
+        # (tests/test_methods.py checks every bit pattern), without three conversions.
+        return parts[0] + parts[1] if len(parts) == 2 else parts[0].clone()
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = parts[0].to(acc_dtype, copy=True)
+    for part in parts[1:]:
+        acc.add_(part)
+    return acc.to(dtype)
+
+
+def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short).
+    A cache-sized piece of whole blocks at a time (sums.pieces): torch converts a 16-bit
+    tensor to float64 before summing it, and a chunk-sized float64 copy cost twice as much."""
+    n = x.numel()
+    full = n - n % block
+    sums = [x[s:e].view(-1, block).sum(dim=1, dtype=torch.float64) for s, e in pieces(full, block)]
+    if n > full:
+        sums.append(x[full:].sum(dtype=torch.float64).reshape(1))
+    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=x.device)

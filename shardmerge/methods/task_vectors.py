@@ -34,7 +34,7 @@ from shardmerge.methods import bits, rng
 from shardmerge.methods.family import Family
 from shardmerge.methods.select import RankSelector, key_space, magnitude_keys, row_ranks
 from shardmerge.methods.spec import TensorJob
-from shardmerge.methods.sums import pieces
+from shardmerge.methods.sums import block_sums, pieces, sum_rounded
 
 __all__ = ["L1_BLOCK", "TaskVectorMerge"]
 
@@ -243,7 +243,7 @@ class TaskVectorMerge:
             if self._cache_masks:
                 self._keep_mask(model.index, start, bits.pack(keep))
             magnitude = work.abs()
-            sums = _block_sums(magnitude, block)
+            sums = block_sums(magnitude, block)
             if bool(sums.isfinite().all()):
                 # |d * 1.0| = |d| and |d * 0.0| = +0 for a finite d: the masked magnitudes are
                 # |d|'s bits and the mask's.
@@ -251,7 +251,7 @@ class TaskVectorMerge:
             else:  # an infinity times 0.0 is a NaN (mergekit's norm then is one too)
                 kept = (work * bits.ones_where(keep, work.dtype)).abs_()
             _put(before, first, sums)
-            _put(after, first, _block_sums(kept, block))
+            _put(after, first, block_sums(kept, block))
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index < self.select_passes:
@@ -355,7 +355,7 @@ class TaskVectorMerge:
         if not self.models:
             return base
         # mergekit stacks the deltas and uses sum(dim=0); a merge-dtype sum over dim 0 is a
-        # float32 accumulation in model order rounded once, which is what _sum_rounded does
+        # float32 accumulation in model order rounded once, which is what sum_rounded does
         # without the stack (half the memory traffic; the tests check it bit for bit).
         weights = [torch.tensor(m.weight, dtype=dtype, device=base.device) for m in self.models]
         weighted = [
@@ -367,7 +367,7 @@ class TaskVectorMerge:
         elif self.family.consensus:
             # The elected sign is that of the summed weighted deltas, zero counting as positive;
             # sign(d) == elected keeps a delta only where it is non-zero and of that sign.
-            positive = _sum_rounded(weighted, dtype) >= 0
+            positive = sum_rounded(weighted, dtype) >= 0
             # (d > 0) == positive, and d != 0: bool ops (torch.where on bools is slow here).
             nonzero = [d != 0 for d in weighted]
             agreeing = [
@@ -377,11 +377,11 @@ class TaskVectorMerge:
             self._count_election(nonzero, agreeing)
             takes = [t.to(dtype) for t in agreeing]
             # d * take, not a masked fill: a dropped negative delta is -0.0, as in mergekit.
-            mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
-            divisor = _sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
+            mixed = sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
+            divisor = sum_rounded([t * w for t, w in zip(takes, weights, strict=True)], dtype)
             divisor.masked_fill_(divisor == 0, 1)
         else:
-            mixed = _sum_rounded(weighted, dtype)
+            mixed = sum_rounded(weighted, dtype)
             divisor = torch.stack(weights).sum(dim=0)
             if divisor.abs() < DIVISOR_EPS:
                 divisor = torch.ones((), dtype=dtype, device=base.device)
@@ -397,21 +397,21 @@ class TaskVectorMerge:
         """The sign election of the bool branch of :meth:`combine`, bit for bit, with int16
         masks: a model takes part where its weighted delta is non-zero and (d > 0) equals
         (sum >= 0)."""
-        positive = bits.is_nonneg(_sum_rounded(weighted, dtype))
+        positive = bits.is_nonneg(sum_rounded(weighted, dtype))
         signs = [bits.nonzero_and_not_positive(d) for d in weighted]
         nonzero = [nz for nz, _ in signs]
         # (d > 0) == positive where d != 0: not-positive differs from positive there.
         agreeing = [other.bitwise_xor_(positive).bitwise_and_(nz) for nz, other in signs]
         self._count_election(nonzero, agreeing, bits.count)
         takes = [bits.ones_where(a, dtype) for a in agreeing]
-        mixed = _sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
+        mixed = sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
         # The weights taking part: w & mask instead of take * w. Only a zero's sign differs (+0
         # for a negative weight left out), and every zero divisor becomes 1 below.
         taking = [
             a.bitwise_and(w.view(torch.int16)).view(dtype)
             for a, w in zip(agreeing, weights, strict=True)
         ]
-        divisor = _sum_rounded(taking, dtype)
+        divisor = sum_rounded(taking, dtype)
         return mixed, bits.where_zero_one(divisor)
 
     def _count_election(
@@ -442,20 +442,6 @@ class TaskVectorMerge:
         return out
 
 
-def _sum_rounded(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """sum(parts) accumulated in float32 (float64 for float64) in order, rounded to ``dtype``
-    once: torch's sum(dim=0) of the stacked parts, for 16-bit dtypes."""
-    if dtype in bits.SIXTEEN_BIT and len(parts) <= 2 and all(p.dtype == dtype for p in parts):
-        # torch's own 16-bit add is a float32 sum rounded once: the same bytes for two parts
-        # (tests/test_methods.py checks every bit pattern), without three conversions.
-        return parts[0] + parts[1] if len(parts) == 2 else parts[0].clone()
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = parts[0].to(acc_dtype, copy=True)
-    for part in parts[1:]:
-        acc.add_(part)
-    return acc.to(dtype)
-
-
 def _put(sums: torch.Tensor, first: int, chunk_sums: torch.Tensor) -> None:
     """A chunk's block sums, in their blocks' places (``first``: its first block)."""
     sums[first : first + chunk_sums.numel()] = chunk_sums
@@ -471,16 +457,4 @@ def _exact_total(sums: torch.Tensor) -> float:
 
 def _block_l1(x: torch.Tensor, block: int = L1_BLOCK) -> torch.Tensor:
     """float64 sums of |x| over consecutive ``block``-element blocks (the last may be short)."""
-    return _block_sums(x.abs(), block)
-
-
-def _block_sums(x: torch.Tensor, block: int = L1_BLOCK) -> torch.Tensor:
-    """float64 sums of ``x`` over consecutive ``block``-element blocks (the last may be short).
-    A cache-sized piece of whole blocks at a time (sums.pieces): torch converts a 16-bit
-    tensor to float64 before summing it, and a chunk-sized float64 copy cost twice as much."""
-    n = x.numel()
-    full = n - n % block
-    sums = [x[s:e].view(-1, block).sum(dim=1, dtype=torch.float64) for s, e in pieces(full, block)]
-    if n > full:
-        sums.append(x[full:].sum(dtype=torch.float64).reshape(1))
-    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=x.device)
+    return block_sums(x.abs(), block)

@@ -1,0 +1,262 @@
+"""``sce``: SCE (FuseChat, arXiv 2408.07990): select, calculate, erase; mergekit 0.1.5's arithmetic.
+
+For base ``b`` and models ``x_i`` with task vectors ``d_i = x_i - b`` (in the merge dtype):
+
+* **select** (``select_topk`` below 1): every ``d_i`` keeps only the elements whose variance
+  across the models (``var_i d_i``, population variance, rounded to the merge dtype) is among
+  the ``k = int(nonzero * select_topk)`` largest, ``nonzero`` being the elements of non-zero
+  variance; equal variances at the threshold keep the first in flat order (mergekit's ``topk``:
+  arbitrary ones). ``select_topk`` 1 keeps everything, 0 nothing;
+* **calculate**: per model ``w_i = mean(d_i^2) / sum_j mean(d_j^2)`` over the whole (selected)
+  tensor, or ``1/K`` each when that sum is below 1e-6;
+* **erase**: model ``i`` takes part in an element where its ``d_i`` is non-zero and has the sign
+  of ``sum_j d_j`` (zero counting as positive): TIES's election on the unweighted vectors.
+
+The result is ``b + sum_i w_i d_i [taking part] / max(sum_i w_i [taking part], 1e-6)``, every
+op in the merge dtype in mergekit's order.
+
+Passes over the tensor: with a selection, the count of non-zero variances, then the radix
+pass over the variances' keys (:mod:`shardmerge.methods.select`; two for float32 merges); then
+each model's sum of squares (float64 sums of fixed blocks, folded in flat order:
+:class:`~shardmerge.methods.sums.BlockSums`, so the weights do not depend on the chunking);
+then the combine. The variances are computed again in each pass that needs them rather than
+kept (two bytes per element of state otherwise).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from shardmerge.methods.spec import MethodSpec, Param, TensorJob
+
+if TYPE_CHECKING:
+    import torch
+
+    from shardmerge.methods.select import RankSelector
+
+# mergekit: a weight sum below this gives every model 1/K; a divisor below it is raised to it.
+WEIGHT_SUM_MIN = 1e-6
+DIVISOR_MIN = 1e-6
+
+
+class SCEMerge:
+    def __init__(self, job: TensorJob) -> None:
+        import torch
+
+        from shardmerge.methods import bits
+        from shardmerge.methods.select import key_space
+        from shardmerge.methods.sums import BlockSums
+
+        self.job = job
+        self.dtype = job.dtype
+        self.count = len(job.model_params)
+        self.topk = float(job.shared["select_topk"])
+        self.bits = job.dtype in bits.SIXTEEN_BIT
+        # "all": no selection (mergekit skips the mask); "none": every element masked out;
+        # "select": the top-k variances, k known after the counting pass.
+        self.mode = "all" if self.topk >= 1 else "none" if self.topk <= 0 else "select"
+        self.selector: RankSelector | None = None
+        self._nonzero = 0
+        self._kept: torch.Tensor | None = None
+        self._agree: torch.Tensor | None = None
+        self._elected: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        selecting = self.mode == "select" and job.numel > 0
+        self.select_passes = len(key_space(job.dtype).digit_shifts) if selecting else 0
+        # Passes: [the count, the selection's digits...] when selecting, then the squares.
+        self.squares_pass = 1 + self.select_passes if selecting else 0
+        self.passes = self.squares_pass + 1 if job.numel else 0
+        self.sums = BlockSums(self.count)
+        self.weights = torch.full((self.count,), 1.0 / self.count, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ passes
+
+    def in_any_order(self, pass_index: int) -> bool:
+        """Counts, radix histograms and block sums add up in any order; masks with ties at the
+        threshold go in flat order unless the selection kept where each chunk's ties lie."""
+        if self.selector is None or pass_index <= self.select_passes:
+            return True
+        return self.selector.any_order
+
+    def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
+        import torch
+
+        deltas = _deltas(inputs)
+        if pass_index < self.squares_pass:
+            if pass_index == 0:
+                here = int(torch.count_nonzero(_variance(deltas)))
+                with self._lock:
+                    self._nonzero += here
+            elif self.selector is not None and self.selector.passes:
+                self.selector.add(self._keys(_variance(deltas)), start)
+            return
+        from shardmerge.methods.sums import block_sums
+        from shardmerge.methods.task_vectors import L1_BLOCK
+
+        selected = self._selected(deltas, start, count=False)
+        columns = [block_sums(tv.square(), L1_BLOCK) for tv in selected]
+        self.sums.add(torch.stack(columns, dim=1), start // L1_BLOCK)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0 and self.squares_pass:
+            self._start_selection()
+        elif pass_index < self.squares_pass:
+            if self.selector is not None and self.selector.passes:
+                self.selector.end_pass()
+        else:
+            self._calculate_weights()
+            if self.selector is not None:
+                self.selector.restart()  # the combine walks the masks again
+            del self.sums
+
+    def _start_selection(self) -> None:
+        import torch
+
+        from shardmerge.methods.select import RankSelector, key_space
+        from shardmerge.methods.task_vectors import TIE_COUNT_BYTES
+
+        # mergekit: int(count_nonzero(var) * select_topk), a float32 product in torch.
+        k = int(torch.tensor(self._nonzero, dtype=torch.int64) * self.topk)
+        if k == 0:
+            self.mode = "none"
+            return
+        selector = RankSelector(self.job.numel, (k,), key_space(self.dtype), TIE_COUNT_BYTES)
+        if selector.passes == 0:
+            selector.finish_without_passes()
+        self.selector = selector
+
+    def _calculate_weights(self) -> None:
+        import torch
+
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        # mergekit: mean(d_i^2) of the merge dtype, a float32 sum (float64: float64) divided
+        # by the element count, rounded to the merge dtype; here that sum is the exact one.
+        totals = torch.tensor(self.sums.totals(), dtype=torch.float64).to(acc)
+        weights = (totals / self.job.numel).to(self.dtype)
+        weight_sum = torch.sum(weights).item()
+        if abs(weight_sum) < WEIGHT_SUM_MIN:
+            self.weights = torch.ones_like(weights) / weights.shape[0]
+        else:
+            self.weights = weights / weight_sum
+
+    # ------------------------------------------------------------------ combine
+
+    def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
+        import torch
+
+        from shardmerge.methods import bits
+        from shardmerge.methods.sums import sum_rounded
+
+        base = inputs[0]
+        dtype = base.dtype
+        tvs = self._selected(_deltas(inputs), start, count=True)
+        weights = [w.to(base.device) for w in self.weights.unbind()]
+        summed = sum_rounded(tvs, dtype)
+        if self.bits:
+            positive = bits.is_nonneg(summed)
+            signs = [bits.nonzero_and_not_positive(tv) for tv in tvs]
+            agreeing = [other.bitwise_xor_(positive).bitwise_and_(nz) for nz, other in signs]
+            self._count_election([nz for nz, _ in signs], agreeing, bits.count)
+            # w * mask: w where the model takes part, +0 elsewhere (the weights are >= 0).
+            erased = [
+                a.bitwise_and(w.view(torch.int16)).view(dtype)
+                for a, w in zip(agreeing, weights, strict=True)
+            ]
+        else:
+            positive_bool = summed >= 0
+            nonzero = [tv != 0 for tv in tvs]
+            agree_bool = [
+                (tv > 0).eq_(positive_bool).logical_and_(nz)
+                for tv, nz in zip(tvs, nonzero, strict=True)
+            ]
+            self._count_election(nonzero, agree_bool, torch.sum)
+            erased = [w * a.to(dtype) for a, w in zip(agree_bool, weights, strict=True)]
+        merged = sum_rounded([tv * e for tv, e in zip(tvs, erased, strict=True)], dtype)
+        divisor = sum_rounded(erased, dtype).clamp(min=DIVISOR_MIN)
+        return base + merged / divisor
+
+    # ------------------------------------------------------------------ helpers
+
+    def _keys(self, variance: torch.Tensor) -> torch.Tensor:
+        from shardmerge.methods import bits
+        from shardmerge.methods.select import magnitude_keys
+
+        return bits.magnitudes(variance) if self.bits else magnitude_keys(variance)
+
+    def _selected(self, deltas: list[torch.Tensor], start: int, count: bool) -> list[torch.Tensor]:
+        """The task vectors times the selection mask (mergekit multiplies: a dropped element is
+        a zero of its sign, an infinity a NaN); unchanged without a selection. ``count``: add
+        the mask's kept elements to the statistics (once per chunk: in the combine)."""
+        import torch
+
+        from shardmerge.methods import bits
+
+        if self.mode == "all":
+            return deltas
+        if self.mode == "none" or self.selector is None:
+            mask = torch.zeros_like(deltas[0])
+            kept = torch.zeros((), dtype=torch.int64)
+        elif self.bits:
+            keep = self.selector.mask_bits(self._keys(_variance(deltas)), 0, start)
+            mask, kept = bits.ones_where(keep, self.dtype), bits.count(keep)
+        else:
+            keep_bool = self.selector.mask(self._keys(_variance(deltas)), 0, start)
+            mask, kept = keep_bool.to(self.dtype), keep_bool.sum()
+        if count:
+            with self._lock:
+                self._kept = kept if self._kept is None else self._kept + kept
+        return [d * mask for d in deltas]
+
+    def _count_election(
+        self,
+        nonzero: Sequence[torch.Tensor],
+        agreeing: Sequence[torch.Tensor],
+        count: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        import torch
+
+        total = torch.stack([count(nz) for nz in nonzero]).sum()
+        agree = torch.stack([count(a) for a in agreeing]).sum()
+        with self._lock:
+            self._elected = total if self._elected is None else self._elected + total
+            self._agree = agree if self._agree is None else self._agree + agree
+
+    def statistics(self) -> dict[str, object]:
+        """The weights SCE calculated, the elements its selection kept (the same for every
+        model; None: no selection) and its sign election's counts (:mod:`shardmerge.mergestats`)."""
+        kept: int | None = None
+        if self.mode != "all":
+            kept = 0 if self._kept is None else int(self._kept.item())
+        return {
+            "weights": [float(w) for w in self.weights.tolist()],
+            "kept": [kept] * self.count,
+            "agree": 0 if self._agree is None else int(self._agree.item()),
+            "nonzero": 0 if self._elected is None else int(self._elected.item()),
+        }
+
+
+def _deltas(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    base = inputs[0]
+    return [x - base for x in inputs[1:]]
+
+
+def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit's ``torch.var(stacked, dim=0, unbiased=False)``: per element, in the merge dtype."""
+    import torch
+
+    return torch.var(torch.stack(deltas), dim=0, unbiased=False)
+
+
+METHOD = MethodSpec(
+    name="sce",
+    base="required",
+    params=(
+        Param("select_topk", per_model=False, default=1.0, low=0.0, high=1.0),
+        # Accepted for compatibility: it makes mergekit's masks int8; the result is the same.
+        Param("int8_mask", per_model=False, default=False, kind="bool"),
+    ),
+    start=SCEMerge,
+    summary="SCE: top-variance elements, weights from the task vectors' squares, sign election",
+)
