@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="shardmerge",
         description="Streaming, bounded-memory merges of sharded safetensors checkpoints "
         "(mergekit's methods: SLERP, linear, task arithmetic, TIES, DARE, breadcrumbs, DELLA, "
-        "Model Stock, NuSLERP, Multi-SLERP, Karcher, NearSwap, SCE; layer stacks).",
+        "Model Stock, NuSLERP, Multi-SLERP, Karcher, NearSwap, SCE, Arcee Fusion, RAM; layer "
+        "stacks).",
     )
     parser.add_argument("--version", action="version", version=f"shardmerge {__version__}")
     parser.add_argument(

@@ -317,9 +317,12 @@ def _cell(values: set[float] | None) -> str:
 
 
 def _format_t(t: float) -> str:
-    """Four decimals without trailing zeros: 0.4935, 0.5, 1."""
+    """Four decimals without trailing zeros: 0.4935, 0.5, 1; a non-zero value that four
+    decimals would show as 0 (RAM's epsilon 1e-5) in four significant digits: 1e-05."""
     text = f"{t:.4f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
+    if text in ("0", "-0", ""):
+        return f"{t:.4g}" if t else "0"
+    return text
 
 
 # Module types, for statistics grouped by what a tensor is (compare, the card).

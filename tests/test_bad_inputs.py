@@ -190,9 +190,9 @@ def _refused(
             id="mergekit-chat-template",
         ),
         pytest.param(
-            "merge_method: ram\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
+            "merge_method: tiess\nbase_model: {a}\nmodels: [{{model: {b}}}]\n"
             "parameters: {{t: 0.5}}\n",
-            ["merge_method", "'ram' is not supported", "supported methods: arcee_fusion"],
+            ["merge_method", "unknown merge method 'tiess'", "supported methods: arcee_fusion"],
             id="mergekit-method",
         ),
         pytest.param(

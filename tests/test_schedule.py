@@ -287,3 +287,14 @@ def test_t_table_raises_for_a_tensor_without_t() -> None:
     schedule = Schedule(rules=(sub("mlp", 0.3),), default=None, non_layer=None, style="mergekit")
     with pytest.raises(ScheduleError, match="lm_head"):
         t_table(schedule, ["model.layers.0.mlp.w", "lm_head.weight"])
+
+
+def test_t_table_shows_values_too_small_for_four_decimals() -> None:
+    """RAM's epsilon (1e-5) is not shown as 0; four decimals stay the rule elsewhere."""
+    schedule = Schedule(
+        rules=(sub("mlp", 0.123456),), default=1e-5, non_layer=0.0, style="shardmerge"
+    )
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    lines = t_table(schedule, [*names, "model.norm.weight"]).splitlines()
+    assert lines[2] == "| `model.layers.0` | 0.1235 | 1e-05 |"
+    assert lines[3] == "| `model.norm.weight` | - | 0 |"

@@ -23,6 +23,8 @@ from shardmerge.methods import (
     nearswap,
     nuslerp,
     passthrough,
+    ram,
+    ramplus_tl,
     sce,
     slerp,
     task_arithmetic,
@@ -50,14 +52,14 @@ _MODULES = (
     nearswap,
     sce,
     arcee_fusion,
+    ram,
+    ramplus_tl,
     passthrough,
 )
 METHODS: dict[str, MethodSpec] = {m.METHOD.name: m.METHOD for m in _MODULES}
 # mergekit methods deliberately not (yet) implemented: named in the error, not silently ignored.
-NOT_IMPLEMENTED = (
-    "ram",
-    "ramplus_tl",
-)
+# Empty: every method of mergekit 0.1.5 is implemented.
+NOT_IMPLEMENTED: tuple[str, ...] = ()
 
 
 def get_method(name: str) -> MethodSpec:

@@ -111,8 +111,11 @@ def importance(base: torch.Tensor, model: torch.Tensor, row: int) -> torch.Tenso
 
     x, b = model.view(-1, row), base.view(-1, row)
     diff = (x - b).abs()
-    p = F.softmax(x, dim=-1) + SOFTMAX_EPS
-    q = F.softmax(b, dim=-1) + SOFTMAX_EPS
+    # ``tensor + python float``: the CPU rounds the float to the tensor's dtype first, CUDA
+    # adds it in float32; rounding it here gives mergekit's CPU result on every device.
+    eps = torch.tensor(SOFTMAX_EPS, dtype=x.dtype).item()
+    p = F.softmax(x, dim=-1) + eps
+    q = F.softmax(b, dim=-1) + eps
     kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
     return (diff * kl).view(-1)
 

@@ -1,0 +1,122 @@
+"""``ram``: Reinforced Agent Merging (arXiv 2601.13572), mergekit 0.1.5's arithmetic.
+
+For base ``b`` and models ``x_i`` with task vectors ``d_i = x_i - b`` (in the merge dtype): a
+model contributes to an element where ``|d_i| > epsilon``; where exactly one model does, the
+result takes its ``d_i`` whole, where several do, their mean; ``b`` plus that. Elementwise: no
+statistics pass. :mod:`shardmerge.methods.ramplus_tl` adds a per-model scale of the unique
+contributions, from counts over the whole tensor.
+
+Each chunk runs mergekit's expressions on the stacked task vectors, so the results are its
+bytes (tested against mergekit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from shardmerge.methods.spec import MethodSpec, Param, TensorJob
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["METHOD", "RamMerge", "contributions"]
+
+
+def contributions(
+    inputs: Sequence[torch.Tensor], epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mergekit's ``_prepare_ram_vectors`` of one chunk: the stacked task vectors ``(K, n)``, where
+    each is above ``epsilon`` in magnitude, how many models are (``(1, n)``), and where more
+    than one and exactly one are."""
+    import torch
+
+    base = inputs[0]
+    vectors = torch.stack([x - base for x in inputs[1:]], dim=0)
+    # ``tensor > python float``: the CPU rounds the float to the tensor's dtype first, CUDA
+    # compares in float32; rounding it here gives mergekit's CPU result on every device.
+    nonzero = vectors.abs() > torch.tensor(epsilon, dtype=base.dtype).item()
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return vectors, nonzero, counts, counts > 1, counts == 1
+
+
+class RamMerge:
+    """``ram``, and with ``scaled`` the tensor-local RAM+ (its per-model scales of the unique
+    contributions come from one counting pass)."""
+
+    def __init__(self, job: TensorJob, scaled: bool = False) -> None:
+        self.dtype = job.dtype
+        self.count = len(job.model_params)
+        self.epsilon = float(job.shared["epsilon"])
+        self.scaled = scaled
+        if scaled:
+            self.r = float(job.shared["r"])
+            self.alpha = float(job.shared["alpha"])
+        self.passes = 1 if scaled and job.numel else 0
+        self._shared = [0] * self.count  # per model: its contributions shared with another model
+        self._unique = [0] * self.count  # and those it makes alone
+        self._kept: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def in_any_order(self, pass_index: int) -> bool:
+        """Counts add up in any order, and every chunk's combine is independent."""
+        return True
+
+    def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
+        _, nonzero, _, overlap, unique = contributions(inputs, self.epsilon)
+        shared = (nonzero & overlap).sum(dim=1).tolist()
+        alone = (nonzero & unique).sum(dim=1).tolist()
+        with self._lock:
+            self._shared = [a + b for a, b in zip(self._shared, shared, strict=True)]
+            self._unique = [a + b for a, b in zip(self._unique, alone, strict=True)]
+
+    def end_pass(self, pass_index: int) -> None:
+        import torch
+
+        # mergekit: rho = shared / max(unique, epsilon) (float32), lambda = 1 + r clamp(rho, 0,
+        # alpha).
+        shared = torch.tensor(self._shared, dtype=torch.int64)
+        unique = torch.tensor(self._unique, dtype=torch.int64)
+        rho = shared / unique.clamp(min=self.epsilon)
+        self.scales = 1 + self.r * rho.clamp(min=0, max=self.alpha)
+
+    def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
+        base = inputs[0]
+        vectors, nonzero, counts, overlap, unique = contributions(inputs, self.epsilon)
+        kept = nonzero.sum(dim=1)
+        with self._lock:
+            self._kept = kept if self._kept is None else self._kept + kept
+        contributing = vectors * nonzero
+        alone = contributing * unique
+        if self.scaled:
+            scales = self.scales if self.scales is not None else _ones(self.count, base.device)
+            # float32 scales make the sum float32 (mergekit's result too): rounded once below.
+            alone = alone * scales.to(base.device).unsqueeze(-1)
+        merged = (alone + (contributing * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+        return (base + merged.reshape_as(base)).to(base.dtype)
+
+    def statistics(self) -> dict[str, object]:
+        """Per model, the elements where it contributes (:mod:`shardmerge.mergestats`), and
+        RAM+'s scale of its unique contributions as its weight."""
+        kept = [0] * self.count if self._kept is None else [int(k) for k in self._kept.tolist()]
+        out: dict[str, object] = {"kept": kept}
+        if self.scaled and self.scales is not None:
+            out["weights"] = [float(s) for s in self.scales.tolist()]
+        return out
+
+
+def _ones(count: int, device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.ones(count, dtype=torch.float32, device=device)  # an empty tensor: no pass
+
+
+METHOD = MethodSpec(
+    name="ram",
+    base="required",
+    params=(Param("epsilon", per_model=False, default=1e-5),),
+    start=RamMerge,
+    summary="RAM: each element's contributing task vectors, whole where one, averaged where several",
+)
