@@ -45,6 +45,19 @@ METHOD_PARAMS = {
     "della": "weight: {w}, density: 0.5, epsilon: 0.1",
     "model_stock": "",  # no per-model parameters
     "karcher": "",
+    "sce": "",
+    "arcee_fusion": "",
+    "ram": "",
+    "ramplus_tl": "",
+}
+# Shared parameters, where a method's defaults would not show its work.
+METHOD_SHARED = {
+    "karcher": "max_iter: 10, tol: 1.0e-5",
+    "sce": "select_topk: 0.5",
+    "ties": "int8_mask: true",
+    "dare_ties": "int8_mask: true",
+    "breadcrumbs_ties": "int8_mask: true",
+    "della": "int8_mask: true",
 }
 
 
@@ -52,6 +65,8 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
     """A mergekit config (shardmerge runs it unchanged) of ``method`` over the family."""
     lines = [f"merge_method: {method}"]
     models = list(fine_tunes)
+    if method == "arcee_fusion":  # the base and one model
+        models = models[:1]
     if method in ("linear", "karcher"):
         models = [base, *fine_tunes]
     else:
@@ -63,10 +78,8 @@ def family_config(method: str, base: Path, fine_tunes: list[Path]) -> str:
         lines.append(f"  - model: {path}")
         if params:
             lines.append(f"    parameters: {{{params}}}")
-    if method == "karcher":
-        lines.append("parameters: {max_iter: 10, tol: 1.0e-5}")
-    if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
-        lines.append("parameters: {int8_mask: true}")
+    if method in METHOD_SHARED:
+        lines.append(f"parameters: {{{METHOD_SHARED[method]}}}")
     lines.append("dtype: bfloat16")
     return "\n".join(lines) + "\n"
 

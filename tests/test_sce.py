@@ -74,6 +74,22 @@ def test_sce_matches_the_dense_reference_at_any_chunk_size(dtype, topk):
         assert int((var == kth).sum()) > 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_variance_is_torch_var_bit_for_bit(dtype, count):
+    """The float64 Welford recurrence in pieces gives torch.var's CPU result (every finite
+    value; a piece boundary falls inside the tensor)."""
+    from shardmerge.methods.sce import VARIANCE_PIECE, _variance
+
+    g = torch.Generator().manual_seed(count)
+    n = VARIANCE_PIECE + 777
+    scale = 10.0 ** torch.randint(-6, 3, (n,), generator=g)
+    deltas = [(torch.randn(n, generator=g) * scale).to(dtype) for _ in range(count)]
+    deltas[0][:50] = 0
+    want = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+    assert torch.equal(_variance(deltas), want)
+
+
 def test_sce_of_equal_task_vectors_is_their_common_value():
     """Equal task vectors: each weight 1/3, every model takes part, the base plus the vector."""
     base = torch.zeros(2048, dtype=torch.bfloat16)

@@ -22,7 +22,15 @@ import torch
 from shardmerge import heap
 from shardmerge.methods import bits
 
-__all__ = ["KeySpace", "RankSelector", "Threshold", "key_space", "magnitude_keys", "row_ranks"]
+__all__ = [
+    "NAN_KEY",
+    "KeySpace",
+    "RankSelector",
+    "Threshold",
+    "key_space",
+    "magnitude_keys",
+    "row_ranks",
+]
 
 
 @dataclass(frozen=True)
@@ -287,7 +295,7 @@ def _boundary_mask(keys: torch.Tensor, key_t: int, left: int) -> torch.Tensor:
 
 # Magnitude keys above +inf are NaNs: they all rank as one value above +inf, as a float sort
 # ranks NaNs (then by index, like every tie).
-_NAN_KEY = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001}
+NAN_KEY = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001}
 
 
 def row_ranks(x: torch.Tensor, row: int) -> torch.Tensor:
@@ -299,11 +307,11 @@ def row_ranks(x: torch.Tensor, row: int) -> torch.Tensor:
     index = torch.arange(row, device=x.device)
     if x.dtype in (torch.bfloat16, torch.float16):
         keys = rows.view(torch.int16).to(torch.int32).bitwise_and_(0x7FFF)
-        keys.clamp_(max=_NAN_KEY[x.dtype]).bitwise_left_shift_(16)
+        keys.clamp_(max=NAN_KEY[x.dtype]).bitwise_left_shift_(16)
         keys.bitwise_or_(index.to(torch.int32))
     elif x.dtype == torch.float32:
         keys = rows.view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
-        keys.clamp_(max=_NAN_KEY[x.dtype]).bitwise_left_shift_(32).bitwise_or_(index)
+        keys.clamp_(max=NAN_KEY[x.dtype]).bitwise_left_shift_(32).bitwise_or_(index)
     else:
         order = torch.argsort(rows.abs(), dim=1, stable=True)
         return torch.empty_like(order).scatter_(1, order, index.expand_as(order))
