@@ -217,3 +217,26 @@ def test_sce_on_cuda_gives_the_cpu_result(tmp_path, capsys):
             assert torch.equal(tensor, results["cuda"][name]), name
             continue
         _assert_within_one_step(tensor, results["cuda"][name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_selection_may_learn_its_count_in_its_first_pass(dtype):
+    """RankSelector.set_counts before the first pass ends gives the thresholds of a selector
+    made with those counts (the first pass's counters do not depend on them)."""
+    from shardmerge.methods.select import RankSelector, key_space, magnitude_keys
+
+    g = torch.Generator().manual_seed(4)
+    keys = magnitude_keys((torch.randn(5000, generator=g) * 0.01).to(dtype))
+    space = key_space(dtype)
+    late, early = RankSelector(5000, (1,), space), RankSelector(5000, (1234,), space)
+    for p in range(len(space.digit_shifts)):
+        for selector in (late, early):
+            for s in range(0, 5000, 1024):
+                selector.add(keys[s : s + 1024])
+        if p == 0:
+            late.set_counts((1234,))
+        late.end_pass()
+        early.end_pass()
+    assert late.thresholds == early.thresholds
+    with pytest.raises(AssertionError):
+        late.set_counts((7,))  # too late: the first pass is over

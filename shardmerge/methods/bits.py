@@ -15,9 +15,14 @@ here: bit 15 is the sign, bits 0-14 the magnitude, and the magnitude orders like
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from shardmerge import heap
+
 __all__ = [
+    "PackedMasks",
     "SIXTEEN_BIT",
     "count",
     "from_bool",
@@ -153,3 +158,45 @@ def count(mask: torch.Tensor) -> torch.Tensor:
             flat[:full].view(-1, COUNT_ROW).sum(dim=1, dtype=torch.int16).sum(dtype=torch.int64)
         )
     return total.neg_()
+
+
+class PackedMasks:
+    """Int16 masks of a tensor's chunks kept from one pass to a later one, one bit per element
+    (:func:`pack`): per key (a model), one store of words for the whole tensor, outside
+    malloc's heap, made at its first chunk (word ``start // 16`` on is the chunk at
+    ``start``); a chunk that starts elsewhere (row-aligned chunks of odd rows) is kept apart.
+    Thread-safe; a key's store goes with its last chunk (one that comes later makes its mask
+    again)."""
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self._stores: dict[int, torch.Tensor] = {}
+        self._apart: dict[tuple[int, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: int, start: int, mask: torch.Tensor) -> None:
+        words = pack(mask)
+        if start % 16:
+            with self._lock:
+                self._apart[key, start] = words
+            return
+        with self._lock:
+            store = self._stores.get(key)
+            if store is None:
+                size = -(-self.numel // 16)
+                store = self._stores[key] = heap.outside_heap(size, torch.int16, words.device)
+        store[start // 16 : start // 16 + words.numel()].copy_(words)
+
+    def take(self, key: int, start: int, count: int) -> torch.Tensor | None:
+        """The mask kept for the ``count``-element chunk at ``start``, or None."""
+        with self._lock:
+            if start % 16:
+                words = self._apart.pop((key, start), None)
+            else:
+                store = self._stores.get(key)
+                if store is None:
+                    return None
+                words = store[start // 16 : start // 16 + -(-count // 16)]
+                if start + count >= self.numel:  # the last chunk: the store goes with it
+                    self._stores.pop(key, None)
+        return None if words is None else unpack(words, count)

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
     from shardmerge.methods.select import RankSelector
 
+# Masks kept from the squares pass for the combine: tensors of up to this many elements (64 MiB
+# of bits); a larger one makes its masks again.
+MASK_CACHE_NUMEL = 1 << 29
 # Elements per piece of the variance's float64 recurrence (its temporaries stay in the cache).
 VARIANCE_PIECE = 1 << 14
 # mergekit: a weight sum below this gives every model 1/K; a divisor below it is raised to it.
@@ -67,9 +70,18 @@ class SCEMerge:
         self._lock = threading.Lock()
         selecting = self.mode == "select" and job.numel > 0
         self.select_passes = len(key_space(job.dtype).digit_shifts) if selecting else 0
-        # Passes: [the count, the selection's digits...] when selecting, then the squares.
-        self.squares_pass = 1 + self.select_passes if selecting else 0
+        if selecting:
+            from shardmerge.methods.select import RankSelector
+            from shardmerge.methods.task_vectors import TIE_COUNT_BYTES
+
+            # k = int(nonzero * select_topk) is known once the first pass has counted the
+            # non-zero variances; that pass's histogram does not depend on k (set_counts).
+            self.selector = RankSelector(job.numel, (1,), key_space(job.dtype), TIE_COUNT_BYTES)
+        # Passes: the selection's (the first also counts), then the squares.
+        self.squares_pass = self.select_passes
         self.passes = self.squares_pass + 1 if job.numel else 0
+        # The squares pass's masks, one bit each, for the combine (16-bit merges).
+        self._masks = bits.PackedMasks(job.numel) if self.bits else None
         self.sums = BlockSums(self.count)
         self.weights = torch.full((self.count,), 1.0 / self.count, dtype=self.dtype)
 
@@ -87,47 +99,46 @@ class SCEMerge:
 
         deltas = _deltas(inputs)
         if pass_index < self.squares_pass:
-            if pass_index == 0:
-                here = int(torch.count_nonzero(_variance(deltas)))
+            keys = self._keys(_variance(deltas))
+            if pass_index == 0:  # key 0 is +-0: the variances mergekit counts as zero
+                here = int(torch.count_nonzero(keys))
                 with self._lock:
                     self._nonzero += here
-            elif self.selector is not None and self.selector.passes:
-                self.selector.add(self._keys(_variance(deltas)), start)
+            if self.selector is not None and self.selector.passes:
+                self.selector.add(keys, start)
             return
         from shardmerge.methods.sums import block_sums
         from shardmerge.methods.task_vectors import L1_BLOCK
 
-        selected = self._selected(deltas, start, count=False)
+        selected = self._selected(deltas, start, combine=False)
         columns = [block_sums(tv.square(), L1_BLOCK) for tv in selected]
         self.sums.add(torch.stack(columns, dim=1), start // L1_BLOCK)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0 and self.squares_pass:
-            self._start_selection()
-        elif pass_index < self.squares_pass:
-            if self.selector is not None and self.selector.passes:
-                self.selector.end_pass()
+            self._set_k()
+        if pass_index < self.squares_pass:
+            if self.selector is not None:
+                if self.selector.passes:
+                    self.selector.end_pass()
+                else:
+                    self.selector.finish_without_passes()
         else:
             self._calculate_weights()
             if self.selector is not None:
                 self.selector.restart()  # the combine walks the masks again
             del self.sums
 
-    def _start_selection(self) -> None:
+    def _set_k(self) -> None:
         import torch
-
-        from shardmerge.methods.select import RankSelector, key_space
-        from shardmerge.methods.task_vectors import TIE_COUNT_BYTES
 
         # mergekit: int(count_nonzero(var) * select_topk), a float32 product in torch.
         k = int(torch.tensor(self._nonzero, dtype=torch.int64) * self.topk)
         if k == 0:
             self.mode = "none"
-            return
-        selector = RankSelector(self.job.numel, (k,), key_space(self.dtype), TIE_COUNT_BYTES)
-        if selector.passes == 0:
-            selector.finish_without_passes()
-        self.selector = selector
+            self.selector = None
+        elif self.selector is not None:
+            self.selector.set_counts((k,))
 
     def _calculate_weights(self) -> None:
         import torch
@@ -153,7 +164,7 @@ class SCEMerge:
 
         base = inputs[0]
         dtype = base.dtype
-        tvs = self._selected(_deltas(inputs), start, count=True)
+        tvs = self._selected(_deltas(inputs), start, combine=True)
         weights = [w.to(base.device) for w in self.weights.unbind()]
         summed = sum_rounded(tvs, dtype)
         if self.bits:
@@ -189,10 +200,12 @@ class SCEMerge:
         keys = bits.magnitudes(variance) if self.bits else magnitude_keys(variance)
         return keys.clamp_(max=NAN_KEY[self.dtype])
 
-    def _selected(self, deltas: list[torch.Tensor], start: int, count: bool) -> list[torch.Tensor]:
+    def _selected(
+        self, deltas: list[torch.Tensor], start: int, combine: bool
+    ) -> list[torch.Tensor]:
         """The task vectors times the selection mask (mergekit multiplies: a dropped element is
-        a zero of its sign, an infinity a NaN); unchanged without a selection. ``count``: add
-        the mask's kept elements to the statistics (once per chunk: in the combine)."""
+        a zero of its sign, an infinity a NaN); unchanged without a selection. The squares
+        pass keeps its masks for the ``combine``, which counts the kept elements."""
         import torch
 
         from shardmerge.methods import bits
@@ -202,13 +215,18 @@ class SCEMerge:
         if self.mode == "none" or self.selector is None:
             mask = torch.zeros_like(deltas[0])
             kept = torch.zeros((), dtype=torch.int64)
-        elif self.bits:
-            keep = self.selector.mask_bits(self._keys(_variance(deltas)), 0, start)
+        elif self._masks is not None:
+            n = deltas[0].numel()
+            keep = self._masks.take(0, start, n) if combine else None
+            if keep is None:
+                keep = self.selector.mask_bits(self._keys(_variance(deltas)), 0, start)
+                if not combine and self.job.numel <= MASK_CACHE_NUMEL:
+                    self._masks.put(0, start, keep)
             mask, kept = bits.ones_where(keep, self.dtype), bits.count(keep)
         else:
             keep_bool = self.selector.mask(self._keys(_variance(deltas)), 0, start)
             mask, kept = keep_bool.to(self.dtype), keep_bool.sum()
-        if count:
+        if combine:
             with self._lock:
                 self._kept = kept if self._kept is None else self._kept + kept
         return [d * mask for d in deltas]

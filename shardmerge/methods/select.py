@@ -241,6 +241,21 @@ class RankSelector:
         """For selections that need no pass (every count is 0 or the whole tensor)."""
         self.thresholds = [self._threshold(i) for i in range(len(self.counts))]
 
+    def set_counts(self, counts: tuple[int, ...]) -> None:
+        """Replace the counts before the first pass ends (a selection whose k comes from the
+        same pass, as SCE's from the count of non-zero variances). The first pass's counters
+        are the same for any counts that make a selection at all: the selector must have been
+        made with one (0 < m < numel), and the new counts must make one too."""
+        if self._pass or not self._active():
+            raise AssertionError("counts change only before the first pass ends, once active")
+        self.counts = counts
+        self._need = list(counts)
+        self._prefix = [0] * len(counts)
+        self._seen_at_key = [0] * len(counts)
+        self._ties = [None] * len(counts)
+        if not self._active():
+            raise AssertionError(f"counts {counts} of {self.numel} elements select nothing")
+
     def restart(self) -> None:
         """Rewind the running tie counts, before a new walk over the chunks in flat order."""
         self._seen_at_key = [0] * len(self.counts)

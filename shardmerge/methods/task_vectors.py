@@ -187,11 +187,9 @@ class TaskVectorMerge:
         # 32: 100 MB for the 1 GB embeddings of three fine-tunes), made at the model's first chunk.
         self._l1: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.models)
         self.factors: list[torch.Tensor | None] = [None] * len(self.models)
-        # Per model, the tensor's keep masks packed (see MASK_CACHE_BYTES): word start // 16
-        # on is the chunk at ``start``; a chunk starting elsewhere (row-aligned chunks of odd
-        # rows) is kept apart, by (model, start).
-        self._packed: dict[int, torch.Tensor] = {}
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        # Per model, the tensor's keep masks from the L1 pass for the combine, one bit each
+        # (see MASK_CACHE_BYTES).
+        self._packed = bits.PackedMasks(job.numel)
         cached = [m for m in self.models if self._bits_path(m)]
         self._cache_masks = self.l1_pass and job.numel * len(cached) <= 8 * MASK_CACHE_BYTES
         # Statistics counted during combine (on the device: no sync per chunk): per sparsified
@@ -241,7 +239,7 @@ class TaskVectorMerge:
                 continue
             keep = model.mask_bits(delta, start)
             if self._cache_masks:
-                self._keep_mask(model.index, start, bits.pack(keep))
+                self._packed.put(model.index, start, keep)
             magnitude = work.abs()
             sums = block_sums(magnitude, block)
             if bool(sums.isfinite().all()):
@@ -293,31 +291,6 @@ class TaskVectorMerge:
     def _work(self, model: _Model, delta: torch.Tensor) -> torch.Tensor:
         return delta.to(self.random_dtype) if model.drawn else delta
 
-    def _keep_mask(self, index: int, start: int, words: torch.Tensor) -> None:
-        if start % 16:
-            self._masks[index, start] = words
-            return
-        with self._lock:
-            store = self._packed.get(index)
-            if store is None:
-                store = self._packed[index] = heap.outside_heap(
-                    -(-self.job.numel // 16), torch.int16, words.device
-                )
-        store[start // 16 : start // 16 + words.numel()].copy_(words)
-
-    def _kept_mask(self, index: int, start: int, count: int) -> torch.Tensor | None:
-        """The packed mask that the L1 pass kept for the chunk, or None."""
-        if start % 16:
-            return self._masks.pop((index, start), None)
-        store = self._packed.get(index)
-        if store is None:
-            return None
-        words = store[start // 16 : start // 16 + -(-count // 16)]
-        if start + count >= self.job.numel:  # the last chunk: the store goes with it
-            with self._lock:
-                self._packed.pop(index, None)
-        return words
-
     def _bits_path(self, model: _Model) -> bool:
         """Whether the model's masks are int16 ones (a 16-bit merge, worked in its own dtype)."""
         work_dtype = self.random_dtype if model.drawn else self.dtype
@@ -332,10 +305,8 @@ class TaskVectorMerge:
             return torch.zeros_like(delta)
         work = self._work(model, delta)
         if self._bits_path(model):
-            packed = self._kept_mask(model.index, start, delta.numel())
-            if packed is not None:
-                keep_bits = bits.unpack(packed, delta.numel())
-            else:
+            keep_bits = self._packed.take(model.index, start, delta.numel())
+            if keep_bits is None:
                 keep_bits = model.mask_bits(delta, start)
             kept, ones = bits.count(keep_bits), bits.ones_where(keep_bits, work.dtype)
         else:
