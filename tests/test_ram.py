@@ -55,6 +55,24 @@ def test_ram_matches_the_dense_reference_at_any_chunk_size(dtype, method):
     assert {0, 1, 2} <= set(counts.unique().tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["infinity", "nan", "epsilon 0", "huge epsilon"])
+def test_ram_bit_pattern_path_and_its_fallback_give_mergekits_bytes(dtype, case):
+    """The 16-bit combine works from bit patterns where every task vector is finite, and on
+    mergekit's expressions where one is not; both give the reference's bytes."""
+    base, models = _inputs(dtype)
+    epsilon = {"epsilon 0": 0.0, "huge epsilon": 1e30}.get(case, 0.02)
+    if case == "infinity":
+        models[1][20, 3] = float("inf")
+    if case == "nan":
+        models[2][30, 7] = float("nan")
+    job = TensorJob("w", base.numel(), dtype, ({},) * 3, {"epsilon": epsilon}, 0, row_len=90)
+    want = dense_ram(base, models, epsilon).reshape(-1)
+    flat = [x.reshape(-1) for x in (base, *models)]
+    got = passes.merge_tensor(job, "ram", flat, 1024)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case
+
+
 CONFIGS = {
     "ram": (
         "merge_method: ram\nbase_model: {m0}\nmodels:\n  - model: {m1}\n  - model: {m2}\n"

@@ -22,6 +22,7 @@ import torch
 from shardmerge import heap
 
 __all__ = [
+    "INFINITY_BITS",
     "PackedMasks",
     "SIXTEEN_BIT",
     "count",
@@ -41,6 +42,7 @@ SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 # Bit patterns of 1.0 and of +inf (a magnitude above it is a NaN).
 _ONE = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 _INF = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+INFINITY_BITS = _INF  # a magnitude key at or above it is an infinity or a NaN
 
 
 def magnitudes(x: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,13 @@ class RamMerge:
         self.scales = 1 + self.r * rho.clamp(min=0, max=self.alpha)
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
+        from shardmerge.methods import bits
+
         base = inputs[0]
+        if not self.scaled and base.dtype in bits.SIXTEEN_BIT and self.epsilon >= 0:
+            merged = self._combine_bits(inputs)
+            if merged is not None:
+                return merged
         vectors, nonzero, counts, overlap, unique = contributions(inputs, self.epsilon)
         kept = nonzero.sum(dim=1)
         with self._lock:
@@ -96,6 +102,41 @@ class RamMerge:
             alone = alone * scales.to(base.device).unsqueeze(-1)
         merged = (alone + (contributing * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
         return (base + merged.reshape_as(base)).to(base.dtype)
+
+    def _combine_bits(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """RAM's combine for 16-bit merges, from the task vectors' bit patterns: the same
+        bytes as mergekit's expressions wherever every task vector is finite (None otherwise,
+        for those). There a model's term, ``z * unique + z * overlap / max(count, 1)`` with
+        ``z`` its task vector where it contributes (a zero of its sign elsewhere), is
+        ``z / max(count, 1)``: ``z`` itself where it alone contributes (count 1), and the
+        other product a zero of ``z``'s sign, which the sum of the two keeps."""
+        import torch
+
+        from shardmerge.methods import bits
+        from shardmerge.methods.sums import sum_rounded
+
+        base = inputs[0]
+        dtype = base.dtype
+        deltas = [x - base for x in inputs[1:]]
+        keys = [bits.magnitudes(d) for d in deltas]
+        infinity = bits.INFINITY_BITS[dtype]
+        if any(int(k.max()) >= infinity for k in keys):
+            return None  # an infinity or a NaN: mergekit's products make NaNs
+        # |d| > epsilon, epsilon rounded to the merge dtype first (as the CPU compares).
+        threshold = int(torch.tensor(self.epsilon, dtype=dtype).view(torch.int16))
+        contributes = [bits.greater(k, min(threshold, 0x7FFF)) for k in keys]
+        minus_count = contributes[0].clone()  # -1 per contributing model
+        for c in contributes[1:]:
+            minus_count.add_(c)
+        kept = torch.stack([bits.count(c) for c in contributes])
+        with self._lock:
+            self._kept = kept if self._kept is None else self._kept + kept
+        divisor = minus_count.neg_().clamp_(min=1).to(dtype)
+        terms = [
+            d.view(torch.int16).bitwise_and(c.bitwise_or(-0x8000)).view(dtype) / divisor
+            for d, c in zip(deltas, contributes, strict=True)
+        ]
+        return base + sum_rounded(terms, dtype)
 
     def statistics(self) -> dict[str, object]:
         """Per model, the elements where it contributes (:mod:`shardmerge.mergestats`), and
