@@ -11,8 +11,15 @@ import torch.nn.functional as F  # noqa: N812
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob
 from shardmerge.methods.arcee_fusion import key_value, order_keys
-from tests.conftest import needs_mergekit, run_mergekit
-from tests.test_methods import _family, _read, _shard_bytes, run_watched
+from tests.conftest import needs_mergekit
+from tests.test_methods import (
+    _family,
+    _read,
+    _shard_bytes,
+    on_cpu_and_cuda,
+    ours_and_mergekits,
+    run_watched,
+)
 
 
 def dense_arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
@@ -145,10 +152,7 @@ def test_arcee_fusion_agrees_with_mergekit(tmp_path, capsys, dtype):
     rounded to the merge dtype."""
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, folders, CONFIG.replace("bfloat16", dtype))
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         assert torch.equal(mine, theirs[name].to(mine.dtype)), name
     capsys.readouterr()
@@ -161,14 +165,9 @@ def test_arcee_fusion_on_cuda_takes_nearly_the_cpus_elements(tmp_path, capsys):
     fall on the other side of it: almost every element must still be the CPU's."""
     folders, _ = _family(tmp_path)
     recipe = _write(tmp_path, folders)
-    results = {}
-    for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
-        assert rc == 0, capsys.readouterr().err
-        results[device] = _read(out)
+    cpu, gpu = on_cpu_and_cuda(tmp_path, capsys, recipe)
     total = differ = 0
-    for name, tensor in results["cpu"].items():
+    for name, tensor in cpu.items():
         total += tensor.numel()
-        differ += int((tensor != results["cuda"][name]).sum())
+        differ += int((tensor != gpu[name]).sum())
     assert differ <= total // 1000, (differ, total)

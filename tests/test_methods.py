@@ -348,6 +348,27 @@ def _shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
+def ours_and_mergekits(tmp_path: Path, recipe: Path) -> tuple[dict, dict]:
+    """The CLI's output of ``recipe`` and mergekit's (same tensor names), read."""
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
+    run_mergekit(recipe, tmp_path / "theirs")
+    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    return ours, theirs
+
+
+def on_cpu_and_cuda(tmp_path: Path, capsys, recipe: Path) -> tuple[dict, dict]:
+    """The CLI's output of ``recipe`` on the CPU and on CUDA (same tensor names), read."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
+        assert rc == 0, capsys.readouterr().err
+        results[device] = _read(out)
+    assert set(results["cpu"]) == set(results["cuda"])
+    return results["cpu"], results["cuda"]
+
+
 CONFIGS = {
     "linear": (
         "merge_method: linear\nmodels:\n"
@@ -525,10 +546,7 @@ def test_agrees_with_mergekit(tmp_path, capsys, method):
     folders, states = _family(tmp_path, llama=True)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         other = theirs[name].to(mine.dtype)
         base = states[0][name]
@@ -790,14 +808,7 @@ def test_cuda_gives_the_cpu_result(tmp_path, capsys, method):
     folders, _ = _family(tmp_path)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS[method].format(**{f"m{j}": f for j, f in enumerate(folders)}))
-    results = {}
-    for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
-        assert rc == 0, capsys.readouterr().err
-        results[device] = _read(out)
-    cpu, gpu = results["cpu"], results["cuda"]
-    assert set(cpu) == set(gpu)
+    cpu, gpu = on_cpu_and_cuda(tmp_path, capsys, recipe)
     for name in cpu:
         if not cpu[name].is_floating_point():
             assert torch.equal(cpu[name], gpu[name]), name

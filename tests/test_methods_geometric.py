@@ -13,8 +13,16 @@ import torch
 
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob, sums
-from tests.conftest import needs_mergekit, run_mergekit
-from tests.test_methods import _family, _max_steps, _read, _shard_bytes, run_watched
+from tests.conftest import needs_mergekit
+from tests.test_methods import (
+    _family,
+    _max_steps,
+    _read,
+    _shard_bytes,
+    on_cpu_and_cuda,
+    ours_and_mergekits,
+    run_watched,
+)
 
 # --------------------------------------------------------------------------- dense references
 # From the method descriptions (mergekit 0.1.5's semantics), on whole tensors.
@@ -467,10 +475,7 @@ def test_compute_workers_side_by_side_give_one_workers_bytes(tmp_path, capsys, m
 def test_agrees_with_mergekit_within_one_bf16_step(tmp_path, capsys, config):
     folders, states = _family(tmp_path, llama=True, tunes=3)
     recipe = _write(tmp_path, config, folders)
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         other = theirs[name].to(mine.dtype)
         if config != "karcher":
@@ -562,14 +567,7 @@ def test_cuda_gives_the_cpu_result(tmp_path, capsys, config):
 
     folders, _ = _family(tmp_path, tunes=3)
     recipe = _write(tmp_path, config, folders)
-    results = {}
-    for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
-        assert rc == 0, capsys.readouterr().err
-        results[device] = _read(out)
-    cpu, gpu = results["cpu"], results["cuda"]
-    assert set(cpu) == set(gpu)
+    cpu, gpu = on_cpu_and_cuda(tmp_path, capsys, recipe)
     for name in cpu:
         if not cpu[name].is_floating_point():
             assert torch.equal(cpu[name], gpu[name]), name

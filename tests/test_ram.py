@@ -8,8 +8,8 @@ import torch
 
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob
-from tests.conftest import needs_mergekit, run_mergekit
-from tests.test_methods import _family, _read, _shard_bytes, run_watched
+from tests.conftest import needs_mergekit
+from tests.test_methods import _family, _read, _shard_bytes, ours_and_mergekits, run_watched
 
 
 def dense_ram(base, models, epsilon=1e-5, plus=None):
@@ -135,10 +135,7 @@ def test_ram_agrees_with_mergekit(tmp_path, capsys, method):
     """mergekit's bytes (RAM+: its float32 result, rounded to the merge dtype)."""
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, method, folders)
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         assert torch.equal(mine, theirs[name].to(mine.dtype)), name
     capsys.readouterr()

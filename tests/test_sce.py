@@ -10,8 +10,16 @@ import torch
 
 from shardmerge import cli, passes
 from shardmerge.methods import TensorJob
-from tests.conftest import needs_mergekit, run_mergekit
-from tests.test_methods import _family, _max_steps, _read, _shard_bytes, run_watched
+from tests.conftest import needs_mergekit
+from tests.test_methods import (
+    _family,
+    _max_steps,
+    _read,
+    _shard_bytes,
+    on_cpu_and_cuda,
+    ours_and_mergekits,
+    run_watched,
+)
 
 
 def dense_sce(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> torch.Tensor:
@@ -187,10 +195,7 @@ def test_sce_agrees_with_mergekit_without_a_selection(tmp_path, capsys):
     folders, _ = _family(tmp_path, llama=True, tunes=3)
     text = CONFIG.replace("select_topk: [0.2, 0.8], ", "")
     recipe = _write(tmp_path, folders, text)
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         assert _max_steps(mine, theirs[name].to(mine.dtype)) <= 1, name
     capsys.readouterr()
@@ -206,17 +211,12 @@ def test_sce_on_cuda_gives_the_cpu_result(tmp_path, capsys):
 
     folders, _ = _family(tmp_path, tunes=3)
     recipe = _write(tmp_path, folders, CONFIG.replace("select_topk: [0.2, 0.8], ", ""))
-    results = {}
-    for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        rc = cli.main(["run", str(recipe), "--out", str(out), "--quiet", "--device", device])
-        assert rc == 0, capsys.readouterr().err
-        results[device] = _read(out)
-    for name, tensor in results["cpu"].items():
+    cpu, gpu = on_cpu_and_cuda(tmp_path, capsys, recipe)
+    for name, tensor in cpu.items():
         if not tensor.is_floating_point():
-            assert torch.equal(tensor, results["cuda"][name]), name
+            assert torch.equal(tensor, gpu[name]), name
             continue
-        _assert_within_one_step(tensor, results["cuda"][name], name)
+        _assert_within_one_step(tensor, gpu[name], name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

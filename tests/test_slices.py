@@ -24,9 +24,9 @@ from shardmerge.slices import (
     rewrite_config,
     stack_layers,
 )
-from tests.conftest import folder_files, needs_mergekit, run_mergekit, write_checkpoint
+from tests.conftest import folder_files, needs_mergekit, write_checkpoint
 from tests.test_distributed import _launch, needs_gloo
-from tests.test_methods import LAYERS, _family, _max_steps, _read, dense_linear
+from tests.test_methods import LAYERS, _family, _max_steps, _read, dense_linear, ours_and_mergekits
 from tests.test_resume import _run_subprocess
 from tests.test_slerp import reference_slerp
 
@@ -651,10 +651,7 @@ out_dtype: bfloat16
 def test_agrees_with_mergekit(tmp_path, capsys, config):
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, config, folders)
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
-    run_mergekit(recipe, tmp_path / "theirs")
-    ours, theirs = _read(tmp_path / "ours"), _read(tmp_path / "theirs")
-    assert set(ours) == set(theirs)
+    ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         assert _max_steps(mine, theirs[name].to(mine.dtype)) <= (0 if config is PASSTHROUGH else 1)
     mine_config = json.loads((tmp_path / "ours" / "config.json").read_text())

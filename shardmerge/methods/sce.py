@@ -26,7 +26,7 @@ kept (two bytes per element of state otherwise).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from shardmerge.methods.spec import MethodSpec, Param, TensorJob
@@ -53,6 +53,7 @@ class SCEMerge:
         from shardmerge.methods import bits
         from shardmerge.methods.select import key_space
         from shardmerge.methods.sums import BlockSums
+        from shardmerge.methods.task_vectors import ElectionCounts
 
         self.job = job
         self.dtype = job.dtype
@@ -65,8 +66,7 @@ class SCEMerge:
         self.selector: RankSelector | None = None
         self._nonzero = 0
         self._kept: torch.Tensor | None = None
-        self._agree: torch.Tensor | None = None
-        self._elected: torch.Tensor | None = None
+        self._election = ElectionCounts()
         self._lock = threading.Lock()
         selecting = self.mode == "select" and job.numel > 0
         self.select_passes = len(key_space(job.dtype).digit_shifts) if selecting else 0
@@ -171,7 +171,7 @@ class SCEMerge:
             positive = bits.is_nonneg(summed)
             signs = [bits.nonzero_and_not_positive(tv) for tv in tvs]
             agreeing = [other.bitwise_xor_(positive).bitwise_and_(nz) for nz, other in signs]
-            self._count_election([nz for nz, _ in signs], agreeing, bits.count)
+            self._election.add([nz for nz, _ in signs], agreeing, bits.count)
             # w * mask: w where the model takes part, +0 elsewhere (the weights are >= 0).
             erased = [
                 a.bitwise_and(w.view(torch.int16)).view(dtype)
@@ -184,7 +184,7 @@ class SCEMerge:
                 (tv > 0).eq_(positive_bool).logical_and_(nz)
                 for tv, nz in zip(tvs, nonzero, strict=True)
             ]
-            self._count_election(nonzero, agree_bool, torch.sum)
+            self._election.add(nonzero, agree_bool, torch.sum)
             erased = [w * a.to(dtype) for a, w in zip(agree_bool, weights, strict=True)]
         merged = sum_rounded([tv * e for tv, e in zip(tvs, erased, strict=True)], dtype)
         divisor = sum_rounded(erased, dtype).clamp(min=DIVISOR_MIN)
@@ -231,20 +231,6 @@ class SCEMerge:
                 self._kept = kept if self._kept is None else self._kept + kept
         return [d * mask for d in deltas]
 
-    def _count_election(
-        self,
-        nonzero: Sequence[torch.Tensor],
-        agreeing: Sequence[torch.Tensor],
-        count: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        import torch
-
-        total = torch.stack([count(nz) for nz in nonzero]).sum()
-        agree = torch.stack([count(a) for a in agreeing]).sum()
-        with self._lock:
-            self._elected = total if self._elected is None else self._elected + total
-            self._agree = agree if self._agree is None else self._agree + agree
-
     def statistics(self) -> dict[str, object]:
         """The weights SCE calculated, the elements its selection kept (the same for every
         model; None: no selection) and its sign election's counts (:mod:`shardmerge.mergestats`)."""
@@ -254,8 +240,7 @@ class SCEMerge:
         return {
             "weights": [float(w) for w in self.weights.tolist()],
             "kept": [kept] * self.count,
-            "agree": 0 if self._agree is None else int(self._agree.item()),
-            "nonzero": 0 if self._elected is None else int(self._elected.item()),
+            **self._election.record(),
         }
 
 

@@ -36,7 +36,7 @@ from shardmerge.methods.select import RankSelector, key_space, magnitude_keys, r
 from shardmerge.methods.spec import TensorJob
 from shardmerge.methods.sums import block_sums, pieces, sum_rounded
 
-__all__ = ["L1_BLOCK", "TaskVectorMerge"]
+__all__ = ["L1_BLOCK", "ElectionCounts", "TaskVectorMerge"]
 
 # Elements per L1 block; the engine's chunks are whole blocks, so a block never straddles two.
 L1_BLOCK = 1024
@@ -162,6 +162,36 @@ class _Model:
         return draws.to(torch.float32) < scaled
 
 
+class ElectionCounts:
+    """A sign election's statistics over a tensor's chunks (thread-safe, on the device: no
+    sync per chunk): the models' non-zero elements and those of the elected sign."""
+
+    def __init__(self) -> None:
+        self._nonzero: torch.Tensor | None = None
+        self._agree: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        nonzero: Sequence[torch.Tensor],
+        agreeing: Sequence[torch.Tensor],
+        count: Callable[[torch.Tensor], torch.Tensor] = torch.sum,
+    ) -> None:
+        """One chunk's masks per model (bool, or int16 ones with ``count=bits.count``)."""
+        total = torch.stack([count(nz) for nz in nonzero]).sum()
+        agree = torch.stack([count(a) for a in agreeing]).sum()
+        with self._lock:
+            self._nonzero = total if self._nonzero is None else self._nonzero + total
+            self._agree = agree if self._agree is None else self._agree + agree
+
+    def record(self) -> dict[str, int]:
+        """``{"agree", "nonzero"}`` for :mod:`shardmerge.mergestats`."""
+        return {
+            "agree": 0 if self._agree is None else int(self._agree.item()),
+            "nonzero": 0 if self._nonzero is None else int(self._nonzero.item()),
+        }
+
+
 class TaskVectorMerge:
     """:class:`~shardmerge.methods.spec.TensorMerge` for one tensor of the family."""
 
@@ -196,8 +226,7 @@ class TaskVectorMerge:
         # model its kept elements; with sign election, the non-zero weighted elements and those
         # of the elected sign.
         self._kept: list[torch.Tensor | None] = [None] * len(self.models)
-        self._agree: torch.Tensor | None = None
-        self._nonzero: torch.Tensor | None = None
+        self._election = ElectionCounts()
         self._lock = threading.Lock()  # the counters, when the engine combines chunks at once
 
     def in_any_order(self, pass_index: int) -> bool:
@@ -345,7 +374,7 @@ class TaskVectorMerge:
                 (d > 0).eq_(positive).logical_and_(nz)
                 for d, nz in zip(weighted, nonzero, strict=True)
             ]
-            self._count_election(nonzero, agreeing)
+            self._election.add(nonzero, agreeing)
             takes = [t.to(dtype) for t in agreeing]
             # d * take, not a masked fill: a dropped negative delta is -0.0, as in mergekit.
             mixed = sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
@@ -373,7 +402,7 @@ class TaskVectorMerge:
         nonzero = [nz for nz, _ in signs]
         # (d > 0) == positive where d != 0: not-positive differs from positive there.
         agreeing = [other.bitwise_xor_(positive).bitwise_and_(nz) for nz, other in signs]
-        self._count_election(nonzero, agreeing, bits.count)
+        self._election.add(nonzero, agreeing, bits.count)
         takes = [bits.ones_where(a, dtype) for a in agreeing]
         mixed = sum_rounded([d * t for d, t in zip(weighted, takes, strict=True)], dtype)
         # The weights taking part: w & mask instead of take * w. Only a zero's sign differs (+0
@@ -384,18 +413,6 @@ class TaskVectorMerge:
         ]
         divisor = sum_rounded(taking, dtype)
         return mixed, bits.where_zero_one(divisor)
-
-    def _count_election(
-        self,
-        nonzero: Sequence[torch.Tensor],
-        agreeing: Sequence[torch.Tensor],
-        count: Callable[[torch.Tensor], torch.Tensor] = torch.sum,
-    ) -> None:
-        total = torch.stack([count(nz) for nz in nonzero]).sum()
-        agree = torch.stack([count(a) for a in agreeing]).sum()
-        with self._lock:
-            self._nonzero = total if self._nonzero is None else self._nonzero + total
-            self._agree = agree if self._agree is None else self._agree + agree
 
     def statistics(self) -> dict[str, object]:
         """What combine counted (see :mod:`shardmerge.mergestats`): per model its kept elements
@@ -408,8 +425,7 @@ class TaskVectorMerge:
                 kept.append(0 if count is None else int(count.item()))
         out: dict[str, object] = {"kept": kept}
         if self.family.consensus and self.models:
-            out["agree"] = 0 if self._agree is None else int(self._agree.item())
-            out["nonzero"] = 0 if self._nonzero is None else int(self._nonzero.item())
+            out.update(self._election.record())
         return out
 
 
