@@ -98,6 +98,27 @@ def test_variance_is_torch_var_bit_for_bit(dtype, count):
     assert torch.equal(_variance(deltas), want)
 
 
+def test_sce_with_a_select_topk_that_rounds_up_keeps_everything():
+    """int(nonzero * select_topk) is a float32 product in mergekit: with every variance
+    non-zero, 0.99999999 rounds k up to every element (the result of select_topk 1); with every
+    variance zero, k is 0 and nothing is kept (the base)."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(3000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + sign).to(torch.bfloat16) for sign in (1, -1)]  # d0 > 0 > d1
+    variance = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
+    assert bool((variance != 0).all())
+    flat = [base, *models]
+    results = []
+    for topk in (0.99999999, 1.0):
+        job = TensorJob("w", 3000, torch.bfloat16, ({},) * 2, {"select_topk": topk}, 0)
+        results.append(passes.merge_tensor(job, "sce", flat, 1024))
+        assert torch.equal(results[-1], dense_sce(base, models, topk))
+    assert torch.equal(results[0], results[1])
+    same = [base.clone(), base.clone()]
+    job = TensorJob("w", 3000, torch.bfloat16, ({},) * 2, {"select_topk": 0.5}, 0)
+    assert torch.equal(passes.merge_tensor(job, "sce", [base, *same], 1024), base)
+
+
 def test_sce_of_equal_task_vectors_is_their_common_value():
     """Equal task vectors: each weight 1/3, every model takes part, the base plus the vector."""
     base = torch.zeros(2048, dtype=torch.bfloat16)

@@ -38,7 +38,6 @@ QUARTILES = (0.25, 0.5, 0.75)
 
 class ArceeFusionMerge:
     def __init__(self, job: TensorJob) -> None:
-
         from shardmerge.methods.select import RankSelector
 
         self.job = job

@@ -137,6 +137,9 @@ class SCEMerge:
         if k == 0:
             self.mode = "none"
             self.selector = None
+        elif k >= self.job.numel:  # a float32 product can round up to every element
+            self.mode = "all"
+            self.selector = None
         elif self.selector is not None:
             self.selector.set_counts((k,))
 
