@@ -58,6 +58,19 @@ def test_arcee_fusion_matches_the_dense_reference_at_any_chunk_size(dtype, shape
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (chunk, shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nan_rows", [1, 15])
+def test_arcee_fusion_with_nan_rows_matches_the_reference(dtype, nan_rows):
+    """A NaN in a row makes its importances NaN: never kept; with a quarter of the rows NaN
+    the upper quartile is NaN, so is the threshold, and nothing is kept."""
+    base, model = _pair(dtype, (40, 130))
+    model[20 : 20 + nan_rows, 5] = float("nan")
+    job = TensorJob("w", base.numel(), dtype, ({},), {}, 0, row_len=130, shape=(40, 130))
+    want = dense_arcee_fusion(base, model).reshape(-1)
+    got = passes.merge_tensor(job, "arcee_fusion", [base.reshape(-1), model.reshape(-1)], 1040)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_order_keys_sort_every_16_bit_pattern_as_torch_sorts_the_values(dtype):
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)

@@ -34,10 +34,16 @@ if TYPE_CHECKING:
 SOFTMAX_EPS = 1e-8
 IQR_SCALE = 1.5
 QUARTILES = (0.25, 0.5, 0.75)
+# 16-bit merges keep the first pass's order keys (2 bytes an element, outside malloc's heap) for
+# the combine, instead of computing the importances again, for tensors up to this many
+# elements (64 MiB of keys).
+KEY_CACHE_NUMEL = 1 << 25
 
 
 class ArceeFusionMerge:
     def __init__(self, job: TensorJob) -> None:
+        import torch
+
         from shardmerge.methods.select import RankSelector
 
         self.job = job
@@ -55,13 +61,24 @@ class ArceeFusionMerge:
         self._kept: torch.Tensor | None = None
         self._lock = threading.Lock()
         self.threshold: torch.Tensor | None = None
+        self._cached: torch.Tensor | None = None  # int16 keys - 32768, by element
+        self._cache = job.dtype in (torch.bfloat16, torch.float16) and 0 < n <= KEY_CACHE_NUMEL
 
     def in_any_order(self, pass_index: int) -> bool:
         """Histograms add up in any order, and the combine's chunks are independent."""
         return True
 
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
+        import torch
+
+        from shardmerge import heap
+
         keys = order_keys(importance(inputs[0], inputs[1], self.row))
+        if pass_index == 0 and self._cache:
+            with self._lock:
+                if self._cached is None:
+                    self._cached = heap.outside_heap(self.job.numel, torch.int16, keys.device)
+            self._cached[start : start + keys.numel()] = keys - 0x8000
         if pass_index == 0:
             smallest = int(keys.min())
             with self._lock:
@@ -89,13 +106,31 @@ class ArceeFusionMerge:
         base, model = inputs[0], inputs[1]
         if self.threshold is None:  # an empty tensor
             return base
-        keep = importance(base, model, self.row) >= self.threshold.to(base.device)
+        if self._cached is not None:
+            keep = self._cached_keep(start, base.numel())
+        else:
+            keep = importance(base, model, self.row) >= self.threshold.to(base.device)
         count = keep.sum()
         with self._lock:
             self._kept = count if self._kept is None else self._kept + count
         # mergekit multiplies the change by a float32 mask and adds the base in float32: the
         # same values as these ops in the merge dtype, once rounded to it.
         return base + (model - base) * keep.to(base.dtype)
+
+    def _cached_keep(self, start: int, count: int) -> torch.Tensor:
+        """``importance >= threshold`` from the kept order keys: -0 and +0 compare equal, and a
+        NaN is never kept (nor is anything when the threshold is a NaN)."""
+        import torch
+
+        assert self._cached is not None and self.threshold is not None
+        keys = self._cached[start : start + count]
+        value = self.threshold.reshape(1)
+        if bool(value.isnan()):
+            return torch.zeros(count, dtype=torch.bool, device=keys.device)
+        # The lowest key equal to the threshold: -0's for a zero.
+        lowest = order_keys(value.abs().neg() if float(value) == 0 else value)
+        at_least = keys >= int(lowest) - 0x8000
+        return at_least.logical_and_(keys != 0xFFFF - 0x8000)  # NaN keys are the highest
 
     def statistics(self) -> dict[str, object]:
         """How many elements took the model's value (:mod:`shardmerge.mergestats`)."""
@@ -134,16 +169,18 @@ def order_space(dtype: torch.dtype) -> KeySpace:
 
 
 def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose integer order is the order of ``x``'s values, as torch.sort orders
-    them: negatives (by decreasing magnitude), -0 just below +0, positives, and every NaN
-    above +inf. A negative's bits are all flipped, a non-negative's sign bit is set."""
+    """Integer keys (int32 for 16-bit floats, int64 for float32) whose order is the order of
+    ``x``'s values, as torch.sort orders them: negatives (by decreasing magnitude), -0 just
+    below +0, positives, and every NaN above +inf (the highest key). A negative's bits are all
+    flipped, a non-negative's sign bit is set."""
     import torch
 
     bits = 16 if x.dtype in (torch.bfloat16, torch.float16) else 32
     signed = torch.int16 if bits == 16 else torch.int32
+    wide = torch.int32 if bits == 16 else torch.int64
     full = (1 << bits) - 1
     sign = 1 << (bits - 1)
-    u = x.view(signed).to(torch.int64).bitwise_and_(full)
+    u = x.view(signed).to(wide).bitwise_and_(full)
     flips = (u >> (bits - 1)).mul_(full ^ sign).bitwise_or_(sign)
     keys = u.bitwise_xor(flips)
     inf = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}[x.dtype]
