@@ -57,19 +57,22 @@ def test_ram_matches_the_dense_reference_at_any_chunk_size(dtype, method):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["infinity", "nan", "epsilon 0", "huge epsilon"])
-def test_ram_bit_pattern_path_and_its_fallback_give_mergekits_bytes(dtype, case):
-    """The 16-bit combine works from bit patterns where every task vector is finite, and on
-    mergekit's expressions where one is not; both give the reference's bytes."""
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_bit_pattern_path_and_its_fallback_give_mergekits_bytes(dtype, case, method):
+    """The 16-bit passes work from bit patterns (the combine where every task vector is
+    finite, mergekit's expressions where one is not); both give the reference's bytes."""
     base, models = _inputs(dtype)
     epsilon = {"epsilon 0": 0.0, "huge epsilon": 1e30}.get(case, 0.02)
     if case == "infinity":
         models[1][20, 3] = float("inf")
     if case == "nan":
         models[2][30, 7] = float("nan")
-    job = TensorJob("w", base.numel(), dtype, ({},) * 3, {"epsilon": epsilon}, 0, row_len=90)
-    want = dense_ram(base, models, epsilon).reshape(-1)
+    shared = {"epsilon": epsilon, "r": 0.5, "alpha": 0.3}
+    job = TensorJob("w", base.numel(), dtype, ({},) * 3, shared, 0, row_len=90)
+    plus = (0.5, 0.3) if method == "ramplus_tl" else None
+    want = dense_ram(base, models, epsilon, plus).reshape(-1)
     flat = [x.reshape(-1) for x in (base, *models)]
-    got = passes.merge_tensor(job, "ram", flat, 1024)
+    got = passes.merge_tensor(job, method, flat, 1024)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case
 
 

@@ -65,9 +65,18 @@ class RamMerge:
         return True
 
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
-        _, nonzero, _, overlap, unique = contributions(inputs, self.epsilon)
-        shared = (nonzero & overlap).sum(dim=1).tolist()
-        alone = (nonzero & unique).sum(dim=1).tolist()
+        from shardmerge.methods import bits
+
+        found = self._contributions_bits(inputs) if self._bit_patterns(inputs[0]) else None
+        if found is not None:
+            _, contributes, minus_count = found
+            overlap, unique = _overlap_and_unique(minus_count)
+            shared = [int(bits.count(c & overlap)) for c in contributes]
+            alone = [int(bits.count(c & unique)) for c in contributes]
+        else:
+            _, nonzero, _, overlap_bool, unique_bool = contributions(inputs, self.epsilon)
+            shared = (nonzero & overlap_bool).sum(dim=1).tolist()
+            alone = (nonzero & unique_bool).sum(dim=1).tolist()
         with self._lock:
             self._shared = [a + b for a, b in zip(self._shared, shared, strict=True)]
             self._unique = [a + b for a, b in zip(self._unique, alone, strict=True)]
@@ -83,10 +92,9 @@ class RamMerge:
         self.scales = 1 + self.r * rho.clamp(min=0, max=self.alpha)
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
-        from shardmerge.methods import bits
 
         base = inputs[0]
-        if not self.scaled and base.dtype in bits.SIXTEEN_BIT and self.epsilon >= 0:
+        if self._bit_patterns(base):
             merged = self._combine_bits(inputs)
             if merged is not None:
                 return merged
@@ -103,13 +111,50 @@ class RamMerge:
         merged = (alone + (contributing * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
         return (base + merged.reshape_as(base)).to(base.dtype)
 
+    def _bit_patterns(self, x: torch.Tensor) -> bool:
+        from shardmerge.methods import bits
+
+        return x.dtype in bits.SIXTEEN_BIT and self.epsilon >= 0
+
+    def _contributions_bits(
+        self, inputs: Sequence[torch.Tensor], finite_only: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
+        """:func:`contributions` from bit patterns, for 16-bit merges: the task vectors, each
+        one's int16 mask of ``|d| > epsilon`` (epsilon rounded to the merge dtype first, as the
+        CPU compares; never for a NaN), and minus the count of contributing models. None with
+        ``finite_only`` where a task vector holds an infinity or a NaN."""
+        import torch
+
+        from shardmerge.methods import bits
+
+        base = inputs[0]
+        dtype = base.dtype
+        infinity = bits.INFINITY_BITS[dtype]
+        deltas = [x - base for x in inputs[1:]]
+        keys = [bits.magnitudes(d) for d in deltas]
+        if finite_only and any(int(k.max()) >= infinity for k in keys):
+            return None
+        threshold = min(int(torch.tensor(self.epsilon, dtype=dtype).view(torch.int16)), 0x7FFF)
+        contributes = []
+        for k in keys:
+            mask = bits.greater(k, threshold)
+            if not finite_only:  # |NaN| > epsilon is False
+                mask.bitwise_and_(bits.greater(k, infinity).bitwise_not_())
+            contributes.append(mask)
+        minus_count = contributes[0].clone()  # -1 per contributing model
+        for c in contributes[1:]:
+            minus_count.add_(c)
+        return deltas, contributes, minus_count
+
     def _combine_bits(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """RAM's combine for 16-bit merges, from the task vectors' bit patterns: the same
-        bytes as mergekit's expressions wherever every task vector is finite (None otherwise,
-        for those). There a model's term, ``z * unique + z * overlap / max(count, 1)`` with
-        ``z`` its task vector where it contributes (a zero of its sign elsewhere), is
-        ``z / max(count, 1)``: ``z`` itself where it alone contributes (count 1), and the
-        other product a zero of ``z``'s sign, which the sum of the two keeps."""
+        """The combine for 16-bit merges from the task vectors' bit patterns: the same bytes
+        as mergekit's expressions wherever every task vector is finite (None otherwise: its
+        products make NaNs there). ``z`` is a task vector where it contributes and a zero of
+        its sign elsewhere (mergekit's product by the bool mask), ``z & unique`` and ``z &
+        overlap`` likewise. RAM's term ``z * unique + z * overlap / max(count, 1)`` is then
+        ``z / max(count, 1)``: ``z`` itself where it alone contributes (count 1), the other
+        product a zero of ``z``'s sign, which the sum keeps. RAM+ scales the first product by
+        its float32 scale, so its terms are summed as mergekit sums them."""
         import torch
 
         from shardmerge.methods import bits
@@ -117,26 +162,25 @@ class RamMerge:
 
         base = inputs[0]
         dtype = base.dtype
-        deltas = [x - base for x in inputs[1:]]
-        keys = [bits.magnitudes(d) for d in deltas]
-        infinity = bits.INFINITY_BITS[dtype]
-        if any(int(k.max()) >= infinity for k in keys):
-            return None  # an infinity or a NaN: mergekit's products make NaNs
-        # |d| > epsilon, epsilon rounded to the merge dtype first (as the CPU compares).
-        threshold = int(torch.tensor(self.epsilon, dtype=dtype).view(torch.int16))
-        contributes = [bits.greater(k, min(threshold, 0x7FFF)) for k in keys]
-        minus_count = contributes[0].clone()  # -1 per contributing model
-        for c in contributes[1:]:
-            minus_count.add_(c)
+        found = self._contributions_bits(inputs, finite_only=True)
+        if found is None:
+            return None
+        deltas, contributes, minus_count = found
         kept = torch.stack([bits.count(c) for c in contributes])
         with self._lock:
             self._kept = kept if self._kept is None else self._kept + kept
-        divisor = minus_count.neg_().clamp_(min=1).to(dtype)
+        zs = [_masked(d, c) for d, c in zip(deltas, contributes, strict=True)]
+        divisor = minus_count.neg().clamp_(min=1).to(dtype)
+        if not self.scaled:
+            return base + sum_rounded([z / divisor for z in zs], dtype)
+        overlap, unique = _overlap_and_unique(minus_count)
+        scales = self.scales if self.scales is not None else _ones(self.count, base.device)
         terms = [
-            d.view(torch.int16).bitwise_and(c.bitwise_or(-0x8000)).view(dtype) / divisor
-            for d, c in zip(deltas, contributes, strict=True)
+            _masked(z, unique).float() * scale + (_masked(z, overlap) / divisor).float()
+            for z, scale in zip(zs, scales.to(base.device).unbind(), strict=True)
         ]
-        return base + sum_rounded(terms, dtype)
+        merged = torch.stack(terms).sum(dim=0)
+        return (base + merged).to(dtype)
 
     def statistics(self) -> dict[str, object]:
         """Per model, the elements where it contributes (:mod:`shardmerge.mergestats`), and
@@ -146,6 +190,23 @@ class RamMerge:
         if self.scaled and self.scales is not None:
             out["weights"] = [float(s) for s in self.scales.tolist()]
         return out
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` for a finite 16-bit ``x`` and an int16 mask: ``x`` where set, a zero of its
+    sign elsewhere."""
+    import torch
+
+    return x.view(torch.int16).bitwise_and(mask.bitwise_or(-0x8000)).view(x.dtype)
+
+
+def _overlap_and_unique(minus_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16 masks of more than one and of exactly one contributing model, from minus the
+    count: ``count - 1`` is negative past one, and ``x | -x`` has its sign set unless x is 0."""
+    shifted = minus_count.add(1)  # 1 - count
+    overlap = shifted.bitwise_right_shift(15)
+    unique = shifted.bitwise_or(shifted.neg()).bitwise_right_shift_(15).bitwise_not_()
+    return overlap, unique
 
 
 def _ones(count: int, device: torch.device) -> torch.Tensor:
