@@ -64,7 +64,15 @@ def _tensors(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("topk", [1.0, 0.3, 0.0])
-def test_sce_matches_the_dense_reference_at_any_chunk_size(dtype, topk):
+@pytest.mark.parametrize("kept", [True, False])
+def test_sce_matches_the_dense_reference_at_any_chunk_size(dtype, topk, kept, monkeypatch):
+    """``kept``: the variance keys and masks are kept between passes (tensors up to 32 Mi
+    elements), or made again (larger ones)."""
+    from shardmerge.methods import sce
+
+    if not kept:
+        monkeypatch.setattr(sce, "KEY_CACHE_NUMEL", 0)
+        monkeypatch.setattr(sce, "MASK_CACHE_NUMEL", 0)
     base, models = _tensors(dtype)
     job = TensorJob(
         "model.layers.0.w", base.numel(), dtype, ({},) * 3, {"select_topk": topk}, 0, row_len=130

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
     from shardmerge.methods.select import RankSelector
 
+# Variance keys kept from the first pass for the squares pass: tensors of up to this many
+# elements (64 MiB of int16 keys); a larger one computes its variances again.
+KEY_CACHE_NUMEL = 1 << 25
 # Masks kept from the squares pass for the combine: tensors of up to this many elements (64 MiB
 # of bits); a larger one makes its masks again.
 MASK_CACHE_NUMEL = 1 << 29
@@ -82,6 +85,10 @@ class SCEMerge:
         self.passes = self.squares_pass + 1 if job.numel else 0
         # The squares pass's masks, one bit each, for the combine (16-bit merges).
         self._masks = bits.PackedMasks(job.numel) if self.bits else None
+        # The first pass's variance keys for the squares pass (16-bit merges, 2 bytes an
+        # element, tensors up to KEY_CACHE_NUMEL elements): the variances are not made again.
+        self._cache_keys = selecting and self.bits and job.numel <= KEY_CACHE_NUMEL
+        self._key_store: torch.Tensor | None = None
         self.sums = BlockSums(self.count)
         self.weights = torch.full((self.count,), 1.0 / self.count, dtype=self.dtype)
 
@@ -97,6 +104,8 @@ class SCEMerge:
     def reduce(self, pass_index: int, inputs: Sequence[torch.Tensor], start: int) -> None:
         import torch
 
+        from shardmerge import heap
+
         deltas = _deltas(inputs)
         if pass_index < self.squares_pass:
             keys = self._keys(_variance(deltas))
@@ -104,6 +113,12 @@ class SCEMerge:
                 here = int(torch.count_nonzero(keys))
                 with self._lock:
                     self._nonzero += here
+                    if self._cache_keys and self._key_store is None:
+                        self._key_store = heap.outside_heap(
+                            self.job.numel, torch.int16, keys.device
+                        )
+                if self._key_store is not None:
+                    self._key_store[start : start + keys.numel()] = keys
             if self.selector is not None and self.selector.passes:
                 self.selector.add(keys, start)
             return
@@ -145,6 +160,8 @@ class SCEMerge:
 
     def _calculate_weights(self) -> None:
         import torch
+
+        self._key_store = None  # the masks are made: the keys are no longer needed
 
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         # mergekit: mean(d_i^2) of the merge dtype, a float32 sum (float64: float64) divided
@@ -195,6 +212,11 @@ class SCEMerge:
 
     # ------------------------------------------------------------------ helpers
 
+    def _stored_keys(self, start: int, count: int) -> torch.Tensor | None:
+        """The first pass's keys of the chunk, where they were kept (16-bit merges)."""
+        store = self._key_store
+        return None if store is None else store[start : start + count]
+
     def _keys(self, variance: torch.Tensor) -> torch.Tensor:
         """Magnitude keys of the variances, every NaN one key above +inf (ties by index)."""
         from shardmerge.methods import bits
@@ -222,7 +244,10 @@ class SCEMerge:
             n = deltas[0].numel()
             keep = self._masks.take(0, start, n) if combine else None
             if keep is None:
-                keep = self.selector.mask_bits(self._keys(_variance(deltas)), 0, start)
+                keys = self._stored_keys(start, n)
+                if keys is None:
+                    keys = self._keys(_variance(deltas))
+                keep = self.selector.mask_bits(keys, 0, start)
                 if not combine and self.job.numel <= MASK_CACHE_NUMEL:
                     self._masks.put(0, start, keep)
             mask, kept = bits.ones_where(keep, self.dtype), bits.count(keep)
