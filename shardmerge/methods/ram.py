@@ -92,7 +92,6 @@ class RamMerge:
         self.scales = 1 + self.r * rho.clamp(min=0, max=self.alpha)
 
     def combine(self, inputs: Sequence[torch.Tensor], start: int) -> torch.Tensor:
-
         base = inputs[0]
         if self._bit_patterns(base):
             merged = self._combine_bits(inputs)
@@ -202,7 +201,7 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _overlap_and_unique(minus_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int16 masks of more than one and of exactly one contributing model, from minus the
-    count: ``count - 1`` is negative past one, and ``x | -x`` has its sign set unless x is 0."""
+    count: ``1 - count`` is negative past one, and ``x | -x`` has its sign set unless x is 0."""
     shifted = minus_count.add(1)  # 1 - count
     overlap = shifted.bitwise_right_shift(15)
     unique = shifted.bitwise_or(shifted.neg()).bitwise_right_shift_(15).bitwise_not_()
