@@ -34,7 +34,7 @@ import torch
 
 from shardmerge import heap
 from shardmerge.engine import TORCH_DTYPES, bytes_view, execute_plan
-from shardmerge.errors import ShardmergeError
+from shardmerge.errors import InputError, ShardmergeError
 from shardmerge.inventory import DTYPE_SIZES
 from shardmerge.mergestats import Recorder
 from shardmerge.methods import TensorJob, TensorMerge, get_method
@@ -95,7 +95,8 @@ def merge_tensor(
         for s, e in spans:
             merge.reduce(p, [x[s:e] for x in inputs], s)
         merge.end_pass(p)
-    out = torch.empty(job.numel, dtype=job.dtype, device=inputs[0].device)
+    # The engine's cast to the written dtype: each combine result is rounded to it once.
+    out = torch.empty(job.numel, dtype=job.out_dtype or job.dtype, device=inputs[0].device)
     for s, e in spans:
         out[s:e] = merge.combine([x[s:e] for x in inputs], s)
     return out
@@ -375,6 +376,11 @@ def execute_passes(
         else:
             merged = merge.combine(inputs, item.start)
             out = merged.to(TORCH_DTYPES[task.out_dtype]).reshape(-1)
+            if _shares_memory(out, inputs):
+                # A combine may return an input itself (one model: multislerp, karcher; no
+                # task vectors: the base). Its slot is released below and refilled by the
+                # reader before the writer gets to it: write a copy.
+                out = out.clone()
             data = out.cpu().contiguous().view(torch.uint8)
             del merged, out
         del inputs
@@ -452,7 +458,9 @@ def execute_passes(
     if errors:
         error = errors[0]
         if isinstance(error, ValueError) and not isinstance(error, ShardmergeError):
-            raise ShardmergeError(str(error)) from None
+            # A method refusing what the inputs and parameters make of a tensor (multislerp's
+            # 0/0, a tensor too large for the generator): bad input, exit code 2.
+            raise InputError(str(error)) from None
         raise error
     return ExecuteResult(shards.sorted_results(), sum(r.bytes_read for r in readers))
 
@@ -484,7 +492,14 @@ def _job(plan: MergePlan, task: TensorTask, dev: torch.device) -> TensorJob:
         device=dev,
         row_len=_row_len(task),
         shape=tuple(task.shape),
+        out_dtype=TORCH_DTYPES[task.out_dtype],
     )
+
+
+def _shares_memory(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``out`` lies in the memory of one of ``inputs`` (a view of a chunk's slot)."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(x.untyped_storage().data_ptr() == ptr for x in inputs)
 
 
 def _row_len(task: TensorTask) -> int:

@@ -22,10 +22,12 @@ from tests.test_methods import (
 )
 
 
-def dense_arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+def dense_arcee_fusion(
+    base: torch.Tensor, model: torch.Tensor, out: torch.dtype | None = None
+) -> torch.Tensor:
     """mergekit's arcee_fusion_merge_method, op for op, with its quartiles from a sort of the
     whole tensor (mergekit samples a million elements above a million), and its result rounded
-    to the inputs' dtype (mergekit's float32 mask leaves it float32)."""
+    to ``out`` (default: the inputs' dtype; mergekit's float32 mask leaves it float32)."""
     diff = (model - base).abs()
     p = F.softmax(model, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
@@ -34,7 +36,7 @@ def dense_arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[at]
     mask = (importance >= median + 1.5 * (q3 - q1)).float()
-    return (base + (model - base) * mask).to(base.dtype)
+    return (base + (model - base) * mask).to(out or base.dtype)
 
 
 def _pair(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +58,18 @@ def test_arcee_fusion_matches_the_dense_reference_at_any_chunk_size(dtype, shape
     for chunk in (130, 1024, 1 << 20):
         got = passes.merge_tensor(job, "arcee_fusion", [base.reshape(-1), model.reshape(-1)], chunk)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (chunk, shape)
+
+
+@pytest.mark.parametrize("out", [torch.float16, torch.float32])
+def test_arcee_fusion_rounds_its_result_once_to_the_output_dtype(out):
+    """A bf16 merge written as float16 or float32: mergekit's float32 result, rounded once to
+    the output dtype (not first to bf16)."""
+    base, model = _pair(torch.bfloat16, (40, 130))
+    job = TensorJob("w", base.numel(), torch.bfloat16, ({},), {}, 0, row_len=130, out_dtype=out)
+    got = passes.merge_tensor(job, "arcee_fusion", [base.reshape(-1), model.reshape(-1)], 1040)
+    want = dense_arcee_fusion(base, model, out).reshape(-1)
+    assert got.dtype == out and torch.equal(got, want)
+    assert not torch.equal(got, dense_arcee_fusion(base, model).to(out).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -158,11 +172,13 @@ def test_arcee_fusion_bad_input_is_one_line_exit_2(tmp_path, capsys, edit, needl
 
 
 @needs_mergekit
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(
+    "dtype", ["bfloat16", "float32", "bfloat16\nout_dtype: float16", "float16\nout_dtype: float32"]
+)
 def test_arcee_fusion_agrees_with_mergekit(tmp_path, capsys, dtype):
     """Every tensor here has under a million elements, so mergekit's quartiles are exact too:
     its values, bit for bit, once its float32 output (its float32 mask promotes the result) is
-    rounded to the merge dtype."""
+    rounded to the merge dtype; with an output dtype, both round it once to that."""
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, folders, CONFIG.replace("bfloat16", dtype))
     ours, theirs = ours_and_mergekits(tmp_path, recipe)

@@ -325,6 +325,26 @@ def test_multislerp_edges():
         _merged("multislerp", three, [x, -x, -x], (1024,))
 
 
+def test_multislerp_with_eps_0_and_a_zero_task_vector_is_one_line_exit_2(tmp_path, capsys):
+    """mergekit divides 0 by 0 there and writes NaNs; we stop with the tensor's name, exit code
+    2, and write nothing."""
+    from tests.conftest import write_checkpoint
+
+    folders, states = _family(tmp_path)
+    write_checkpoint(tmp_path / "same", states[0])  # the base again: zero task vectors
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(
+        f"merge_method: multislerp\nbase_model: {folders[0]}\nmodels:\n"
+        f"  - model: {folders[1]}\n  - model: {tmp_path / 'same'}\n"
+        "parameters: {weight: 0.5, eps: 0}\ndtype: bfloat16\n"
+    )
+    rc = cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "eps is 0" in err and "tensor '" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nearswap_matches_the_dense_reference(dtype):
     base, (x, _, _) = _tensors(dtype)

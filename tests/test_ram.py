@@ -12,9 +12,10 @@ from tests.conftest import needs_mergekit
 from tests.test_methods import _family, _read, _shard_bytes, ours_and_mergekits, run_watched
 
 
-def dense_ram(base, models, epsilon=1e-5, plus=None):
+def dense_ram(base, models, epsilon=1e-5, plus=None, out=None):
     """mergekit's ram_merge, or with ``plus = (r, alpha)`` its ramplus_tl_merge, on whole tensors;
-    rounded to the inputs' dtype (RAM+'s float32 scales leave mergekit's result float32)."""
+    rounded to ``out`` (default: the inputs' dtype; RAM+'s float32 scales leave mergekit's
+    result float32)."""
     tv = torch.stack([m - base for m in models], dim=0).view(len(models), -1)
     nonzero = tv.abs() > epsilon
     counts = nonzero.sum(dim=0, keepdim=True)
@@ -26,7 +27,7 @@ def dense_ram(base, models, epsilon=1e-5, plus=None):
         rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
         alone = alone * (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
     merged = (alone + (z * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return (base + merged.reshape_as(base)).to(base.dtype)
+    return (base + merged.reshape_as(base)).to(out or base.dtype)
 
 
 def _inputs(dtype):
@@ -74,6 +75,25 @@ def test_ram_bit_pattern_path_and_its_fallback_give_mergekits_bytes(dtype, case,
     flat = [x.reshape(-1) for x in (base, *models)]
     got = passes.merge_tensor(job, method, flat, 1024)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case
+
+
+@pytest.mark.parametrize("out", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_rounds_its_result_once_to_the_output_dtype(out, method):
+    """RAM+'s float32 result goes to an output dtype unrounded, and is rounded once to it, as
+    mergekit rounds its float32 result (a bf16 merge written as float16: not twice); RAM's
+    result is the merge dtype's, then converted."""
+    base, models = _inputs(torch.bfloat16)
+    shared = {"epsilon": 0.02, "r": 0.5, "alpha": 0.3}
+    job = TensorJob("w", base.numel(), torch.bfloat16, ({},) * 3, shared, 0, out_dtype=out)
+    plus = (0.5, 0.3) if method == "ramplus_tl" else None
+    want = dense_ram(base, models, 0.02, plus, out=out if plus else None).to(out).reshape(-1)
+    flat = [x.reshape(-1) for x in (base, *models)]
+    got = passes.merge_tensor(job, method, flat, 1024)
+    assert got.dtype == out and torch.equal(got, want)
+    if plus and out == torch.float16:  # rounding twice would differ here
+        twice = dense_ram(base, models, 0.02, plus).to(out).reshape(-1)
+        assert not torch.equal(got, twice)
 
 
 CONFIGS = {
@@ -133,11 +153,15 @@ def test_ramplus_counting_pass_runs_side_by_side(tmp_path, capsys, monkeypatch):
 
 
 @needs_mergekit
+@pytest.mark.parametrize("out_dtype", [None, "float16"])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_ram_agrees_with_mergekit(tmp_path, capsys, method):
-    """mergekit's bytes (RAM+: its float32 result, rounded to the merge dtype)."""
+def test_ram_agrees_with_mergekit(tmp_path, capsys, method, out_dtype):
+    """mergekit's bytes (RAM+: its float32 result, rounded to the merge dtype, or to the
+    output dtype where one is set)."""
     folders, _ = _family(tmp_path, llama=True)
     recipe = _write(tmp_path, method, folders)
+    if out_dtype:
+        recipe.write_text(recipe.read_text() + f"out_dtype: {out_dtype}\n")
     ours, theirs = ours_and_mergekits(tmp_path, recipe)
     for name, mine in ours.items():
         assert torch.equal(mine, theirs[name].to(mine.dtype)), name

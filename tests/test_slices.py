@@ -191,6 +191,30 @@ def test_our_layers_name_models_by_key() -> None:
     ]
 
 
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
+def test_a_base_that_an_optional_base_method_uses_comes_first_in_slices(method) -> None:
+    """nuslerp and multislerp use a base_model when given: in every slice it is the base (the
+    first input, without parameters), as in mergekit, and the models after it keep their
+    places in the recipe's list (not shifted by a second copy of the base)."""
+    mergekit = parse_recipe(
+        f"merge_method: {method}\nbase_model: ./B\nslices:\n"
+        "  - sources:\n"
+        "      - {model: ./X, layer_range: [0, 2], parameters: {weight: 0.3}}\n"
+        "      - {model: ./B, layer_range: [2, 4]}\n"
+        "      - {model: ./Y, layer_range: [1, 3], parameters: {weight: 0.7}}\n"
+    )
+    ours = parse_recipe(
+        f"method: {method}\nbase: ./B\nmodels: {{x: {{path: ./X, weight: 0.3}}, "
+        "y: {path: ./Y, weight: 0.7}}\nlayers:\n  - {x: 0-1, base: 2-3, y: 1-2}\n"
+    )
+    for recipe in (mergekit, ours):
+        assert [m.ref for m in recipe.models] == ["./B", "./X", "./Y"], recipe.models
+        (piece,) = recipe.slices
+        assert [(s.model, s.start) for s in piece.sources] == [(0, 2), (1, 0), (2, 1)]
+        assert piece.model_params is not None
+        assert [p["weight"].default for p in piece.model_params] == [0.3, 0.7]
+
+
 def _problems(text: str) -> list[str]:
     with pytest.raises(RecipeError) as info:
         parse_recipe(text)
@@ -705,3 +729,28 @@ def test_mismatched_shapes_between_sources_name_the_slice(tmp_path, capsys):
     assert "'model.layers.2.self_attn.q_proj.weight' of model 3" in err
     assert err.rstrip().endswith("has [8, 16]") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["multislerp", "karcher"])
+def test_a_combine_that_returns_its_input_writes_that_inputs_bytes(tmp_path, capsys, method):
+    """One model merged by itself comes out as it is (mergekit returns the tensor). That
+    result is the input chunk's own memory, which goes back to the reader once merged: the
+    engine writes a copy, not whatever the reader puts there next (found by
+    benchmarks/differential.py: a stack of layers 2 then 0 of one model came out scrambled)."""
+    folders, states = _family(tmp_path, llama=True)
+    params = "parameters: {weight: 0.65}\n" if method == "multislerp" else ""
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(
+        f"merge_method: {method}\n{params}slices:\n"
+        f"  - sources: [{{model: {folders[2]}, layer_range: [2, 3]}}]\n"
+        f"  - sources: [{{model: {folders[2]}, layer_range: [0, 1]}}]\n"
+        "dtype: bfloat16\n"
+    )
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    got = _read(tmp_path / "out")
+    source = states[2]
+    for name, tensor in got.items():
+        layer = find_layer(name)
+        want = source[name if layer is None else renumber(name, {0: 2, 1: 0}[layer[1]])]
+        assert torch.equal(tensor, want), name
+    capsys.readouterr()

@@ -114,8 +114,12 @@ class ArceeFusionMerge:
         with self._lock:
             self._kept = count if self._kept is None else self._kept + count
         # mergekit multiplies the change by a float32 mask and adds the base in float32: the
-        # same values as these ops in the merge dtype, once rounded to it.
-        return base + (model - base) * keep.to(base.dtype)
+        # same values as these ops in the merge dtype, once rounded to it. With an output
+        # dtype of its own, the float32 sum goes out unrounded (the engine rounds it once).
+        change = (model - base) * keep.to(base.dtype)
+        if self.job.wider_result():
+            return base.float() + change.float()
+        return base + change
 
     def _cached_keep(self, start: int, count: int) -> torch.Tensor:
         """``importance >= threshold`` from the kept order keys: -0 and +0 compare equal, and a

@@ -94,6 +94,12 @@ def multislerp_coefficients(
         total = sum(w)
         w = [x / total for x in w]
     norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(k)]
+    zero = [i + 1 for i in range(k) if norms[i] + eps == 0]
+    if zero:
+        raise ValueError(
+            f"tensor {name!r}: model {zero[0]}'s vector (its task vector, with a base) is zero "
+            "and eps is 0, so its unit vector is 0/0 (mergekit writes NaNs there); set eps above 0"
+        )
     # Gram matrix of the unit vectors u_i = v_i / (|v_i| + eps).
     u = [[gram[i][j] / ((norms[i] + eps) * (norms[j] + eps)) for j in range(k)] for i in range(k)]
 

@@ -46,7 +46,12 @@ class RamMerge:
     contributions come from one counting pass)."""
 
     def __init__(self, job: TensorJob, scaled: bool = False) -> None:
+        import torch
+
         self.dtype = job.dtype
+        # RAM+'s float32 scales make mergekit's result float32: with an output dtype of its
+        # own, it goes out unrounded (the engine rounds it once, to that dtype).
+        self.result_dtype = torch.float32 if scaled and job.wider_result() else job.dtype
         self.count = len(job.model_params)
         self.epsilon = float(job.shared["epsilon"])
         self.scaled = scaled
@@ -108,7 +113,7 @@ class RamMerge:
             # float32 scales make the sum float32 (mergekit's result too): rounded once below.
             alone = alone * scales.to(base.device).unsqueeze(-1)
         merged = (alone + (contributing * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return (base + merged.reshape_as(base)).to(base.dtype)
+        return (base + merged.reshape_as(base)).to(self.result_dtype)
 
     def _bit_patterns(self, x: torch.Tensor) -> bool:
         from shardmerge.methods import bits
@@ -179,7 +184,7 @@ class RamMerge:
             for z, scale in zip(zs, scales.to(base.device).unbind(), strict=True)
         ]
         merged = torch.stack(terms).sum(dim=0)
-        return (base + merged).to(dtype)
+        return (base + merged).to(self.result_dtype)
 
     def statistics(self) -> dict[str, object]:
         """Per model, the elements where it contributes (:mod:`shardmerge.mergestats`), and

@@ -4,7 +4,8 @@ As :mod:`shardmerge.methods.ram`, but a model's unique contributions (the elemen
 changes the base by more than ``epsilon``) are scaled by ``1 + r * clamp(rho, 0, alpha)``, with
 ``rho`` its shared contributions over its unique ones in the whole tensor (``max(unique,
 epsilon)`` below). One counting pass, then the combine; mergekit's float32 scale makes the sum
-float32, rounded once to the merge dtype (mergekit writes it as float32).
+float32, rounded once to the merge dtype (mergekit writes it as float32), or to ``out_dtype``
+where the recipe sets one (mergekit rounds its float32 result to it).
 """
 
 from __future__ import annotations

@@ -68,6 +68,15 @@ class TensorJob:
     device: Any = "cpu"  # a torch.device or its name
     row_len: int = 0  # elements per row (the last dimension; a 1-D tensor is one row)
     shape: tuple[int, ...] = ()  # the tensor's shape (empty: unknown, treat it as flat)
+    # The dtype written (the recipe's ``out_dtype``); None: the merge dtype. A method whose
+    # mergekit result is wider than the merge dtype (float32 promotion) returns that result
+    # when this differs, so it is rounded once, to this dtype, as mergekit rounds it.
+    out_dtype: Any = None
+
+    def wider_result(self) -> bool:
+        """Whether a float32 result should be returned unrounded: the output dtype is set and
+        is not the merge dtype (the engine rounds the combine's result to it)."""
+        return self.out_dtype is not None and self.out_dtype != self.dtype
 
 
 class TensorMerge(Protocol):

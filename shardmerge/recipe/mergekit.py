@@ -438,8 +438,9 @@ def _method_slices(
     top_model: dict[str, Schedule],
     shared: dict[str, Schedule | bool],
 ) -> tuple[tuple[Slice, ...], list[tuple[ModelRef, str, dict[str, Schedule]]]] | None:
-    """A method's slices: and the models they name (besides a required base), each with no
-    parameters of its own at the recipe level (they live in each slice)."""
+    """A method's slices: and the models they name (besides a base the method uses, which the
+    recipe puts first), each with no parameters of its own at the recipe level (they live in
+    each slice)."""
 
     found = mk_slices(
         data["slices"], check, method=name, spec=spec, base=base,
@@ -448,6 +449,6 @@ def _method_slices(
     if found is None:
         return None
     named = list(zip(found.models, found.keys, strict=True))
-    if spec.base == "required" and base is not None:
+    if spec.base != "none" and base is not None:
         named = named[1:]
     return tuple(found.slices), [(ref, key, {}) for ref, key in named]

@@ -503,7 +503,8 @@ def _parse_ours_method(
         problem = model_count_problem(spec, len(entries), base is not None)
         if problem is not None:
             check.add("models", problem)
-    if spec.base == "required" or (spec.base == "optional" and base is not None):
+    uses_base = spec.base == "required" or (spec.base == "optional" and base is not None)
+    if uses_base:
         refs.insert(0, base or PLACEHOLDER)
         keys.insert(0, "base")
 
@@ -520,10 +521,10 @@ def _parse_ours_method(
             check.add("layers", "name the models (models: as a mapping) to give their layers")
         else:
             names = tuple(key.split(".", 1)[1] for key in keys if key != "base")
-            if spec.base == "required":
+            if uses_base:
                 names = ("base", *names)
             found = our_layers(
-                data["layers"], check, names, name, spec.base == "required",
+                data["layers"], check, names, name, uses_base,
                 model_params, shared, read_params if spec.params else None,
             )  # fmt: skip
             slices = tuple(found or ())

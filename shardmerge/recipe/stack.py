@@ -102,7 +102,7 @@ def mk_slices(
                 )
             found.slices.append(Slice(tuple(sources), where, tuple(keys), schedule=schedule))
             continue
-        base_first = spec.base == "required"
+        base_first = _base_first(method, spec, base)
         model_params, shared = method_parameters(
             spec,
             params,
@@ -215,8 +215,7 @@ def _mk_slice(
             "each source with layer i of the others",
         )
         return None
-    base_first = method == "slerp" or (spec is not None and spec.base == "required")
-    if base_first:
+    if _base_first(method, spec, base):
         bases = [e for e in entries if e[3]]
         if not bases:
             check.add(
@@ -226,6 +225,17 @@ def _mk_slice(
             return None
         entries = bases[:1] + [e for e in entries if e is not bases[0]]
     return [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]
+
+
+def _base_first(method: str, spec: Any, base: ModelRef | None) -> bool:
+    """Whether each slice's base_model source comes first and takes no parameters: slerp, a
+    method that needs a base, and one that uses a base when given (nuslerp, multislerp: mergekit
+    takes the slice's base_model source as the base, and weights only the others)."""
+    if method == "slerp":
+        return True
+    if spec is None:
+        return False
+    return bool(spec.base == "required" or (spec.base == "optional" and base is not None))
 
 
 def slerp_schedule(
