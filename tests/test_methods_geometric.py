@@ -296,6 +296,20 @@ def test_karcher_of_one_model_is_the_model_and_of_zeros_is_zero():
     assert torch.equal(_merged("karcher", job, [zeros, zeros], (1024,)), zeros)
 
 
+def test_karcher_with_tol_0_takes_the_limits_where_mergekit_divides_0_by_0():
+    """tol 0: a model at the mean (theta 0) pulls with theta / sin(theta) -> 1 times a zero
+    vector, and a zero tangent ends the iteration; mergekit writes NaNs there, ours is the
+    same as with a tiny tol."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    y = x + 0.1 * torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    for models in ([x, x], [x, y, x]):
+        zero = _job(torch.float32, (4, 8), ({},) * len(models), {"max_iter": 6, "tol": 0.0})
+        tiny = _job(torch.float32, (4, 8), ({},) * len(models), {"max_iter": 6, "tol": 1e-30})
+        got = _merged("karcher", zero, models, (1024,))
+        assert bool(got.isfinite().all())
+        assert torch.equal(got, _merged("karcher", tiny, models, (1024,)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_multislerp_matches_the_dense_reference_at_any_chunk_size(dtype, with_base):

@@ -116,14 +116,16 @@ def karcher_coefficients(gram: Sequence[Sequence[float]], max_iter: int, tol: fl
         for j in range(n):
             cos = min(1.0, max(-1.0, sum(u[j][b] * c[b] for b in range(n))))
             theta = math.acos(cos)
-            if theta < tol:  # already at the mean: no pull (and theta / sin(theta) -> 1)
+            # Already at the mean: no pull (theta / sin(theta) -> 1 times a zero vector). With
+            # tol 0, mergekit divides 0 by 0 here and writes NaNs; the limit is 0.
+            if theta < tol or theta == 0:
                 continue
             f = weights[j] * theta / math.sin(theta)
             tangent[j] += f
             for b in range(n):
                 tangent[b] -= f * cos * c[b]
         step = norm(tangent)
-        if step < tol:
+        if step < tol or step == 0:  # converged (mergekit: 0/0 with tol 0)
             break
         c = [
             math.cos(step) * x + math.sin(step) * y / step for x, y in zip(c, tangent, strict=True)
