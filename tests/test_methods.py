@@ -984,7 +984,7 @@ def run_watched(tmp_path, capsys, monkeypatch, method, recipe) -> tuple[int, int
 
 def test_a_failing_chunk_stops_every_compute_worker(tmp_path, capsys, monkeypatch):
     """One worker's error ends the run (the others stop waiting for their turn): a one-line
-    error, no output, no hang."""
+    error, no output, no hang. A method's ValueError is what it makes of its inputs (exit 2)."""
     folders, _ = _family(tmp_path)
     recipe = tmp_path / "merge.yml"
     recipe.write_text(CONFIGS["ties"].format(**{f"m{j}": f for j, f in enumerate(folders)}))
@@ -1002,6 +1002,6 @@ def test_a_failing_chunk_stops_every_compute_worker(tmp_path, capsys, monkeypatc
 
     failing = dataclasses.replace(spec, start=lambda job: Failing(spec.start(job), []))
     monkeypatch.setattr(passes, "get_method", lambda name: failing)
-    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "error: chunk went wrong"
     assert not (tmp_path / "out").exists()
